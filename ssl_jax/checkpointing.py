@@ -1,0 +1,105 @@
+"""Orbax checkpoints under `workdir/checkpoints`, with automatic resume.
+
+Orbax writes each step to a temporary folder and renames it when complete, so
+a run killed mid-save leaves the previous checkpoint intact. On restore the
+newest step is tried first; if its files are truncated or corrupted, the
+previous ones are tried in turn, with a warning, so one bad write costs only
+the steps since the checkpoint before it.
+"""
+
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ssl_jax.train_state import TrainState
+
+
+class CheckpointError(RuntimeError):
+  """No usable checkpoint although some exist."""
+
+
+class Checkpointer:
+  """Saves and restores (TrainState, metadata) pairs by step.
+
+  Args:
+    workdir: run directory; checkpoints go to `workdir/checkpoints`.
+    keep: number of most recent checkpoints to keep.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_names=('state', 'meta'))
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> Optional[int]:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, state: TrainState, meta: Dict[str, Any]) -> None:
+    """Saves a host copy of `state` (all processes must call this)."""
+    step = int(np.asarray(state.step))
+    tree = flax.serialization.to_state_dict(jax.device_get(state))
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree),
+        meta=ocp.args.JsonSave(dict(meta, step=step))))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def restore(self, target: TrainState, step: Optional[int] = None
+              ) -> Tuple[Optional[TrainState], Dict[str, Any]]:
+    """Restores `step` (default: the newest usable one) into `target`'s shape.
+
+    Returns:
+      (state, meta), or (None, {}) when the directory holds no checkpoint.
+
+    Raises:
+      CheckpointError: checkpoints exist but none can be read.
+    """
+    steps = self.all_steps() if step is None else [step]
+    if not steps:
+      return None, {}
+    host_target = flax.serialization.to_state_dict(jax.device_get(target))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, host_target)
+    errors = []
+    for s in reversed(steps):
+      try:
+        restored = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            meta=ocp.args.JsonRestore()))
+        state = flax.serialization.from_state_dict(target, restored['state'])
+        _check_shapes(target, state, s)
+        if errors:
+          logging.warning('Checkpoint(s) %s could not be read; resumed from '
+                          'step %d instead. Errors: %s',
+                          [e[0] for e in errors], s, errors)
+        return state, dict(restored['meta'])
+      except Exception as e:  # pylint: disable=broad-except
+        errors.append((s, f'{type(e).__name__}: {e}'))
+        logging.warning('Checkpoint at step %d is unreadable (%s); trying an '
+                        'older one.', s, e)
+    raise CheckpointError(
+        f'None of the checkpoints {steps} in {self.directory} can be read '
+        f'({errors}). Move the folder away to start afresh.')
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _check_shapes(target, state, step):
+  for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(state)):
+    if np.shape(a) != np.shape(b):
+      raise CheckpointError(
+          f'Checkpoint {step} holds an array of shape {np.shape(b)} where the '
+          f'config builds {np.shape(a)}: was it written with another config?')

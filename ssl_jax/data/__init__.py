@@ -1,0 +1,6 @@
+"""Datasets, deterministic batching and on-device augmentations."""
+
+from ssl_jax.data.pipeline import TrainBatches, eval_batches
+from ssl_jax.data.sources import DATASETS, Source, get_source
+
+__all__ = ['DATASETS', 'Source', 'TrainBatches', 'eval_batches', 'get_source']

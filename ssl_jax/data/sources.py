@@ -1,0 +1,351 @@
+"""Random-access image datasets: Fashion-MNIST (embedded default), TFDS, folders.
+
+A source holds or reads uint8 images of one fixed size [H, W, C] and integer
+labels, and serves any list of indices. Everything random (shuffling,
+augmentation) happens elsewhere, so a source is deterministic and a resumed run
+can ask for exactly the batches it would have seen.
+"""
+
+import abc
+import concurrent.futures
+import gzip
+import os
+import struct
+import threading
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import ml_collections
+import numpy as np
+
+from ssl_jax.registry import Registry
+
+DATASETS = Registry('dataset')
+
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Source(abc.ABC):
+  """Base class: subclasses set the attributes and implement `_read`."""
+  name: str
+  num_classes: int
+  image_shape: Tuple[int, int, int]
+  mean: Sequence[float]
+  std: Sequence[float]
+
+  @abc.abstractmethod
+  def __len__(self) -> int:
+    """Number of examples."""
+
+  @abc.abstractmethod
+  def _read(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """uint8 images [n, H, W, C] and labels [n] of `indices`."""
+
+  def get(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
+    """A batch {'image': uint8 [n,H,W,C], 'label': int32 [n], 'index': int32 [n]}."""
+    indices = np.asarray(indices, np.int64)
+    images, labels = self._read(indices)
+    return {'image': images, 'label': labels.astype(np.int32),
+            'index': indices.astype(np.int32)}
+
+  @property
+  def bad_files(self) -> int:
+    """Files that could not be decoded and were replaced (folders only)."""
+    return 0
+
+
+class ArraySource(Source):
+  """A dataset held in memory as NumPy arrays."""
+
+  def __init__(self, name, images, labels, num_classes, mean, std):
+    if images.ndim == 3:
+      images = images[..., None]
+    self.name, self.images, self.labels = name, images, labels
+    self.num_classes, self.mean, self.std = num_classes, mean, std
+    self.image_shape = tuple(images.shape[1:])
+
+  def __len__(self):
+    return len(self.images)
+
+  def _read(self, indices):
+    return self.images[indices], self.labels[indices]
+
+
+# ---------------------------------------------------------------------------
+# Fashion-MNIST: Debian's IDX files, else TFDS.
+
+
+def _read_idx(path: str) -> np.ndarray:
+  opener = gzip.open if path.endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+  if zero != 0 or dtype_code != 0x08:
+    raise ValueError(f'{path} is not an IDX file of unsigned bytes.')
+  shape = struct.unpack('>' + 'I' * ndim, data[4:4 + 4 * ndim])
+  array = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f'{path} is truncated: expected {np.prod(shape)} values, '
+                     f'found {array.size}. Reinstall dataset-fashion-mnist.')
+  return array.reshape(shape)
+
+
+def _find_idx(directory: str, stem: str) -> Optional[str]:
+  for name in (stem + '.gz', stem):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+@DATASETS.register('fashion_mnist')
+def fashion_mnist(split: str, config: ml_collections.ConfigDict) -> Source:
+  """Fashion-MNIST (Xiao et al. 2017), 28x28x1, 60k train / 10k test."""
+  if split not in ('train', 'test'):
+    raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
+  directory = config.get('data_dir') or FASHION_MNIST_DIR
+  prefix = 'train' if split == 'train' else 't10k'
+  image_path = _find_idx(directory, f'{prefix}-images-idx3-ubyte')
+  label_path = _find_idx(directory, f'{prefix}-labels-idx1-ubyte')
+  if image_path and label_path:
+    images, labels = _read_idx(image_path), _read_idx(label_path)
+  else:
+    try:
+      source = _tfds_source('fashion_mnist', split, config)
+    except Exception as e:  # pylint: disable=broad-except
+      raise FileNotFoundError(
+          f'Fashion-MNIST was not found in {directory} and TFDS could not load '
+          f'it ({e}). Install the embedded default with `sudo apt-get install '
+          f'dataset-fashion-mnist` (Debian/Ubuntu), or set '
+          f'--config.data.data_dir to a folder holding the IDX files.') from e
+    batch = source.get(np.arange(len(source)))
+    images, labels = batch['image'], batch['label']
+  return ArraySource('fashion_mnist', images, labels.astype(np.int32), 10,
+                     FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
+# ---------------------------------------------------------------------------
+# Any TFDS dataset, through `tfds.data_source` (no TensorFlow needed).
+
+
+def _resize_uint8(image: np.ndarray, size: int, channels: int) -> np.ndarray:
+  """Resize the shorter side to `size`, centre crop, fix the channel count."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[0] == size and image.shape[1] == size and image.shape[2] == channels:
+    return image
+  mode = 'L' if image.shape[2] == 1 else 'RGB'
+  pil = Image.fromarray(image[..., 0] if mode == 'L' else image[..., :3], mode)
+  return _pil_to_array(pil, size, channels)
+
+
+def _pil_to_array(pil, size: int, channels: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pil = pil.convert('L' if channels == 1 else 'RGB')
+  w, h = pil.size
+  scale = size / min(w, h)
+  nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+  pil = pil.resize((nw, nh), Image.BILINEAR)
+  left, top = (nw - size) // 2, (nh - size) // 2
+  pil = pil.crop((left, top, left + size, top + size))
+  array = np.asarray(pil, np.uint8)
+  return array[..., None] if array.ndim == 2 else array
+
+
+class TFDSSource(Source):
+  """A TFDS split read through `tfds.data_source` (ArrayRecord, random access)."""
+
+  def __init__(self, name, data_source, num_classes, image_size, channels,
+               mean, std, image_key='image', label_key='label', workers=8):
+    self.name, self._ds = name, data_source
+    self.num_classes, self.mean, self.std = num_classes, mean, std
+    self.image_shape = (image_size, image_size, channels)
+    self._image_key, self._label_key = image_key, label_key
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+  def __len__(self):
+    return len(self._ds)
+
+  def _one(self, i):
+    record = self._ds[int(i)]
+    image = _resize_uint8(np.asarray(record[self._image_key]),
+                          self.image_shape[0], self.image_shape[2])
+    return image, int(record.get(self._label_key, -1))
+
+  def _read(self, indices):
+    pairs = list(self._pool.map(self._one, indices))
+    return (np.stack([p[0] for p in pairs]),
+            np.array([p[1] for p in pairs], np.int32))
+
+
+def _tfds_source(name: str, split: str, config) -> TFDSSource:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = config.get('tfds_data_dir') or None
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'TFDS does not know the dataset {name!r}: {e}') from e
+  if not builder.info.splits or split not in builder.info.splits:
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} split {split!r} is not prepared under '
+        f'{builder.data_dir}. Prepare it with `tfds build {name}` on a machine '
+        f'with internet (or copy its folder there), or pass '
+        f'--config.data.tfds_data_dir.')
+  data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+  features = builder.info.features
+  label = features['label'] if 'label' in features else None
+  image_shape = features['image'].shape
+  channels = config.get('channels') or (image_shape[-1] if image_shape[-1] else 3)
+  size = config.get('image_size') or image_shape[0]
+  if not size:
+    raise ValueError(f'{name} has images of varying size: set '
+                     f'--config.data.image_size.')
+  mean, std = ((FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1
+               else (IMAGENET_MEAN, IMAGENET_STD))
+  return TFDSSource(name, data_source, label.num_classes if label else 0,
+                    size, channels, config.get('mean') or mean,
+                    config.get('std') or std)
+
+
+@DATASETS.register('tfds')
+def tfds_dataset(split: str, config: ml_collections.ConfigDict) -> Source:
+  """Any TFDS dataset with an 'image' feature: `--config.data.tfds_name=...`."""
+  if not config.get('tfds_name'):
+    raise ValueError("dataset 'tfds' needs --config.data.tfds_name (e.g. "
+                     "'cifar10', 'imagenet2012').")
+  return _tfds_source(config.tfds_name, split, config)
+
+
+# ---------------------------------------------------------------------------
+# A folder of images in class sub-folders.
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
+                    '.tiff', '.ppm', '.pgm')
+
+
+class FolderSource(Source):
+  """root/<class>/<image>, decoded with Pillow and resized on the host.
+
+  A file that cannot be decoded (truncated, not an image, unsupported mode) is
+  replaced by a black image, counted in `bad_files` and listed once in a
+  warning; the run goes on. CMYK, palette, 16-bit and alpha images are
+  converted, and images smaller than `image_size` are upsampled.
+  """
+
+  def __init__(self, root: str, split: str, image_size: int, channels: int,
+               mean, std, workers: int = 8):
+    split_root = os.path.join(root, split)
+    if os.path.isdir(split_root):
+      root = split_root
+    if not os.path.isdir(root):
+      raise FileNotFoundError(f'Image folder {root!r} does not exist; set '
+                              f'--config.data.folder to a directory of '
+                              f'class sub-folders.')
+    classes = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+      raise FileNotFoundError(f'{root!r} has no class sub-folders '
+                              f'(expected root/<class>/<image files>).')
+    self.files, labels = [], []
+    for label, cls in enumerate(classes):
+      for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
+        for fname in sorted(names):
+          if fname.lower().endswith(IMAGE_EXTENSIONS):
+            self.files.append(os.path.join(dirpath, fname))
+            labels.append(label)
+    if not self.files:
+      raise FileNotFoundError(f'No image files under {root!r}.')
+    self.name, self.classes = f'folder:{root}', classes
+    self.labels = np.array(labels, np.int32)
+    self.num_classes, self.mean, self.std = len(classes), mean, std
+    self.image_shape = (image_size, image_size, channels)
+    self._bad = set()
+    self._lock = threading.Lock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+  def __len__(self):
+    return len(self.files)
+
+  @property
+  def bad_files(self) -> int:
+    return len(self._bad)
+
+  def _one(self, i):
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    path = self.files[int(i)]
+    try:
+      with Image.open(path) as pil:
+        pil.load()
+        if pil.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+          # 16/32-bit grayscale: rescale to 8 bits instead of clipping.
+          a = np.asarray(pil, np.float64)
+          pil = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
+        elif pil.mode in ('P', 'PA', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'F', '1'):
+          pil = pil.convert('RGB')
+        return _pil_to_array(pil, self.image_shape[0], self.image_shape[2])
+    except Exception as e:  # pylint: disable=broad-except
+      with self._lock:
+        if path not in self._bad:
+          self._bad.add(path)
+          warnings.warn(f'Skipping unreadable image {path}: {e}')
+      return np.zeros(self.image_shape, np.uint8)
+
+  def _read(self, indices):
+    images = list(self._pool.map(self._one, indices))
+    return np.stack(images), self.labels[indices]
+
+
+@DATASETS.register('folder')
+def folder_dataset(split: str, config: ml_collections.ConfigDict) -> Source:
+  """Your own images: --config.data.folder=DIR (DIR/<split>/<class>/... or DIR/<class>/...)."""
+  if not config.get('folder'):
+    raise ValueError("dataset 'folder' needs --config.data.folder=DIR.")
+  channels = config.get('channels') or 3
+  mean, std = ((FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1
+               else (IMAGENET_MEAN, IMAGENET_STD))
+  return FolderSource(config.folder, split, config.get('image_size') or 64,
+                      channels, config.get('mean') or mean,
+                      config.get('std') or std)
+
+
+# ---------------------------------------------------------------------------
+
+
+class Subset(Source):
+  """The first `n` examples of a source (smoke runs, quick probes)."""
+
+  def __init__(self, source: Source, n: int, stride: int = 1):
+    self._source = source
+    self._indices = np.arange(0, min(len(source), n * stride), stride)[:n]
+    for attr in ('name', 'num_classes', 'image_shape', 'mean', 'std'):
+      setattr(self, attr, getattr(source, attr))
+
+  def __len__(self):
+    return len(self._indices)
+
+  def _read(self, indices):
+    batch = self._source.get(self._indices[indices])
+    return batch['image'], batch['label']
+
+  @property
+  def bad_files(self):
+    return self._source.bad_files
+
+
+def get_source(data_config: ml_collections.ConfigDict, split: str,
+               max_examples: int = 0) -> Source:
+  """The source named by `data_config.dataset` for `split`.
+
+  Args:
+    data_config: `config.data`.
+    split: split name ('train', 'test', ...).
+    max_examples: if > 0, keep a class-balanced-in-expectation subset of this
+      size (every k-th example), for smoke runs and quick probes.
+  """
+  source = DATASETS.get(data_config.dataset)(split, data_config)
+  if max_examples and max_examples < len(source):
+    source = Subset(source, max_examples, stride=len(source) // max_examples)
+  return source

@@ -1,0 +1,101 @@
+r"""Evaluates a run's checkpoint on its dataset.
+
+  python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=linear
+  python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=knn --step=2000
+
+Writes `workdir/eval_<protocol>.json` with `top1` (and `top5` for linear) of
+the trained encoder. With `config.eval.baselines` (the default) the same
+protocol is also run on the encoder at its random initialisation and on raw
+pixels, and their scores are written as `top1_random_init` and
+`top1_raw_pixels`, so one run tells whether pretraining helped.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+from ssl_jax.evaluation import features as feats  # noqa: E402
+from ssl_jax.evaluation import knn, linear  # noqa: E402
+
+PROTOCOLS = ('linear', 'knn')
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
+flags.DEFINE_enum('protocol', 'linear', PROTOCOLS, 'Evaluation protocol.')
+flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def _score(protocol, config, num_classes, train, test) -> Dict[str, float]:
+  (train_x, train_y), (test_x, test_y) = train, test
+  if protocol == 'linear':
+    return linear.train_linear_probe(
+        train_x, train_y, test_x, test_y, num_classes=num_classes,
+        epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
+        lr=config.eval.linear_lr, weight_decay=config.eval.linear_weight_decay,
+        seed=config.seed)
+  return knn.knn_accuracy(train_x, train_y, test_x, test_y,
+                          ks=tuple(config.eval.knn_k),
+                          temperature=config.eval.knn_temperature,
+                          num_classes=num_classes)
+
+
+def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
+  """Runs `protocol` on the checkpoint and writes eval_<protocol>.json."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'Unknown protocol {protocol!r}; known: {", ".join(PROTOCOLS)}.')
+  start = time.time()
+  config, s, state = feats.load_run(workdir, step)
+  train_source, test_source = feats.eval_sources(config)
+  feature_fn = feats.make_feature_fn(config.model, feats.view_size(config),
+                                     train_source.mean, train_source.std)
+  bs = config.eval.batch_size
+
+  def encoder_features(st):
+    variables = feats.backbone_variables(st)
+    return (feats.extract(feature_fn, variables, train_source, bs),
+            feats.extract(feature_fn, variables, test_source, bs))
+
+  n_cls = train_source.num_classes
+  result = {'protocol': protocol, 'step': int(state.step),
+            'num_train_examples': len(train_source),
+            'num_test_examples': len(test_source)}
+  result.update(_score(protocol, config, n_cls, *encoder_features(state)))
+  if config.eval.get('baselines', True):
+    random_init = _score(protocol, config, n_cls, *encoder_features(s.state))
+    pixels = _score(protocol, config, n_cls, feats.raw_pixels(train_source),
+                    feats.raw_pixels(test_source))
+    result['top1_random_init'] = random_init['top1']
+    result['top1_raw_pixels'] = pixels['top1']
+  result['seconds'] = round(time.time() - start, 1)
+  with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  return result
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    r = evaluate(FLAGS.workdir, FLAGS.protocol, FLAGS.step)
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(2)
+  print(f'{r["protocol"]} evaluation of {FLAGS.workdir} at step {r["step"]} '
+        f'({r["num_train_examples"]} train / {r["num_test_examples"]} test '
+        f'examples):')
+  print(f'  pretrained encoder   top-1 {r["top1"]:.2f}%' +
+        (f'  top-5 {r["top5"]:.2f}%' if 'top5' in r else ''))
+  if 'top1_random_init' in r:
+    print(f'  random-init encoder  top-1 {r["top1_random_init"]:.2f}%')
+    print(f'  raw pixels           top-1 {r["top1_raw_pixels"]:.2f}%')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Evaluation: collapse monitors, feature extraction, linear probe, k-NN."""

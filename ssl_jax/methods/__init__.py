@@ -1,0 +1,7 @@
+"""Method families. Importing this package registers every method."""
+
+from ssl_jax.methods.base import METHODS, Method, StepOutput, get_method, train_step
+from ssl_jax.methods import byol  # noqa: F401
+from ssl_jax.methods import simclr  # noqa: F401
+
+__all__ = ['METHODS', 'Method', 'StepOutput', 'get_method', 'train_step']

@@ -1,0 +1,213 @@
+"""What a method is, and the train step every method family shares.
+
+A method owns its networks, its loss and its extra state. It implements:
+
+  init(rng)                      -> (params, batch_stats, method_state)
+  loss(params, state, views, batch, rng, axis_name)
+                                 -> (loss, StepOutput)
+  after_update(params, method_state, step) -> method_state
+                                    (EMA teacher, prototype normalisation ...)
+
+and the shared `train_step` below does the rest: per-device randomness,
+on-device augmentation, gradients averaged over devices, the optimizer, the
+non-finite guard and the online probe. All of it is pure, so the step can be
+jit-compiled, pmapped over devices or run on one device in a test.
+"""
+
+import abc
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from ssl_jax import parallel
+from ssl_jax.data import augment
+from ssl_jax.registry import Registry
+from ssl_jax.train_state import TrainState
+
+METHODS = Registry('method')
+
+
+@flax.struct.dataclass
+class StepOutput:
+  """What a method's loss returns next to the scalar loss.
+
+  Attributes:
+    batch_stats: updated BatchNorm statistics of the trainable network.
+    method_state: updated method state (queues, centers; the EMA teacher is
+      updated later, in `after_update`, from the new parameters).
+    metrics: scalars to log (already averaged over devices).
+    features: backbone features [b, D] of the first view, for the online
+      probe (stop-gradient is applied by the caller).
+    embeddings: [b, d] embeddings of the first view, for collapse monitors.
+  """
+  batch_stats: Any
+  method_state: Any
+  metrics: Dict[str, jax.Array]
+  features: Optional[jax.Array] = None
+  embeddings: Optional[jax.Array] = None
+
+
+class Method(abc.ABC):
+  """A self-supervised method configured by a ConfigDict.
+
+  Args:
+    config: the full run config (reads `model`, `augment`, `method`).
+    data_info: the dataset's `image_shape`, `num_classes`, `mean`, `std`.
+    total_steps: length of the run, for schedules (EMA momentum, temperatures).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
+               total_steps: int):
+    self.config = config
+    self.data_info = data_info
+    self.total_steps = total_steps
+
+  # -- views -----------------------------------------------------------------
+
+  @property
+  def view_specs(self) -> ml_collections.ConfigDict:
+    return self.config.augment.views
+
+  @property
+  def num_views(self) -> int:
+    return sum(self.view_specs[v].get('count', 1) for v in self.view_specs)
+
+  def make_views(self, rng: jax.Array, images: jax.Array) -> List[jax.Array]:
+    return augment.make_views(rng, images, self.view_specs,
+                              self.data_info.mean, self.data_info.std)
+
+  def sample_input(self) -> jax.Array:
+    """A normalised dummy batch at the first view's resolution, for init."""
+    size = self.view_specs[next(iter(self.view_specs))].size
+    return jnp.zeros((2, size, size, self.data_info.image_shape[-1]), jnp.float32)
+
+  # -- the method ------------------------------------------------------------
+
+  @abc.abstractmethod
+  def init(self, rng: jax.Array) -> Tuple[Any, Any, Any]:
+    """Returns (params, batch_stats, method_state); params['backbone'] exists."""
+
+  @abc.abstractmethod
+  def loss(self, params: Any, state: TrainState, views: Sequence[jax.Array],
+           batch: Dict[str, jax.Array], rng: jax.Array,
+           axis_name: Optional[str]) -> Tuple[jax.Array, StepOutput]:
+    """The method's loss on this device's views (global value) and outputs."""
+
+  def after_update(self, params: Any, method_state: Any,
+                   step: jax.Array) -> Any:
+    """Updates method state from the new parameters (default: unchanged)."""
+    del params, step
+    return method_state
+
+
+def get_method(config: ml_collections.ConfigDict, data_info: Any,
+               total_steps: int) -> Method:
+  return METHODS.get(config.method.name)(config, data_info, total_steps)
+
+
+# ---------------------------------------------------------------------------
+# The online linear probe: trained on stop-gradient features, own optimizer.
+
+
+def probe_optimizer() -> optax.GradientTransformation:
+  return optax.adam(1e-3)
+
+
+def init_probe(feature_dim: int, num_classes: int) -> Dict[str, Any]:
+  if num_classes <= 0:
+    return {}
+  params = {'kernel': jnp.zeros((feature_dim, num_classes), jnp.float32),
+            'bias': jnp.zeros((num_classes,), jnp.float32)}
+  return {'params': params, 'opt_state': probe_optimizer().init(params)}
+
+
+def probe_logits(probe_params, features: jax.Array) -> jax.Array:
+  return features @ probe_params['kernel'] + probe_params['bias']
+
+
+def _probe_step(probe, features, labels, axis_name):
+  features = jax.lax.stop_gradient(features)
+
+  def loss_fn(p):
+    logits = probe_logits(p, features)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return parallel.pmean(loss, axis_name), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe['params'])
+  grads = parallel.mean_gradients(grads, axis_name)
+  updates, opt_state = probe_optimizer().update(grads, probe['opt_state'])
+  accuracy = parallel.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), axis_name)
+  new_probe = {'params': optax.apply_updates(probe['params'], updates),
+               'opt_state': opt_state}
+  return new_probe, {'online_probe_loss': loss, 'online_probe_acc': accuracy}
+
+
+# ---------------------------------------------------------------------------
+# The train step.
+
+
+def _all_finite(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def global_norm(tree) -> jax.Array:
+  return optax.global_norm(tree)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
+               method: Method, tx: optax.GradientTransformation,
+               lr_schedule: Any, axis_name: Optional[str]
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimisation step of any method (pure; pmap it with axis_name).
+
+  A step whose loss or gradients are not finite leaves the state unchanged
+  (but for the step counter, rng and `nonfinite_steps`), so a bad batch can
+  never write NaNs into the parameters or a checkpoint; the training loop
+  decides whether to go on or stop (config.training.nonfinite_policy).
+  """
+  rng, next_rng = jax.random.split(state.rng)
+  rng = parallel.per_device_rng(rng, axis_name)
+  view_rng, loss_rng = jax.random.split(rng)
+  views = method.make_views(view_rng, batch['image'])
+
+  def loss_fn(params):
+    return method.loss(params, state, views, batch, loss_rng, axis_name)
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = parallel.mean_gradients(grads, axis_name)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  method_state = method.after_update(params, out.method_state, state.step)
+  # Statistics are identical across devices with global BN; averaging makes
+  # them so for per-device BN too, so that any device's copy can be saved.
+  batch_stats = parallel.pmean(out.batch_stats, axis_name)
+
+  metrics = dict(out.metrics)
+  probe = state.probe
+  if probe and out.features is not None:
+    probe, probe_metrics = _probe_step(probe, out.features, batch['label'],
+                                       axis_name)
+    metrics.update(probe_metrics)
+
+  finite = jnp.isfinite(loss) & _all_finite(grads)
+  candidate = state.replace(params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, method_state=method_state,
+                            probe=probe)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                           candidate, state)
+  new_state = new_state.replace(
+      step=state.step + 1, rng=next_rng,
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+  metrics.update(
+      loss=loss, learning_rate=lr_schedule(state.step),
+      grad_norm=global_norm(grads), param_norm=global_norm(params),
+      finite=finite.astype(jnp.float32))
+  if out.embeddings is not None:
+    from ssl_jax.evaluation import monitors  # pylint: disable=g-import-not-at-top
+    metrics.update(monitors.collapse_metrics(out.embeddings, axis_name))
+  return new_state, metrics

@@ -1,0 +1,182 @@
+"""The one module that knows about devices, hosts and axis names.
+
+Everything else takes an `axis_name` argument that is either `None` (one device,
+plain formulas: unit tests, notebooks) or `AXIS` (inside `pmap`, collectives
+across every device of every host). The helpers below turn into the identity
+when `axis_name` is None, so a loss written with them is the same code on one
+device and on a pod.
+
+Gradient convention (measured on this JAX, where `pmap` is built on `shard_map`
+without varying-manual-axes checks): each device differentiates its own copy of
+the loss, and the transposes of `all_gather`/`psum` add up the cotangents of all
+copies. Losses therefore return the *global* value on every device, the
+per-device parameter gradients are averaged with `pmean` once in the train step
+(`mean_gradients`), and that average equals the single-device gradient of the
+global loss. Gradients with respect to per-device *inputs* come back N times the
+global gradient; `ssl_jax.testing` accounts for that when it compares devices.
+"""
+
+import os
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+AXIS = 'batch'
+
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------
+# Collectives that degrade to the identity on one device.
+
+
+def axis_size(axis_name: Optional[str]) -> int:
+  return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def axis_index(axis_name: Optional[str]) -> jax.Array:
+  return jnp.int32(0) if axis_name is None else lax.axis_index(axis_name)
+
+
+def all_gather(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """Concatenates `x` from every device along axis 0 (device order)."""
+  if axis_name is None:
+    return x
+  return lax.all_gather(x, axis_name, axis=0, tiled=True)
+
+
+def psum(x: PyTree, axis_name: Optional[str]) -> PyTree:
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def pmean(x: PyTree, axis_name: Optional[str]) -> PyTree:
+  return x if axis_name is None else lax.pmean(x, axis_name)
+
+
+def global_batch_size(local_batch: int, axis_name: Optional[str]) -> int:
+  return local_batch * axis_size(axis_name)
+
+
+def global_offset(local_batch: int, axis_name: Optional[str]) -> jax.Array:
+  """Index of this device's first example in the gathered global batch."""
+  return axis_index(axis_name) * local_batch
+
+
+def per_device_rng(rng: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """Different randomness on each device from one replicated key."""
+  if axis_name is None:
+    return rng
+  return jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+
+def mean_gradients(grads: PyTree, axis_name: Optional[str]) -> PyTree:
+  """Averages per-device gradients into the gradient of the global loss."""
+  return pmean(grads, axis_name)
+
+
+# ---------------------------------------------------------------------------
+# Hosts and devices.
+
+
+def initialize_distributed(coordinator_address: str = '',
+                           num_processes: int = 0,
+                           process_id: int = -1) -> None:
+  """Starts JAX's multi-host runtime (`jax.distributed`).
+
+  Empty/zero/-1 arguments are left for JAX to detect from the environment
+  (TPU pods, SLURM, Open MPI); the `SSL_JAX_COORDINATOR`, `SSL_JAX_NUM_PROCESSES`
+  and `SSL_JAX_PROCESS_ID` variables fill them in for hand-launched processes.
+  """
+  coordinator_address = (coordinator_address or
+                         os.environ.get('SSL_JAX_COORDINATOR') or None)
+  num_processes = (num_processes or
+                   int(os.environ.get('SSL_JAX_NUM_PROCESSES', 0)) or None)
+  if process_id < 0:
+    process_id = int(os.environ.get('SSL_JAX_PROCESS_ID', -1))
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=None if process_id < 0 else process_id)
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def local_device_count() -> int:
+  return jax.local_device_count()
+
+
+def device_count() -> int:
+  return jax.device_count()
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def check_batch_size(global_batch: int) -> None:
+  """Fails early, with what to change, if the batch does not split evenly."""
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  if global_batch % n_dev:
+    raise ValueError(
+        f'The global batch size {global_batch} is not divisible by the '
+        f'{n_dev} devices of this run. Set --config.batch_size to a '
+        f'multiple of {n_dev} (e.g. {max(n_dev, global_batch // n_dev * n_dev)}).')
+  if global_batch % n_proc:
+    raise ValueError(
+        f'The global batch size {global_batch} is not divisible by the '
+        f'{n_proc} processes of this run; set --config.batch_size to a '
+        f'multiple of {n_proc}.')
+
+
+# ---------------------------------------------------------------------------
+# Moving state and batches onto the local devices.
+
+
+def replicate(tree: PyTree) -> PyTree:
+  return flax.jax_utils.replicate(tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """The copy of device 0, fetched to host memory as NumPy arrays."""
+  return jax.device_get(flax.jax_utils.unreplicate(tree))
+
+
+def shard(batch: PyTree) -> PyTree:
+  """Splits the leading (host-local batch) axis into [devices, per_device]."""
+  n = jax.local_device_count()
+
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f'Host batch of {x.shape[0]} examples cannot be split '
+                       f'over {n} local devices.')
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+  return jax.tree.map(split, batch)
+
+
+def prefetch_to_devices(batches: Iterable[PyTree],
+                        size: int = 2) -> Iterator[PyTree]:
+  """Shards host batches and keeps `size` of them in flight on the devices."""
+  return flax.jax_utils.prefetch_to_device(
+      (shard(b) for b in batches), size)
+
+
+def pmap(fn: Callable, *, donate_argnums: Sequence[int] = (),
+         static_broadcasted_argnums: Sequence[int] = ()) -> Callable:
+  """`jax.pmap` over all local devices with the library's axis name."""
+  return jax.pmap(fn, axis_name=AXIS, donate_argnums=tuple(donate_argnums),
+                  static_broadcasted_argnums=tuple(static_broadcasted_argnums))
+
+
+def host_local_to_numpy(x: jax.Array) -> np.ndarray:
+  return np.asarray(jax.device_get(x))

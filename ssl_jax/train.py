@@ -1,0 +1,242 @@
+"""The training loop: set up or resume, step, log, checkpoint, stop cleanly."""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ssl_jax import checkpointing, data, methods, metric_writers, optim, parallel
+from ssl_jax.methods.base import init_probe
+from ssl_jax.train_state import TrainState
+from ssl_jax import validation
+
+# Exit status after a checkpoint written on SIGTERM/SIGINT: EX_TEMPFAIL, "try
+# again"; schedulers can requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """Raised after the checkpoint written on SIGTERM/SIGINT is complete."""
+
+  def __init__(self, step: int):
+    super().__init__(f'Preempted at step {step}; checkpoint saved. Run the same '
+                     f'command again to resume.')
+    self.step = step
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradients became NaN/inf and the policy is 'stop'."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step."""
+  config: ml_collections.ConfigDict
+  source: data.Source
+  method: methods.Method
+  tx: Any
+  lr_schedule: Any
+  total_steps: int
+  steps_per_epoch: int
+  state: TrainState  # freshly initialised (host)
+
+
+def steps_from_epochs(config, steps_per_epoch: int):
+  """The one place durations in epochs become steps."""
+  total = config.num_steps or config.num_epochs * steps_per_epoch
+  warmup = int(round(config.get('warmup_epochs', 0) * steps_per_epoch))
+  if config.get('warmup_steps', 0):
+    warmup = config.warmup_steps
+  return int(total), min(warmup, max(int(total) - 1, 0))
+
+
+def feature_dim(config, method, params, batch_stats) -> int:
+  from ssl_jax import models  # pylint: disable=g-import-not-at-top
+  backbone = models.get_backbone(config.model)
+  out = jax.eval_shape(
+      lambda: backbone.apply({'params': params['backbone'],
+                              'batch_stats': batch_stats.get('backbone', {})},
+                             method.sample_input(), train=False))
+  return out[0].shape[-1]
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  """Builds data source, method, optimizer and an initial state (host)."""
+  source = data.get_source(config.data, config.data.train_split,
+                           config.data.get('max_train_examples', 0))
+  validation.validate_data(config, source)
+  steps_per_epoch = len(source) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'{source.name} has {len(source)} training examples, '
+                     f'fewer than one batch of {config.batch_size}; lower '
+                     f'--config.batch_size.')
+  total_steps, warmup_steps = steps_from_epochs(config, steps_per_epoch)
+  lr_schedule = optim.learning_rate_schedule(config.optimizer,
+                                             config.batch_size, total_steps,
+                                             warmup_steps)
+  tx = optim.get_optimizer(config.optimizer, lr_schedule)
+  method = methods.get_method(config, source, total_steps)
+
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  params, batch_stats, method_state = jax.jit(method.init)(init_rng)
+  probe = {}
+  if config.training.get('online_probe', False) and source.num_classes > 0:
+    probe = init_probe(feature_dim(config, method, params, batch_stats),
+                       source.num_classes)
+  state = TrainState.create(params=params, batch_stats=batch_stats,
+                            opt_state=tx.init(params), rng=train_rng,
+                            method_state=method_state, probe=probe)
+  return Setup(config, source, method, tx, lr_schedule, total_steps,
+               steps_per_epoch, jax.device_get(state))
+
+
+def make_train_step(s: Setup):
+  """The pmapped step over all local devices, donating the state."""
+  step = functools.partial(methods.train_step, method=s.method, tx=s.tx,
+                           lr_schedule=s.lr_schedule, axis_name=parallel.AXIS)
+  return parallel.pmap(step, donate_argnums=(0,))
+
+
+class _StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signum
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _save_config(config, workdir):
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+
+def _host_metrics(metrics) -> Dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in
+          jax.device_get(jax.tree.map(lambda x: x[0], metrics)).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> TrainState:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Returns:
+    The final state (host copy).
+
+  Raises:
+    Preempted: after SIGTERM/SIGINT, once the checkpoint is written.
+    NonFiniteError: a non-finite loss/gradient under policy 'stop'; the newest
+      checkpoint is the last good one.
+  """
+  if config.distributed.get('enabled', False):
+    parallel.initialize_distributed(config.distributed.coordinator_address,
+                                    config.distributed.num_processes,
+                                    config.distributed.process_id)
+  validation.validate_config(config, workdir)
+  parallel.check_batch_size(config.batch_size)
+  is_main = parallel.is_main_process()
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+
+  s = setup(config)
+  checkpointer = checkpointing.Checkpointer(
+      workdir, config.training.get('keep_checkpoints', 3))
+  state, meta = checkpointer.restore(s.state)
+  resumed = state is not None
+  if not resumed:
+    state = s.state
+  start_step = int(state.step)
+  if resumed:
+    logging.info('Resumed from step %d (%s).', start_step, workdir)
+
+  writer = metric_writers.MetricWriter(
+      workdir, enabled=is_main, resume_step=start_step if resumed else None)
+  progress = metric_writers.Progress(
+      s.total_steps, config.batch_size,
+      enabled=is_main and config.training.get('progress', True))
+  batches = data.TrainBatches(
+      s.source, config.batch_size, config.seed, start_step=start_step,
+      process_index=parallel.process_index(),
+      process_count=parallel.process_count(),
+      prefetch=config.training.get('prefetch', 2) + 2)
+  device_batches = parallel.prefetch_to_devices(
+      batches, config.training.get('prefetch', 2))
+  p_train_step = make_train_step(s)
+  rstate = parallel.replicate(state)
+  stop = _StopSignal()
+
+  def save(rstate):
+    host_state = parallel.unreplicate(rstate)
+    checkpointer.save(host_state, {'data_position': int(host_state.step),
+                                   'steps_per_epoch': s.steps_per_epoch})
+    return host_state
+
+  log_every = config.training.log_every
+  checkpoint_every = config.training.checkpoint_every
+  policy = config.training.get('nonfinite_policy', 'stop')
+  seen_nonfinite = int(state.nonfinite_steps)
+  last_checked_step = start_step
+  progress.start(start_step)
+  try:
+    for step in range(start_step + 1, s.total_steps + 1):
+      rstate, metrics = p_train_step(rstate, next(device_batches))
+      last = step == s.total_steps
+      preempted = stop.received is not None
+      if step % log_every == 0 or last or preempted or step % checkpoint_every == 0:
+        host = _host_metrics(metrics)
+        nonfinite = int(np.asarray(rstate.nonfinite_steps[0]))
+        if nonfinite > seen_nonfinite:
+          message = (f'The loss or gradients became non-finite {nonfinite - seen_nonfinite} '
+                     f'time(s) between steps {last_checked_step + 1} and {step} '
+                     f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}); '
+                     f'those updates were not applied.')
+          if policy == 'stop':
+            raise NonFiniteError(
+                message + f' Stopping (nonfinite_policy=stop); the newest '
+                f'checkpoint (step {checkpointer.latest_step()}) is the last good '
+                f'one. Lower the learning rate or set '
+                f'--config.training.nonfinite_policy=skip.')
+          logging.warning('%s Skipping them (nonfinite_policy=skip).', message)
+          seen_nonfinite = nonfinite
+        last_checked_step = step
+        host['nonfinite_steps'] = nonfinite
+        host['epoch'] = step / s.steps_per_epoch
+        if step % log_every == 0 or last:
+          host['images_per_sec'] = progress.images_per_second(step)
+          writer.write(step, host)
+          progress.report(step, host)
+        if step % checkpoint_every == 0 or last or preempted:
+          save(rstate)
+        if preempted and not last:
+          checkpointer.wait()
+          raise Preempted(step)
+  finally:
+    stop.restore()
+    batches.close()
+    checkpointer.close()
+    writer.close()
+  if s.source.bad_files:
+    logging.warning('%d unreadable image file(s) were skipped.',
+                    s.source.bad_files)
+  return parallel.unreplicate(rstate)

@@ -1,0 +1,69 @@
+"""Config checks that run before any data is read or anything is compiled.
+
+Each failure is a ValueError that names the field and says what to change.
+"""
+
+import os
+import tempfile
+
+import ml_collections
+
+
+def _known(registry, name, field):
+  if name not in registry:
+    raise ValueError(f'Unknown {registry.kind} {name!r} ({field}). Known '
+                     f'{registry.kind}s: {", ".join(registry.names())}.')
+
+
+def _walk(config, prefix=''):
+  for key, value in config.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _walk(value, path + '.')
+    else:
+      yield path, key, value
+
+
+def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Checks names, ranges and the workdir; raises ValueError with a fix."""
+  from ssl_jax import methods, models, optim  # pylint: disable=g-import-not-at-top
+  from ssl_jax.data import DATASETS  # pylint: disable=g-import-not-at-top
+  _known(methods.METHODS, config.method.name, 'config.method.name')
+  _known(models.BACKBONES, config.model.backbone, 'config.model.backbone')
+  _known(DATASETS, config.data.dataset, 'config.data.dataset')
+  _known(optim.OPTIMIZERS, config.optimizer.name, 'config.optimizer.name')
+  if config.training.get('nonfinite_policy', 'stop') not in ('stop', 'skip'):
+    raise ValueError('config.training.nonfinite_policy must be "stop" or '
+                     f'"skip", not {config.training.nonfinite_policy!r}.')
+  if config.batch_size <= 0:
+    raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
+  if config.num_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError('Set config.num_epochs or config.num_steps to a positive '
+                     'number.')
+  for path, key, value in _walk(config):
+    if 'temperature' in key and isinstance(value, (int, float)) and value <= 0:
+      raise ValueError(f'config.{path} must be > 0 (a softmax temperature), '
+                       f'got {value}.')
+    if ('momentum' in key and 'ema' in key and isinstance(value, (int, float))
+        and not 0.0 <= value <= 1.0):
+      raise ValueError(f'config.{path} is an EMA momentum and must be in '
+                       f'[0, 1], got {value}.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f'The workdir {workdir!r} is not writable ({e}); pass '
+                     f'--workdir=DIR with a directory you can write.') from e
+
+
+def validate_data(config: ml_collections.ConfigDict, source) -> None:
+  """Checks the views against the images the source serves."""
+  height, width = source.image_shape[0], source.image_shape[1]
+  for name in config.augment.views:
+    size = config.augment.views[name].size
+    if size > min(height, width):
+      raise ValueError(
+          f'config.augment.views.{name}.size={size} is larger than the '
+          f'{height}x{width} images of {source.name}; use a crop size of at '
+          f'most {min(height, width)} or a larger config.data.image_size.')
