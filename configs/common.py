@@ -109,12 +109,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   return c
 
 
-def fmnist(c: ml_collections.ConfigDict, *, num_epochs: int = 8,
+def fmnist(c: ml_collections.ConfigDict, *, num_epochs: int = 3,
            batch_size: int = 256) -> ml_collections.ConfigDict:
   """Fashion-MNIST on a 2-core CPU: small ConvNet, Adam-free LARS recipe."""
   c.data.update(dataset='fashion_mnist', image_size=28, channels=1,
                 train_split='train', eval_split='test')
-  c.model.update(backbone='convnet', widths=(32, 64, 128))
+  c.model.update(backbone='convnet', widths=(32, 64, 128), first_stride=2)
   c.model.projector = mlp((256,), 64)
   c.augment.views = fmnist_views(28)
   c.batch_size = batch_size
@@ -132,7 +132,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model on 1024 images: seconds, for tests."""
   fmnist(c)
   c.data.max_train_examples = 1024
-  c.model.update(backbone='convnet', widths=(8, 16))
+  c.model.update(backbone='convnet', widths=(8, 16), first_stride=1)
   c.model.projector = mlp((32,), 16)
   if c.model.get('predictor') is not None:
     c.model.predictor = mlp((32,), 16)

@@ -188,13 +188,14 @@ def _tfds_source(name: str, split: str, config) -> TFDSSource:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'TFDS does not know the dataset {name!r}: {e}') from e
-  if not builder.info.splits or split not in builder.info.splits:
+  try:
+    data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
     raise FileNotFoundError(
         f'TFDS dataset {name!r} split {split!r} is not prepared under '
-        f'{builder.data_dir}. Prepare it with `tfds build {name}` on a machine '
-        f'with internet (or copy its folder there), or pass '
-        f'--config.data.tfds_data_dir.')
-  data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+        f'{builder.data_dir} ({type(e).__name__}: {e}). Prepare it with `tfds '
+        f'build {name}` on a machine with internet (or copy its folder there), '
+        f'or pass --config.data.tfds_data_dir.') from e
   features = builder.info.features
   label = features['label'] if 'label' in features else None
   image_shape = features['image'].shape

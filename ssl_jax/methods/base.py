@@ -156,7 +156,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *,

@@ -43,6 +43,7 @@ BACKBONES.register('resnet50')(_resnet((3, 4, 6, 3), 'bottleneck'))
 @BACKBONES.register('convnet')
 def _convnet(cfg, axis_name, dtype):
   return ConvNet(widths=tuple(cfg.get('widths', (16, 32, 64))),
+                 first_stride=cfg.get('first_stride', 1),
                  axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
                  dtype=dtype)
 

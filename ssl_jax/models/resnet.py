@@ -95,9 +95,11 @@ class ConvNet(nn.Module):
   """A small VGG-style network for tests and CPU recipes.
 
   Each stage is two 3x3 conv-BN-ReLU layers; every stage after the first
-  halves the resolution.
+  halves the resolution, and the first one too when `first_stride` is 2
+  (4x less compute at full resolution, for CPU recipes).
   """
   widths: Sequence[int] = (16, 32, 64)
+  first_stride: int = 1
   axis_name: Optional[str] = None
   conv_impl: str = 'auto'
   dtype: Any = None
@@ -109,7 +111,7 @@ class ConvNet(nn.Module):
     aux = {}
     for i, w in enumerate(self.widths):
       for j in range(2):
-        stride = 2 if (i > 0 and j == 0) else 1
+        stride = (2 if i > 0 else self.first_stride) if j == 0 else 1
         x = Conv(w, 3, stride, impl=self.conv_impl, dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
       aux[f'stage{i + 1}'] = x

@@ -1,0 +1,17 @@
+"""Test setup: 8 CPU devices (before JAX starts), repo root importable."""
+
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import hypothesis  # noqa: E402
+
+# Small in CI, thorough on demand: HYPOTHESIS_PROFILE=thorough pytest ...
+hypothesis.settings.register_profile('ci', max_examples=15, deadline=None)
+hypothesis.settings.register_profile('thorough', max_examples=300, deadline=None)
+hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))

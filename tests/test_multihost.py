@@ -1,0 +1,58 @@
+"""2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from ssl_jax import checkpointing, train
+from ssl_jax.evaluation.features import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ['--config=configs/simclr.py:smoke', '--config.num_steps=3',
+             '--config.training.log_every=1', '--config.training.checkpoint_every=3']
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _final(workdir):
+  setup = train.setup(load_config(workdir))
+  state, _ = checkpointing.Checkpointer(workdir).restore(setup.state)
+  losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return state, losses
+
+
+def test_two_processes_equal_one(tmp_path):
+  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  subprocess.run([sys.executable, '-m', 'ssl_jax.main', f'--workdir={single}',
+                  *OVERRIDES], cwd=ROOT, env=_env(8), check=True, timeout=600)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}', *OVERRIDES,
+       '--config.distributed.enabled=True',
+       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       '--config.distributed.num_processes=2',
+       f'--config.distributed.process_id={i}'], cwd=ROOT, env=_env(4))
+           for i in range(2)]
+  for p in procs:
+    assert p.wait(timeout=600) == 0
+  (a, losses_a), (b, losses_b) = _final(single), _final(multi)
+  assert len(losses_a) == len(losses_b) == 3
+  np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+  assert int(a.step) == int(b.step) == 3
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)

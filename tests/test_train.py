@@ -1,0 +1,174 @@
+"""The train step across devices, EMA, resume after SIGKILL, metrics, errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import byol as byol_config
+from configs import simclr as simclr_config
+from ssl_jax import checkpointing, parallel, train
+from ssl_jax.methods import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _views(setup, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size = setup.config.augment.views[next(iter(setup.config.augment.views))].size
+  c = setup.source.image_shape[-1]
+  return [jnp.asarray(rng.normal(size=(n, size, size, c)), jnp.float32)
+          for _ in range(setup.method.num_views)]
+
+
+def _loss_and_grads(setup, views, axis_name):
+  state = setup.state
+  batch = {'label': jnp.zeros((views[0].shape[0],), jnp.int32)}
+
+  def loss_fn(params):
+    return setup.method.loss(params, state, views, batch,
+                             jax.random.PRNGKey(0), axis_name)
+
+  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = parallel.mean_gradients(grads, axis_name)
+  return loss, grads, out.batch_stats
+
+
+@pytest.mark.parametrize('config_module', [simclr_config, byol_config])
+def test_loss_and_gradients_on_eight_devices_equal_one(config_module):
+  config = config_module.get_config('smoke')
+  setup = train.setup(config)
+  views = _views(setup, 32)
+  loss_1, grads_1, stats_1 = jax.jit(
+      lambda v: _loss_and_grads(setup, v, None))(views)
+  sharded = [v.reshape((8, 4) + v.shape[1:]) for v in views]
+  loss_8, grads_8, stats_8 = jax.pmap(
+      lambda v: _loss_and_grads(setup, v, parallel.AXIS),
+      axis_name=parallel.AXIS)(sharded)
+  np.testing.assert_allclose(loss_8, np.full(8, loss_1), rtol=1e-5)
+  for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8)):
+    np.testing.assert_allclose(g8[0], g1, rtol=2e-3, atol=1e-5)
+  # Global BatchNorm: statistics of the global batch on every device.
+  for s1, s8 in zip(jax.tree.leaves(stats_1), jax.tree.leaves(stats_8)):
+    np.testing.assert_allclose(s8[3], s1, rtol=1e-4, atol=1e-6)
+
+
+def test_ema_update_and_schedule():
+  from ssl_jax import optim
+  target = {'w': jnp.array([1.0, 2.0])}
+  online = {'w': jnp.array([3.0, 6.0])}
+  new = common.ema_update(target, online, 0.75)
+  np.testing.assert_allclose(new['w'], [1.5, 3.0])
+  schedule = optim.ema_momentum_schedule(0.996, 100)
+  np.testing.assert_allclose(schedule(0), 0.996, rtol=1e-6)
+  np.testing.assert_allclose(schedule(100), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(schedule(50), 0.998, rtol=1e-6)
+
+
+def test_byol_target_follows_online_after_a_step(tmp_path):
+  config = byol_config.get_config('smoke')
+  config.num_steps = 1
+  state = train.train_and_evaluate(config, str(tmp_path))
+  setup = train.setup(config)
+  m = float(setup.method.ema_momentum(0))
+  init_target = setup.state.method_state['target_params']
+  expected = jax.tree.map(lambda t, o: m * t + (1 - m) * o, init_target,
+                          common.teacher_subset(state.params))
+  for a, b in zip(jax.tree.leaves(expected),
+                  jax.tree.leaves(state.method_state['target_params'])):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def _main(workdir, *overrides, env=None):
+  return [sys.executable, '-m', 'ssl_jax.main',
+          '--config=configs/simclr.py:smoke', f'--workdir={workdir}',
+          *overrides]
+
+
+def _params(workdir):
+  setup = train.setup(_config_of(workdir))
+  state, _ = checkpointing.Checkpointer(workdir).restore(setup.state)
+  return state
+
+
+def _config_of(workdir):
+  from ssl_jax.evaluation.features import load_config
+  return load_config(workdir)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+  overrides = ['--config.num_steps=8', '--config.training.checkpoint_every=2']
+  full, killed = tmp_path / 'full', tmp_path / 'killed'
+  subprocess.run(_main(full, *overrides), cwd=ROOT, check=True)
+
+  proc = subprocess.Popen(_main(killed, *overrides), cwd=ROOT)
+  ckpt_dir = killed / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    done = [d for d in (os.listdir(ckpt_dir) if ckpt_dir.exists() else [])
+            if d.isdigit()]
+    if any(int(d) >= 4 for d in done):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, 'run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed_from = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert resumed_from < 8
+  subprocess.run(_main(killed, *overrides), cwd=ROOT, check=True)
+
+  a, b = _params(str(full)), _params(str(killed))
+  assert int(a.step) == int(b.step) == 8
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  steps = [json.loads(l)['step'] for l in open(killed / 'metrics.jsonl')]
+  assert steps == sorted(set(steps)), 'a step was logged twice after resume'
+
+
+def test_metrics_jsonl_has_step_and_loss(tmp_path):
+  config = simclr_config.get_config('smoke')
+  config.num_steps = 4
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [2, 4]
+  for r in rows:
+    assert np.isfinite(r['loss'])
+    assert {'learning_rate', 'images_per_sec', 'embedding_std',
+            'effective_rank'} <= set(r)
+
+
+@pytest.mark.parametrize('field,value,known', [
+    ('method.name', 'simclrr', 'byol, simclr'),
+    ('model.backbone', 'resnet81', 'convnet, resnet18'),
+    ('data.dataset', 'mnist', 'fashion_mnist, folder, tfds'),
+    ('optimizer.name', 'adam', 'adamw, lars, sgd'),
+])
+def test_unknown_names_fail_with_known_names(tmp_path, field, value, known):
+  config = simclr_config.get_config('smoke')
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(ValueError, match=f'Unknown .*{value}.*Known.*{known}'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices_says_what_to_do(tmp_path):
+  config = simclr_config.get_config('smoke')
+  config.batch_size = 60
+  with pytest.raises(ValueError, match='not divisible by the 8 devices.*multiple of 8'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_cli_reports_unknown_name_without_traceback(tmp_path):
+  out = subprocess.run(
+      _main(tmp_path, '--config.model.backbone=resnet81'), cwd=ROOT,
+      capture_output=True, text=True)
+  assert out.returncode == 2
+  assert 'Known backbones: convnet, resnet18, resnet34, resnet50' in out.stderr
+  assert 'Traceback' not in out.stderr
