@@ -9,7 +9,7 @@ accepts two variants (big_vision style, `--config=configs/simclr.py:smoke`):
           learns features a linear probe can see.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import ml_collections
 

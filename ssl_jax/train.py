@@ -2,15 +2,13 @@
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -25,6 +25,7 @@ import optax
 
 from ssl_jax import parallel
 from ssl_jax.data import augment
+from ssl_jax.evaluation import monitors
 from ssl_jax.registry import Registry
 from ssl_jax.train_state import TrainState
 
@@ -208,6 +209,5 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       grad_norm=global_norm(grads), param_norm=global_norm(params),
       finite=finite.astype(jnp.float32))
   if out.embeddings is not None:
-    from ssl_jax.evaluation import monitors  # pylint: disable=g-import-not-at-top
     metrics.update(monitors.collapse_metrics(out.embeddings, axis_name))
   return new_state, metrics
