@@ -37,7 +37,7 @@ def simclr_views(size: int = 224, blur: bool = True) -> ml_collections.ConfigDic
   """SimCLR's recipe: colour strength s=1, blur only at ImageNet resolution."""
   spec = view(size, count=2, brightness=0.8, contrast=0.8, saturation=0.8,
               hue=0.2, blur_prob=0.5 if blur else 0.0)
-  return ml_collections.ConfigDict({'global': spec})
+  return ml_collections.ConfigDict({'global_crops': spec})
 
 
 def byol_views(size: int = 224) -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def byol_views(size: int = 224) -> ml_collections.ConfigDict:
 
 def fmnist_views(size: int = 28, count: int = 2) -> ml_collections.ConfigDict:
   """Grayscale 28x28 clothing: crops, flips, brightness/contrast (no hue)."""
-  return ml_collections.ConfigDict({'global': view(
+  return ml_collections.ConfigDict({'global_crops': view(
       size, count=count, crop_scale=(0.2, 1.0), jitter_prob=0.8,
       brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
       grayscale_prob=0.0)})
