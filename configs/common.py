@@ -76,6 +76,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       backbone='resnet50', stem='imagenet', width=64, widths=(16, 32, 64),
+      pooling='avg',
       conv_impl='auto', dtype='float32'))
   c.model.projector = mlp((2048,), 128)
   c.model.predictor = None

@@ -30,6 +30,7 @@ def _resnet(stage_sizes, block):
   def build(cfg, axis_name, dtype):
     return ResNet(stage_sizes=stage_sizes, block=block,
                   width=cfg.get('width', 64), stem=cfg.get('stem', 'imagenet'),
+                  pooling=cfg.get('pooling', 'avg'),
                   axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
                   dtype=dtype)
   return build
@@ -44,6 +45,7 @@ BACKBONES.register('resnet50')(_resnet((3, 4, 6, 3), 'bottleneck'))
 def _convnet(cfg, axis_name, dtype):
   return ConvNet(widths=tuple(cfg.get('widths', (16, 32, 64))),
                  first_stride=cfg.get('first_stride', 1),
+                 pooling=cfg.get('pooling', 'avg'),
                  axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
                  dtype=dtype)
 
