@@ -97,10 +97,19 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
       nonfinite_policy='stop', online_probe=True, prefetch=2,
-      progress=True))
+      progress=True,
+      # Warn when the logged embedding_std falls below this: ~1/sqrt(d) when
+      # healthy (0.09 at d=128), -> 0 on collapse (Chen & He 2021).
+      collapse_std_threshold=0.01,
+      # Test hook (fault injection): the loss of this step (1-based) is made
+      # NaN inside the step, so its gradients are NaN too. 0 = off.
+      inject_nonfinite_at_step=0))
 
   c.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address='', num_processes=0, process_id=-1))
+      enabled=False, coordinator_address='', num_processes=0, process_id=-1,
+      # A process that loses a peer exits after this many seconds without a
+      # heartbeat instead of waiting in a collective (JAX's default is 100).
+      heartbeat_timeout_s=20, initialization_timeout_s=300))
 
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=512, max_train_examples=0, max_test_examples=0,

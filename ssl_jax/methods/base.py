@@ -176,8 +176,15 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   view_rng, loss_rng = jax.random.split(rng)
   views = method.make_views(view_rng, batch['image'])
 
+  inject_at = method.config.get('training', {}).get('inject_nonfinite_at_step', 0)
+
   def loss_fn(params):
-    return method.loss(params, state, views, batch, loss_rng, axis_name)
+    loss, out = method.loss(params, state, views, batch, loss_rng, axis_name)
+    if inject_at:
+      # Test hook (config.training.inject_nonfinite_at_step): a NaN factor on
+      # the loss makes the gradients NaN too, as a real blow-up would.
+      loss = loss * jnp.where(state.step + 1 == inject_at, jnp.nan, 1.0)
+    return loss, out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = parallel.mean_gradients(grads, axis_name)
