@@ -331,7 +331,7 @@ def test_smoke_config_trains(tmp_path, name):
     # Only the rows of the examples of the two batches changed.
     setup = train.setup(config)
     batches = data.TrainBatches(setup.source, config.batch_size, config.seed)
-    seen = np.concatenate([next(batches)['index'] for _ in range(2)])
+    seen = np.concatenate([batches.indices(0), batches.indices(1)])
     batches.close()
     changed = np.nonzero(np.any(ms['bank'] != setup.state.method_state['bank'],
                                 axis=1))[0]
