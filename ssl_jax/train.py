@@ -201,6 +201,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress.start(start_step)
   try:
     for step in range(start_step + 1, s.total_steps + 1):
+      if (step - 1) % s.steps_per_epoch == 0:
+        rstate = s.method.on_epoch_start(rstate, s,
+                                         (step - 1) // s.steps_per_epoch)
       rstate, metrics = p_train_step(rstate, next(device_batches))
       last = step == s.total_steps
       preempted = stop.received is not None
