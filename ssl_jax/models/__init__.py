@@ -13,6 +13,7 @@ from ssl_jax.models.heads import MLP
 from ssl_jax.models.layers import Conv, im2col_conv
 from ssl_jax.models.network import SSLNetwork
 from ssl_jax.models.resnet import ConvNet, ResNet
+from ssl_jax.models.vit import ViT, VIT_SIZES, build_vit
 from ssl_jax.registry import Registry
 
 BACKBONES = Registry('backbone')
@@ -48,6 +49,10 @@ def _convnet(cfg, axis_name, dtype):
                  dtype=dtype)
 
 
+for _name in VIT_SIZES:
+  BACKBONES.register(_name)(build_vit(_name))
+
+
 def get_backbone(model_config: ml_collections.ConfigDict,
                  axis_name: Optional[str] = None) -> Any:
   """Builds the backbone named by `model_config.backbone`."""
@@ -79,5 +84,5 @@ def get_network(model_config: ml_collections.ConfigDict,
                  if with_predictor else None))
 
 
-__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'ResNet', 'SSLNetwork',
+__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'ResNet', 'SSLNetwork', 'ViT',
            'get_backbone', 'get_mlp', 'get_network', 'im2col_conv']
