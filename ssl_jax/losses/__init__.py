@@ -10,5 +10,6 @@ from ssl_jax.losses import distillation  # noqa: F401
 from ssl_jax.losses import instance  # noqa: F401
 from ssl_jax.losses import clustering  # noqa: F401
 from ssl_jax.losses import redundancy  # noqa: F401
+from ssl_jax.losses import teacher_student  # noqa: F401
 
 __all__ = ['LOSSES', 'get_loss']

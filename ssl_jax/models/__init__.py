@@ -14,6 +14,7 @@ from ssl_jax.models.layers import Conv, im2col_conv
 from ssl_jax.models.network import SSLNetwork
 from ssl_jax.models.regnet import REGNETY_DESIGNS, RegNetY, regnet_stages
 from ssl_jax.models.resnet import ConvNet, ResNet
+from ssl_jax.models.vit import ViT, VIT_SIZES, build_vit
 from ssl_jax.registry import Registry
 
 BACKBONES = Registry('backbone')
@@ -69,6 +70,8 @@ for _name, _design in REGNETY_DESIGNS.items():
 # A RegNetY whose stages are given in the config (model.regnet_widths,
 # regnet_depths, regnet_group_widths, regnet_stem_width): tiny ones for tests.
 BACKBONES.register('regnety_custom')(_regnety(None))
+for _name in VIT_SIZES:
+  BACKBONES.register(_name)(build_vit(_name))
 
 
 def get_backbone(model_config: ml_collections.ConfigDict,
@@ -102,5 +105,5 @@ def get_network(model_config: ml_collections.ConfigDict,
                  if with_predictor else None))
 
 
-__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'RegNetY', 'ResNet', 'SSLNetwork',
+__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'RegNetY', 'ResNet', 'SSLNetwork', 'ViT',
            'get_backbone', 'get_mlp', 'get_network', 'im2col_conv']
