@@ -19,7 +19,7 @@ def multicrop_views(global_size: int, local_size: int, num_local: int,
   if not colour:
     kw.update(saturation=0.0, hue=0.0, brightness=0.4, contrast=0.4,
               grayscale_prob=0.0)
-  views = {'global': common.view(global_size, count=2, crop_scale=global_scale,
+  views = {'global_crops': common.view(global_size, count=2, crop_scale=global_scale,
                                  **kw)}
   if num_local:
     views['local'] = common.view(local_size, count=num_local,
