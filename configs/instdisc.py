@@ -36,6 +36,12 @@ def get_config(variant=None):
   if variant:
     # The shared fmnist views make a pair; NPID embeds one view per example.
     c.augment.views['global_crops'].count = 1
-  if variant == 'smoke':
+  if variant == 'fmnist':
+    # NCE fixes its normaliser Z from the first batch, when the bank is still
+    # random; within one epoch the embeddings never spread out enough for that
+    # Z and the loss climbs (measured: 12 -> 146, k-NN 69.9% vs. 79.8% at
+    # random init). The exact softmax over a 60000-row bank is cheap on CPU.
+    c.method.objective = 'softmax'
+  elif variant == 'smoke':
     c.method.num_negatives = 256
   return c
