@@ -49,7 +49,7 @@ def get_config(variant=None):
       c.num_epochs = 4
     # Over-clustering (10x the classes) helps, as in the paper's k sweep.
     c.method.num_clusters = 100 if variant == 'fmnist' else 8
-    c.method.kmeans_iterations = 20 if variant == 'fmnist' else 5
+    c.method.kmeans_iterations = 20 if variant == 'fmnist' else 2
     c.optimizer.update(name='sgd', lr=0.05, lr_scaling='none',
                        weight_decay=1e-5)
   return c

@@ -68,7 +68,9 @@ def get_config(variant=None):
   elif variant == 'smoke':
     c.augment.views = multicrop_views(28, 14, 2, blur=False, colour=False)
     c.method.num_prototypes = 16
-    c.method.freeze_prototypes_steps = 2
-    c.method.queue_length = 128
+    # Frozen for the first step, a queue of one global batch: two steps
+    # exercise freezing, training, filling and using the queue.
+    c.method.freeze_prototypes_steps = 1
+    c.method.queue_length = 64
     c.method.queue_start_epoch = 0
   return c
