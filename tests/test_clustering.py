@@ -8,7 +8,6 @@ every method's smoke config (SEER included).
 """
 
 import importlib
-import itertools
 import json
 
 import jax
