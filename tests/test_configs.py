@@ -12,8 +12,9 @@ CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
                       if f.endswith('.py') and f not in ('__init__.py', 'common.py'))
 
 
-# Configs that are a recipe of another method (SEER is SwAV scaled up).
-RECIPES_OF = {'seer': 'swav'}
+# Configs that are a recipe of another method (none today: SEER registers
+# its own name).
+RECIPES_OF = {}
 
 
 def _method_of(name):
