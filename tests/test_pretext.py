@@ -277,13 +277,19 @@ def _np_info_nce(q, pos, neg, tau):
   return -np.mean(_np_log_softmax(logits / tau)[:, 0])
 
 
+def _np_cross_modal(q, k, bank, tau):
+  q, k, bank = _normalize(q), _normalize(k), _normalize(bank)
+  logits = np.concatenate([q @ k.T, q @ bank.T], 1) / tau
+  return -np.mean(np.diag(_np_log_softmax(logits)[:, :len(q)]))
+
+
 def test_avid_matches_numpy_and_eight_devices():
-  v, a, vr, ar, vn, an = _avid_inputs()
-  expected = (_np_info_nce(v, ar, an, 0.1) + _np_info_nce(a, vr, vn, 0.1))
-  args = tuple(map(jnp.asarray, (v, a, vr, ar, vn, an)))
+  v, a, _, _, vn, an = _avid_inputs()
+  expected = _np_cross_modal(v, a, an, 0.1) + _np_cross_modal(a, v, vn, 0.1)
+  args = tuple(map(jnp.asarray, (v, a, vn, an)))
   got = losses.get_loss('avid')(*args, temperature=0.1)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
-  _assert_devices_agree(losses.get_loss('avid'), args, sharded=(0, 1, 2, 3),
+  _assert_devices_agree(losses.get_loss('avid'), args, sharded=(0, 1),
                         kwargs={'temperature': 0.1})
 
 

@@ -5,8 +5,8 @@ embedding v_i and an audio embedding a_i, and a memory bank per modality
 holds slowly updated copies (v-bar, a-bar).
 
 - `avid`: cross-modal instance discrimination (xAVID): v_i must pick its own
-  audio row a-bar_i out of audio rows of other examples, and a_i its own
-  video row v-bar_i out of video rows.
+  example's audio a_i out of the other examples' audio (the global batch and
+  sampled audio bank rows), and a_i its video v_i likewise.
 - `agreement_positives`: CMA's positive sets. j is a positive of i when it is
   among i's k nearest neighbours in the video bank *and* in the audio bank:
   agreement in both modalities filters the false positives either modality's
@@ -15,8 +15,13 @@ holds slowly updated copies (v-bar, a-bar).
   each v-bar_j of its positives, with the non-positive rows as negatives (and
   the same for audio).
 
-The paper trains with NCE; these use the softmax (InfoNCE) form of the same
-discrimination, which needs no estimate of the partition function.
+The paper trains with NCE against the memory banks, the positive being the
+bank row of the other modality; these use the softmax (InfoNCE) form, and
+AVID's positive is the other modality's embedding of the current step
+(negatives: the rest of the batch and sampled bank rows). A bank row is only
+written when its example is seen, once per epoch, so with bank positives a
+run of a few epochs would spend its whole first epoch matching random
+initial rows; the live positive learns from the first step.
 """
 
 from typing import Optional
@@ -25,34 +30,49 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel
-from ssl_jax.losses.contrastive import info_nce, l2_normalize
+from ssl_jax.losses.contrastive import l2_normalize
 from ssl_jax.losses.registry import LOSSES
 
 
+def _cross_modal_nce(queries, keys, bank_negatives, temperature, axis_name):
+  b = queries.shape[0]
+  q = l2_normalize(queries.astype(jnp.float32))
+  k = l2_normalize(keys.astype(jnp.float32))
+  all_k = parallel.all_gather(k, axis_name)  # [N, d]
+  own = parallel.global_offset(b, axis_name) + jnp.arange(b)
+  batch_logits = q @ all_k.T / temperature  # [b, N]; the positive is at own
+  bank_logits = q @ l2_normalize(bank_negatives.astype(jnp.float32)).T / temperature
+  logits = jnp.concatenate([batch_logits, bank_logits], axis=1)
+  local = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), own[:, None], 1)
+  return parallel.pmean(jnp.mean(local), axis_name)
+
+
 @LOSSES.register('avid')
-def avid(video: jax.Array, audio: jax.Array, video_rows: jax.Array,
-         audio_rows: jax.Array, video_negatives: jax.Array,
+def avid(video: jax.Array, audio: jax.Array, video_negatives: jax.Array,
          audio_negatives: jax.Array, *, temperature: float = 0.07,
          axis_name: Optional[str] = None) -> jax.Array:
   """Cross-modal instance discrimination, both directions summed.
 
+  The video embedding v_i must pick the audio embedding a_i of its own
+  example among the audio embeddings of the other examples of the global
+  batch and `audio_negatives` (audio bank rows of sampled examples); the
+  audio embedding likewise among video embeddings and video rows.
+
   Args:
     video: [b, d] video embeddings of this device's examples.
     audio: [b, d] their audio embeddings.
-    video_rows: [b, d] the examples' own rows of the video bank.
-    audio_rows: [b, d] their rows of the audio bank.
     video_negatives: [K, d] video bank rows of other examples.
     audio_negatives: [K, d] audio bank rows of other examples.
     temperature: softmax temperature.
-    axis_name: None or the pmap axis; the mean is over the global batch.
+    axis_name: None or the pmap axis to gather the batch over.
 
   Returns:
-    InfoNCE(v, a-bar_i; a-bar_neg) + InfoNCE(a, v-bar_i; v-bar_neg).
+    The scalar loss of the global batch (video->audio + audio->video).
   """
-  return (info_nce(video, audio_rows, audio_negatives, temperature=temperature,
-                   axis_name=axis_name) +
-          info_nce(audio, video_rows, video_negatives, temperature=temperature,
-                   axis_name=axis_name))
+  return (_cross_modal_nce(video, audio, audio_negatives, temperature,
+                           axis_name) +
+          _cross_modal_nce(audio, video, video_negatives, temperature,
+                           axis_name))
 
 
 def agreement_positives(video_anchors: jax.Array, audio_anchors: jax.Array,

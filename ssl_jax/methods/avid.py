@@ -6,9 +6,9 @@ embedding space. One memory bank per modality holds a momentum-averaged
 embedding of every training example (as in NPID).
 
 - AVID, cross-modal instance discrimination: each video embedding must pick
-  its own example's audio bank row among the audio rows of `num_negatives`
-  sampled examples, and each audio embedding its video row
-  (`losses.avid`).
+  its own example's audio embedding among the audio of the rest of the
+  global batch and the audio bank rows of `num_negatives` sampled examples,
+  and each audio embedding its video likewise (`losses.avid`).
 - CMA, cross-modal agreement: among the sampled examples, those that are k
   nearest neighbours of the example in the video bank *and* in the audio bank
   become extra within-modal positives (`losses.agreement_positives`,
@@ -17,9 +17,12 @@ embedding of every training example (as in NPID).
   `method.cma_start_fraction` of training.
 
 Differences from the paper: the InfoNCE (softmax) form of instance
-discrimination instead of NCE; the positive sets are found among the
-negatives sampled at each step rather than over the whole bank, which keeps
-the cost per step at b x K x d.
+discrimination instead of NCE, with the current embedding of the other
+modality as AVID's positive instead of its bank row (see
+ssl_jax/losses/crossmodal.py: short runs would otherwise match random rows
+for a whole epoch); CMA's positive sets are found among the examples sampled
+at each step rather than over the whole bank, which keeps the cost per step
+at b x K x d.
 
 The video tower is params['backbone'], so the linear/k-NN evaluation and the
 online probe measure it. Data: any source that yields 'audio' next to
@@ -152,8 +155,8 @@ class AVIDCMA(Method):
     video_rows, audio_rows = video_bank[indices], audio_bank[indices]
     video_cand, audio_cand = video_bank[candidates], audio_bank[candidates]
     avid_loss = losses.get_loss('avid')(
-        out['video'], out['audio'], video_rows, audio_rows, video_cand,
-        audio_cand, temperature=m.temperature, axis_name=axis_name)
+        out['video'], out['audio'], video_cand, audio_cand,
+        temperature=m.temperature, axis_name=axis_name)
     positives = crossmodal.agreement_positives(
         video_rows, audio_rows, video_cand, audio_cand,
         num_neighbours=m.num_neighbours)
