@@ -205,7 +205,7 @@ def test_cpc_infonce_matches_numpy_and_eight_devices():
 def test_cpc_context_never_sees_rows_below():
   config = importlib.import_module('configs.cpc').get_config('smoke')
   net = infomax.CPCNetwork(backbone=models.get_backbone(config.model),
-                           context_dim=4, context_layers=2, num_predictions=2)
+                           context_dim=16, context_layers=2, num_predictions=2)
   patches = pretext.patch_grid(
       jnp.asarray(np.random.default_rng(5).normal(size=(2, 28, 28, 1)),
                   jnp.float32), patch_size=8, stride=4)
@@ -218,6 +218,8 @@ def test_cpc_context_never_sees_rows_below():
     return jax.grad(lambda y: jnp.sum(
         net.apply(variables, y, train=False)['predictions'][:, :, row]))(x)
 
+  # 16 context channels: with very few, a random init can leave every
+  # context ReLU dead and all gradients zero.
   per_row = np.abs(np.asarray(grads_of_row(patches))).sum(axis=(0, 2, 3, 4, 5))
   # Two (2, 3) layers: rows row-2 .. row feed row's context, nothing below.
   assert np.all(per_row[:row + 1] > 0)
