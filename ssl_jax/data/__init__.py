@@ -2,5 +2,6 @@
 
 from ssl_jax.data.pipeline import TrainBatches, eval_batches
 from ssl_jax.data.sources import DATASETS, Source, get_source
+from ssl_jax.data import paired  # noqa: F401  (registers 'synthetic_pairs')
 
 __all__ = ['DATASETS', 'Source', 'TrainBatches', 'eval_batches', 'get_source']

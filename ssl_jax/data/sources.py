@@ -331,6 +331,13 @@ class Subset(Source):
     batch = self._source.get(self._indices[indices])
     return batch['image'], batch['label']
 
+  def get(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
+    # Every field of the wrapped source (e.g. paired 'audio'), re-indexed.
+    indices = np.asarray(indices, np.int64)
+    batch = self._source.get(self._indices[indices])
+    batch['index'] = indices.astype(np.int32)
+    return batch
+
   @property
   def bad_files(self):
     return self._source.bad_files

@@ -11,5 +11,7 @@ from ssl_jax.losses import instance  # noqa: F401
 from ssl_jax.losses import clustering  # noqa: F401
 from ssl_jax.losses import redundancy  # noqa: F401
 from ssl_jax.losses import teacher_student  # noqa: F401
+from ssl_jax.losses import pretext  # noqa: F401
+from ssl_jax.losses import crossmodal  # noqa: F401
 
 __all__ = ['LOSSES', 'get_loss']

@@ -12,5 +12,8 @@ from ssl_jax.methods import simsiam  # noqa: F401
 from ssl_jax.methods import dino  # noqa: F401
 from ssl_jax.methods import data2vec  # noqa: F401
 from ssl_jax.methods import distill  # noqa: F401
+from ssl_jax.methods import pretext  # noqa: F401
+from ssl_jax.methods import infomax  # noqa: F401
+from ssl_jax.methods import avid  # noqa: F401
 
 __all__ = ['METHODS', 'Method', 'StepOutput', 'get_method', 'train_step']

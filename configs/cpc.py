@@ -1,0 +1,56 @@
+r"""Contrastive Predictive Coding on images (van den Oord et al. 2018;
+Henaff et al. 2019).
+
+A grid of 64-pixel patches with 50% overlap (7x7 on a 256-pixel view), each
+encoded by the backbone to a vector; a row-causal convolutional context
+network (top to bottom); linear predictions of the embeddings 2..5 rows
+below, each scored by InfoNCE against every other patch embedding of the
+global batch. Henaff et al. use a LayerNorm ResNet and patch augmentations;
+the BatchNorm backbone, optimizer and length here are this config's choices.
+
+  python -m ssl_jax.main --config=configs/cpc.py --workdir=runs/cpc
+  python -m ssl_jax.main --config=configs/cpc.py:fmnist --workdir=runs/cpc_fmnist
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant=None):
+  c = common.base_config('cpc')
+  c.method.patch_size = 64
+  c.method.patch_stride = 32
+  c.method.row_offsets = (2, 3, 4, 5)
+  c.method.context_dim = 512
+  c.method.context_layers = 3
+  c.data.image_size = 256
+  c.augment.views = ml_collections.ConfigDict({'image': common.view(
+      256, crop_scale=(0.3, 1.0), jitter_prob=0.0, grayscale_prob=0.0)})
+  c.batch_size = 256
+  c.num_epochs = 100
+  c.warmup_epochs = 1
+  c.optimizer.update(name='adamw', lr=2e-4, lr_scaling='none',
+                     weight_decay=1e-4)
+  common.apply_variant(c, variant)
+  if variant:
+    # 8-pixel patches every 4 pixels of a 28-pixel view: a 6x6 grid.
+    c.method.update(patch_size=8, patch_stride=4, row_offsets=(2, 3),
+                    context_dim=64, context_layers=2)
+    c.augment.views = ml_collections.ConfigDict({'image': common.view(
+        28, crop_scale=(0.6, 1.0), brightness=0.4, contrast=0.4,
+        saturation=0.0, hue=0.0, grayscale_prob=0.0)})
+    c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
+                       weight_decay=1e-4)
+  if variant == 'fmnist':
+    # 36 patches of 8x8 per image (~3x the pixels of the image); batch 128
+    # keeps the [queries x 128*36 keys] logits small.
+    c.batch_size = 128
+    c.num_epochs = 1
+    c.warmup_epochs = 0
+    c.warmup_steps = 20
+  elif variant == 'smoke':
+    c.model.update(widths=(4, 8))
+    c.method.context_dim = 8
+    c.batch_size = 16
+  return c

@@ -1,0 +1,51 @@
+r"""Deep InfoMax, local objective DIM(L) (Hjelm et al. 2019).
+
+The global feature of an image vs. every position of an intermediate feature
+map (method.local_stage) of the same image (positives) and of the other
+images of the global batch (negatives); InfoNCE estimator by default,
+method.estimator='jsd' for the Jensen-Shannon one. Critics are 1x1-conv /
+MLP blocks with linear shortcuts and a dot product (the paper's
+encoder-and-dot architecture). Backbone, optimizer and length are this
+config's choices.
+
+  python -m ssl_jax.main --config=configs/deep_infomax.py --workdir=runs/dim
+  python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim_fmnist
+  python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim_jsd_fmnist \
+      --config.method.estimator=jsd
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant=None):
+  c = common.base_config('deep_infomax')
+  c.method.estimator = 'infonce'
+  c.method.local_stage = 'stage3'
+  c.method.critic_dim = 512
+  c.augment.views = ml_collections.ConfigDict({'image': common.view(
+      224, crop_scale=(0.2, 1.0), jitter_prob=0.0, grayscale_prob=0.0)})
+  c.batch_size = 256
+  c.num_epochs = 100
+  c.warmup_epochs = 1
+  c.optimizer.update(name='adamw', lr=1e-4, lr_scaling='none',
+                     weight_decay=1e-4)
+  common.apply_variant(c, variant)
+  if variant:
+    c.augment.views = ml_collections.ConfigDict({'image': common.view(
+        28, crop_scale=(0.5, 1.0), brightness=0.4, contrast=0.4,
+        saturation=0.0, hue=0.0, grayscale_prob=0.0)})
+    # The ConvNet's 7x7 map (of 4x4 at the last stage) is the local feature.
+    c.method.update(local_stage='stage2', critic_dim=64)
+    c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
+                       weight_decay=1e-4)
+  if variant == 'fmnist':
+    c.num_epochs = 2
+    c.warmup_epochs = 0
+    c.warmup_steps = 20
+  elif variant == 'smoke':
+    c.model.update(widths=(4, 8))
+    c.method.update(local_stage='stage1', critic_dim=8)
+    c.batch_size = 32
+  return c

@@ -1,0 +1,59 @@
+r"""Jigsaw puzzles (Noroozi & Favaro 2016).
+
+A 225-pixel crop is cut into a 3x3 grid of 75-pixel cells and a 64-pixel tile
+is taken at a random place in each cell (the jitter hides edge continuity);
+each tile is normalised on its own, the tiles are shuffled by one of a fixed
+set of permutations chosen for maximal minimal Hamming distance
+(method.num_permutations: 100 here, 1000 for the larger set), each goes
+through the shared backbone, and an MLP on the 9 concatenated features
+classifies the permutation index. The paper's network is AlexNet; batch,
+learning rate and length for ResNet-50 are this config's choices.
+
+  python -m ssl_jax.main --config=configs/jigsaw.py --workdir=runs/jigsaw
+  python -m ssl_jax.main --config=configs/jigsaw.py:fmnist --workdir=runs/jigsaw_fmnist
+  python -m ssl_jax.main --config=configs/jigsaw.py:fmnist --workdir=runs/jigsaw1000_fmnist \
+      --config.method.num_permutations=1000
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant=None):
+  c = common.base_config('jigsaw')
+  c.method.num_permutations = 100
+  c.method.permutation_seed = 0
+  c.method.grid = 3
+  c.method.tile_size = 64
+  c.method.normalize_tiles = True
+  c.model.head = common.mlp((1024,), 100)  # output width = num_permutations
+  c.augment.views = ml_collections.ConfigDict({'image': common.view(
+      3 * 75, crop_scale=(0.2, 1.0), flip_prob=0.0, jitter_prob=0.0,
+      grayscale_prob=0.0)})
+  c.data.image_size = 256
+  c.batch_size = 256
+  c.num_epochs = 70
+  c.warmup_epochs = 1
+  c.optimizer.update(name='sgd', lr=0.1, lr_scaling='linear',
+                     weight_decay=5e-4, momentum=0.9)
+  common.apply_variant(c, variant)
+  if variant:
+    # 27 = 3 cells of 9 pixels; 7-pixel tiles leave 2 pixels of jitter.
+    c.augment.views = ml_collections.ConfigDict({'image': common.view(
+        27, crop_scale=(0.6, 1.0), flip_prob=0.0, brightness=0.4,
+        contrast=0.4, saturation=0.0, hue=0.0, grayscale_prob=0.0)})
+    c.method.tile_size = 7
+    c.model.head = common.mlp((512,), 100)
+    c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
+                       weight_decay=1e-4)
+  if variant == 'fmnist':
+    # Nine 7x7 tiles are ~0.6 of a 28x28 image of backbone work.
+    c.num_epochs = 2
+    c.warmup_epochs = 0
+    c.warmup_steps = 20
+  elif variant == 'smoke':
+    c.model.update(widths=(4, 8))
+    c.model.head = common.mlp((16,), 100)
+    c.batch_size = 32
+  return c

@@ -1,0 +1,181 @@
+"""AVID + CMA (Morgado, Misra & Vasconcelos 2021): two towers, paired modalities.
+
+A video tower (the backbone, on image 'frames') and an audio tower (a small
+1-D ConvNet on `batch['audio']`), each followed by a projection to a shared
+embedding space. One memory bank per modality holds a momentum-averaged
+embedding of every training example (as in NPID).
+
+- AVID, cross-modal instance discrimination: each video embedding must pick
+  its own example's audio embedding among the audio of the rest of the
+  global batch and the audio bank rows of `num_negatives` sampled examples,
+  and each audio embedding its video likewise (`losses.avid`).
+- CMA, cross-modal agreement: among the sampled examples, those that are k
+  nearest neighbours of the example in the video bank *and* in the audio bank
+  become extra within-modal positives (`losses.agreement_positives`,
+  `losses.cma`). Agreement needs banks that already mean something, so, as
+  in the paper (AVID first, CMA on top), the CMA term is switched on after
+  `method.cma_start_fraction` of training.
+
+Differences from the paper: the InfoNCE (softmax) form of instance
+discrimination instead of NCE, with the current embedding of the other
+modality as AVID's positive instead of its bank row (see
+ssl_jax/losses/crossmodal.py: short runs would otherwise match random rows
+for a whole epoch); CMA's positive sets are found among the examples sampled
+at each step rather than over the whole bank, which keeps the cost per step
+at b x K x d.
+
+The video tower is params['backbone'], so the linear/k-NN evaluation and the
+online probe measure it. Data: any source that yields 'audio' next to
+'image' (dataset='synthetic_pairs').
+
+Config (configs/avid_cma.py): method.temperature, method.num_negatives,
+method.bank_momentum, method.num_neighbours, method.cma_weight,
+method.cma_start_fraction; model.projector (both towers' heads),
+model.audio_widths.
+"""
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ssl_jax import losses, models, parallel
+from ssl_jax.losses import crossmodal
+from ssl_jax.methods import memory
+from ssl_jax.methods.base import METHODS, Method, StepOutput
+from ssl_jax.models.layers import batch_norm
+from ssl_jax.train_state import TrainState
+
+
+class AudioEncoder(nn.Module):
+  """1-D conv-BN-ReLU stages (stride 2), then the mean over time.
+
+  Attributes:
+    widths: channels of each stage.
+    kernel_size: temporal kernel.
+    axis_name: devices over which BN statistics are computed.
+  """
+  widths: Sequence[int] = (32, 64)
+  kernel_size: int = 5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, audio: jax.Array, train: bool = True
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    x = audio.astype(jnp.float32)
+    if x.ndim == 2:
+      x = x[..., None]
+    aux = {}
+    for i, w in enumerate(self.widths):
+      x = nn.Conv(w, (self.kernel_size,), strides=(2,), use_bias=False)(x)
+      x = nn.relu(batch_norm(train, self.axis_name)(x))
+      aux[f'stage{i + 1}'] = x
+    return jnp.mean(x, axis=1), aux
+
+
+class AVIDNetwork(nn.Module):
+  """Video tower (`backbone`) and audio tower, each with its projection."""
+  backbone: nn.Module
+  audio_encoder: nn.Module
+  video_projector: nn.Module
+  audio_projector: nn.Module
+
+  @nn.compact
+  def __call__(self, images: jax.Array, audio: jax.Array,
+               train: bool = True) -> Dict[str, jax.Array]:
+    features, _ = self.backbone(images, train=train)
+    audio_features, _ = self.audio_encoder(audio, train=train)
+    return {'features': features,
+            'video': self.video_projector(features, train=train),
+            'audio': self.audio_projector(audio_features, train=train)}
+
+
+@METHODS.register('avid_cma')
+class AVIDCMA(Method):
+  """Cross-modal instance discrimination + cross-modal agreement."""
+
+  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
+               total_steps: int):
+    super().__init__(config, data_info, total_steps)
+    m = config.method
+    if m.num_negatives >= self.num_data:
+      raise ValueError(
+          f'config.method.num_negatives={m.num_negatives} must be smaller than '
+          f'the {self.num_data} training examples they are sampled from.')
+    self.cma_start_step = int(round(m.cma_start_fraction * total_steps))
+
+  @property
+  def num_data(self) -> int:
+    return len(self.data_info)
+
+  def network(self, axis_name: Optional[str]) -> AVIDNetwork:
+    dtype = models.compute_dtype(self.config.model.get('dtype', 'float32'))
+    head = self.config.model.projector
+    return AVIDNetwork(
+        backbone=models.get_backbone(self.config.model, axis_name),
+        audio_encoder=AudioEncoder(widths=tuple(self.config.model.audio_widths),
+                                   axis_name=axis_name),
+        video_projector=models.get_mlp(head, axis_name, dtype),
+        audio_projector=models.get_mlp(head, axis_name, dtype))
+
+  def _sample_audio(self) -> jax.Array:
+    length = self.config.data.get('audio_length', 64)
+    return jnp.zeros((2, length), jnp.float32)
+
+  def init(self, rng: jax.Array) -> Tuple[Any, Any, Any]:
+    net_rng, video_rng, audio_rng = jax.random.split(rng, 3)
+    variables = self.network(None).init(
+        {'params': net_rng}, self.sample_input(), self._sample_audio(),
+        train=True)
+    dim = self.config.model.projector.output_dim
+    method_state = {'video_bank': memory.init_bank(video_rng, self.num_data, dim),
+                    'audio_bank': memory.init_bank(audio_rng, self.num_data, dim)}
+    return variables['params'], variables.get('batch_stats', {}), method_state
+
+  def loss(self, params: Any, state: TrainState, views: Sequence[jax.Array],
+           batch: Dict[str, jax.Array], rng: jax.Array,
+           axis_name: Optional[str]) -> Tuple[jax.Array, StepOutput]:
+    if len(views) != 1:
+      raise ValueError(f'AVID+CMA uses 1 image view, the config makes '
+                       f'{len(views)}.')
+    if 'audio' not in batch:
+      raise ValueError("AVID+CMA needs paired data: a source whose batches "
+                       "have 'audio' (--config.data.dataset=synthetic_pairs).")
+    m = self.config.method
+    out, mutated = self.network(axis_name).apply(
+        {'params': params, 'batch_stats': state.batch_stats}, views[0],
+        batch['audio'], train=True, mutable=['batch_stats'])
+    ms = state.method_state
+    video_bank = jax.lax.stop_gradient(ms['video_bank'])
+    audio_bank = jax.lax.stop_gradient(ms['audio_bank'])
+    indices = batch['index']
+    candidates = jax.random.randint(rng, (m.num_negatives,), 0, self.num_data)
+    video_rows, audio_rows = video_bank[indices], audio_bank[indices]
+    video_cand, audio_cand = video_bank[candidates], audio_bank[candidates]
+    avid_loss = losses.get_loss('avid')(
+        out['video'], out['audio'], video_cand, audio_cand,
+        temperature=m.temperature, axis_name=axis_name)
+    positives = crossmodal.agreement_positives(
+        video_rows, audio_rows, video_cand, audio_cand,
+        num_neighbours=m.num_neighbours)
+    cma_loss = losses.get_loss('cma')(
+        out['video'], out['audio'], video_cand, audio_cand, positives,
+        temperature=m.temperature, axis_name=axis_name)
+    cma_weight = jnp.where(state.step >= self.cma_start_step, m.cma_weight, 0.0)
+    loss = avid_loss + cma_weight * cma_loss
+    method_state = {
+        'video_bank': memory.update_bank(ms['video_bank'], indices,
+                                         out['video'], m.bank_momentum,
+                                         axis_name),
+        'audio_bank': memory.update_bank(ms['audio_bank'], indices,
+                                         out['audio'], m.bank_momentum,
+                                         axis_name)}
+    metrics = {'avid_loss': avid_loss, 'cma_loss': cma_loss,
+               'cma_weight': cma_weight,
+               'cma_positives': parallel.pmean(
+                   jnp.mean(jnp.sum(positives, -1)), axis_name)}
+    return loss, StepOutput(batch_stats=mutated['batch_stats'],
+                            method_state=method_state, metrics=metrics,
+                            features=out['features'], embeddings=out['video'])
