@@ -36,6 +36,10 @@ def get_config(variant=None):
                      weight_decay=1e-6, final_lr_fraction=0.001)
   common.apply_variant(c, variant)
   if variant:
+    # Multi-crop: local crops give a smaller last map, so the features must
+    # not depend on its size (flattening would).
+    c.model.pooling = 'avg'
+  if variant:
     c.method.kmeans_init = 'kmeans++'
   if variant == 'fmnist':
     # Two 28x28 crops, no local crops; each epoch also re-embeds the data for

@@ -51,6 +51,10 @@ def get_config(variant=None):
   c.optimizer.update(name='lars', lr=0.3, lr_scaling='linear',
                      weight_decay=1e-6, final_lr_fraction=0.001)
   common.apply_variant(c, variant)
+  if variant:
+    # Multi-crop: local crops give a smaller last map, so the features must
+    # not depend on its size (flattening would).
+    c.model.pooling = 'avg'
   if variant == 'fmnist':
     # 28x28 grayscale: 2x28 global + 4x14 local crops; 10 classes need far
     # fewer prototypes; freeze them for ~half an epoch; a 2048-entry queue
