@@ -1,5 +1,6 @@
 """Does a loss give the same value and gradient on N devices as on one?"""
 
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -40,13 +41,6 @@ def device_equivalence(loss_fn: Callable[..., jax.Array],
                      f'{num_devices} before importing JAX.')
   sharded = tuple(range(len(args))) if sharded_argnums is None else tuple(sharded_argnums)
 
-  def value_and_grads(axis_name, *a):
-    return jax.value_and_grad(
-        lambda *x: loss_fn(*x, axis_name=axis_name, **kwargs),
-        argnums=sharded)(*a)
-
-  value_1, grads_1 = jax.jit(lambda *a: value_and_grads(None, *a))(*args)
-
   split_args = []
   for i, a in enumerate(args):
     if i in sharded:
@@ -56,11 +50,57 @@ def device_equivalence(loss_fn: Callable[..., jax.Array],
       split_args.append(a.reshape((num_devices, -1) + a.shape[1:]))
     else:
       split_args.append(a)
-  in_axes = tuple(0 if i in sharded else None for i in range(len(args)))
-  values_n, grads_n = jax.pmap(
-      lambda *a: value_and_grads(parallel.AXIS, *a), axis_name=parallel.AXIS,
-      in_axes=in_axes, devices=jax.devices()[:num_devices])(*split_args)
+  single, multi = _compiled(loss_fn, _freeze(kwargs), num_devices, sharded,
+                            len(args))
+  value_1, grads_1 = single(*args)
+  values_n, grads_n = multi(*split_args)
   grads_n = [np.asarray(g).reshape((-1,) + g.shape[2:]) / num_devices
              for g in grads_n]
   return ((np.asarray(value_1), [np.asarray(g) for g in grads_1]),
           (np.asarray(values_n), grads_n))
+
+
+def _freeze(kwargs: Dict[str, Any]) -> Any:
+  """A hashable key for `kwargs`, or the dict itself when it has none."""
+  try:
+    key = tuple(sorted(kwargs.items()))
+    hash(key)
+    return key
+  except TypeError:
+    return _Unhashable(kwargs)
+
+
+class _Unhashable:
+  """Wraps kwargs holding arrays: hashed by identity, so never reused."""
+
+  def __init__(self, kwargs: Dict[str, Any]):
+    self.kwargs = kwargs
+
+  def items(self):
+    return self.kwargs.items()
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(loss_fn: Callable[..., jax.Array], kwargs_key: Any,
+              num_devices: int, sharded: Tuple[int, ...], num_args: int):
+  """The jitted 1-device and pmapped N-device value-and-gradient functions.
+
+  Cached because a property test calls `device_equivalence` once per example
+  with the same loss and shapes: a fresh `pmap(lambda ...)` per call would
+  compile again every time (~0.5 s on CPU), the cached one only when a shape
+  changes.
+  """
+  kwargs = dict(kwargs_key.items() if isinstance(kwargs_key, _Unhashable)
+                else kwargs_key)
+
+  def value_and_grads(axis_name, *a):
+    return jax.value_and_grad(
+        lambda *x: loss_fn(*x, axis_name=axis_name, **kwargs),
+        argnums=sharded)(*a)
+
+  single = jax.jit(lambda *a: value_and_grads(None, *a))
+  in_axes = tuple(0 if i in sharded else None for i in range(num_args))
+  multi = jax.pmap(
+      lambda *a: value_and_grads(parallel.AXIS, *a), axis_name=parallel.AXIS,
+      in_axes=in_axes, devices=jax.devices()[:num_devices])
+  return single, multi
