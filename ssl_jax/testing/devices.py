@@ -4,7 +4,6 @@ import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax import parallel
