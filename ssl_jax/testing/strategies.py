@@ -35,7 +35,9 @@ DIMS = (3, 16)
 SCALES = (1e-3, 1.0, 1e3)
 DTYPES = ('float32',)
 
-_SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
+# Seeds of the NumPy generators that build the arrays (public so that a
+# custom input builder can draw its own extra arrays the same way).
+SEEDS = st.integers(min_value=0, max_value=2**31 - 1)
 
 
 def make_embeddings(rng: np.random.Generator, batch: int, dim: int,
@@ -88,7 +90,7 @@ def embeddings(draw, *, batch_sizes: Sequence[int] = BATCH_SIZES,
     A NumPy array of the drawn dtype ('float32', 'bfloat16', 'float16').
   """
   batch, dim = draw(st.sampled_from(batch_sizes)), draw(st.sampled_from(dims))
-  x = make_embeddings(np.random.default_rng(draw(_SEEDS)), batch, dim,
+  x = make_embeddings(np.random.default_rng(draw(SEEDS)), batch, dim,
                       draw(st.sampled_from(kinds)), draw(st.sampled_from(scales)))
   return _cast(x, draw(st.sampled_from(dtypes)))
 
@@ -120,7 +122,7 @@ def views(draw, num_views: int = 2, *, shared_rows: Sequence[int] = (),
   batch, dim = draw(st.sampled_from(batch_sizes)), draw(st.sampled_from(dims))
   kind, scale = draw(st.sampled_from(kinds)), draw(st.sampled_from(scales))
   noise, dtype = draw(st.sampled_from(view_noise)), draw(st.sampled_from(dtypes))
-  rng = np.random.default_rng(draw(_SEEDS))
+  rng = np.random.default_rng(draw(SEEDS))
   base = make_embeddings(rng, batch, dim, kind, 1.0)
   row_norm = np.linalg.norm(base, axis=1, keepdims=True)
   out = [(base + noise * row_norm / np.sqrt(dim) * rng.normal(size=base.shape)) * scale
@@ -136,10 +138,11 @@ def view_pairs(**kwargs) -> st.SearchStrategy:
 
 @st.composite
 def multi_crop(draw, num_global: int = 2, num_local: int = 4, *,
+               shared_rows: Sequence[int] = (),
                batch_sizes: Sequence[int] = BATCH_SIZES,
                dims: Sequence[int] = DIMS, scales: Sequence[float] = SCALES,
                dtypes: Sequence[str] = DTYPES, kinds: Sequence[str] = KINDS,
-               stacked: bool = False):
+               stacked: bool = False) -> Tuple[np.ndarray, ...]:
   """Embeddings of multi-crop views (SwAV, DINO): global crops, then local.
 
   Local crops see less of the image, so they get more noise (relative 1.0)
@@ -149,23 +152,27 @@ def multi_crop(draw, num_global: int = 2, num_local: int = 4, *,
     draw: supplied by Hypothesis.
     num_global: number of global crops.
     num_local: number of local crops.
+    shared_rows: as in `views` (prototypes, a queue), appended last.
     batch_sizes, dims, scales, dtypes, kinds: as in `embeddings`.
-    stacked: return one [batch, crops, dim] array (batch still on axis 0)
-      instead of a tuple of [batch, dim] arrays.
+    stacked: return the crops as one [crops, batch, dim] array, the layout
+      of the library's SwAV and DINO losses (batch on axis 1: give the loss's
+      LossCase `batch_axes=(1, ...)`), instead of one [batch, dim] array per
+      crop.
 
   Returns:
-    A tuple of `num_global + num_local` arrays, or a 1-tuple with the stack.
+    The crops (a tuple of arrays, or a 1-tuple with the stack), then the
+    shared arrays.
   """
   batch, dim = draw(st.sampled_from(batch_sizes)), draw(st.sampled_from(dims))
   kind, scale = draw(st.sampled_from(kinds)), draw(st.sampled_from(scales))
   dtype = draw(st.sampled_from(dtypes))
-  rng = np.random.default_rng(draw(_SEEDS))
+  rng = np.random.default_rng(draw(SEEDS))
   base = make_embeddings(rng, batch, dim, kind, 1.0)
   row_norm = np.linalg.norm(base, axis=1, keepdims=True) / np.sqrt(dim)
   crops = [(base + level * row_norm * rng.normal(size=base.shape)) * scale
            for level in [0.3] * num_global + [1.0] * num_local]
-  if stacked:
-    return (_cast(np.stack(crops, axis=1), dtype),)
+  crops = [np.stack(crops)] if stacked else crops
+  crops += [make_embeddings(rng, k, dim, 'gaussian', scale) for k in shared_rows]
   return tuple(_cast(c, dtype) for c in crops)
 
 
