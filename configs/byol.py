@@ -22,6 +22,8 @@ def get_config(variant=None):
     c.model.predictor = common.mlp((256,), 64)
   common.apply_variant(c, variant)
   if variant == 'fmnist':
+    common.fmnist_flagship(c)
+  if variant == 'fmnist':
     # A short run needs a faster target (BYOL sec. 5: 0.99 for short runs).
     c.method.ema_momentum_base = 0.99
   return c

@@ -52,7 +52,7 @@ def fmnist_views(size: int = 28, count: int = 2) -> ml_collections.ConfigDict:
   """Grayscale 28x28 clothing: crops, flips, brightness/contrast (no hue)."""
   return ml_collections.ConfigDict({'global_crops': view(
       size, count=count, crop_scale=(0.2, 1.0), jitter_prob=0.8,
-      brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
+      brightness=0.8, contrast=0.8, saturation=0.0, hue=0.0,
       grayscale_prob=0.0)})
 
 
@@ -87,7 +87,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.batch_size = 4096
   c.num_epochs = 100
   c.num_steps = 0  # > 0 overrides num_epochs
-  c.warmup_epochs = 10
+  c.warmup_epochs = 10.0  # float: short recipes warm up for part of an epoch
 
   c.optimizer = ml_collections.ConfigDict(dict(
       name='lars', lr=0.3, lr_scaling='linear', weight_decay=1e-6,
@@ -119,17 +119,26 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   return c
 
 
-def fmnist(c: ml_collections.ConfigDict, *, num_epochs: int = 3,
+def fmnist(c: ml_collections.ConfigDict, *, num_epochs: float = 1,
            batch_size: int = 256) -> ml_collections.ConfigDict:
-  """Fashion-MNIST on a 2-core CPU: small ConvNet, Adam-free LARS recipe."""
+  """Fashion-MNIST on a 2-core CPU: small ConvNet, Adam-free LARS recipe.
+
+  One epoch (about 4 minutes with evaluation) is enough for every method to
+  beat its random initialisation; SimCLR and BYOL, the flagship recipes that
+  must also beat raw pixels, train for 3 (`fmnist_flagship`).
+  """
   c.data.update(dataset='fashion_mnist', image_size=28, channels=1,
                 train_split='train', eval_split='test')
-  c.model.update(backbone='convnet', widths=(32, 64, 128), first_stride=2)
+  # The last map is 4x4: flattening it keeps where things are (sleeve vs.
+  # body), which a linear probe on 10 clothing classes needs; averaged, the
+  # features probe below raw pixels (measured: 78.6% vs. 83.2%).
+  c.model.update(backbone='convnet', widths=(32, 64, 128), first_stride=2,
+                 pooling='flatten')
   c.model.projector = mlp((256,), 64)
   c.augment.views = fmnist_views(28)
   c.batch_size = batch_size
   c.num_epochs = num_epochs
-  c.warmup_epochs = 1
+  c.warmup_epochs = min(1, num_epochs / 5)
   c.optimizer.update(name='lars', lr=1.0, lr_scaling='linear',
                      weight_decay=1e-5)
   c.training.update(log_every=20, checkpoint_every=500)
@@ -138,11 +147,19 @@ def fmnist(c: ml_collections.ConfigDict, *, num_epochs: int = 3,
   return c
 
 
+def fmnist_flagship(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """SimCLR's and BYOL's fmnist recipe: 3 epochs, under 12 minutes."""
+  c.num_epochs = 3
+  c.warmup_epochs = 1
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model on 1024 images: seconds, for tests."""
   fmnist(c)
   c.data.max_train_examples = 1024
-  c.model.update(backbone='convnet', widths=(8, 16), first_stride=1)
+  c.model.update(backbone='convnet', widths=(8, 16), first_stride=1,
+                 pooling='avg')
   c.model.projector = mlp((32,), 16)
   if c.model.get('predictor') is not None:
     c.model.predictor = mlp((32,), 16)

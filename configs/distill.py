@@ -10,7 +10,7 @@ SGD lr 0.1 * B/256, weight decay 1e-4, batch 256, 100 epochs.
   python -m ssl_jax.main --config=configs/distill.py \
       --config.method.teacher_workdir=runs/simclr --workdir=runs/distill
   python -m ssl_jax.main --config=configs/distill.py:fmnist \
-      --config.method.teacher_workdir=/tmp/distill_simsiam --workdir=/tmp/distill_distill
+      --config.method.teacher_workdir=runs/fmnist/simsiam --workdir=runs/fmnist/distill
 
 Self-distillation: give the student the teacher's `config.model`.
 """
@@ -48,7 +48,7 @@ def get_config(variant=None):
   if variant == 'fmnist':
     # Label-free: the student regresses the SSL teacher's features only, so it
     # can be compared with the same student trained by SSL from scratch.
-    c.method.update(teacher_workdir='/tmp/distill_simsiam', teacher_head=False,
+    c.method.update(teacher_workdir='runs/fmnist/simsiam', teacher_head=False,
                     kd_weight=0.0, label_weight=0.0, feature_weight=1.0,
                     teacher_head_examples=10000)
     c.model.update(widths=(16, 32, 64))

@@ -21,7 +21,7 @@ def get_config(variant=None):
   c.method.objective = 'nce'  # or 'softmax': full softmax over the bank
   c.method.num_negatives = 4096
   c.method.bank_momentum = 0.5
-  c.augment.views = ml_collections.ConfigDict({'global': common.view(
+  c.augment.views = ml_collections.ConfigDict({'global_crops': common.view(
       224, count=1, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4,
       saturation=0.4, hue=0.4, jitter_prob=1.0, grayscale_prob=0.2)})
   c.batch_size = 256
@@ -35,7 +35,13 @@ def get_config(variant=None):
   c.model.projector = common.mlp((), dim, use_bn=False)
   if variant:
     # The shared fmnist views make a pair; NPID embeds one view per example.
-    c.augment.views['global'].count = 1
-  if variant == 'smoke':
+    c.augment.views['global_crops'].count = 1
+  if variant == 'fmnist':
+    # NCE fixes its normaliser Z from the first batch, when the bank is still
+    # random; within one epoch the embeddings never spread out enough for that
+    # Z and the loss climbs (measured: 12 -> 146, k-NN 69.9% vs. 79.8% at
+    # random init). The exact softmax over a 60000-row bank is cheap on CPU.
+    c.method.objective = 'softmax'
+  elif variant == 'smoke':
     c.method.num_negatives = 256
   return c

@@ -17,7 +17,7 @@ from configs import common
 def moco_v2_views(size: int = 224):
   """MoCo v2's augmentation: crop (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) with
   p=0.8, grayscale 0.2, blur 0.5, flip; both views drawn alike."""
-  return ml_collections.ConfigDict({'global': common.view(
+  return ml_collections.ConfigDict({'global_crops': common.view(
       size, count=2, crop_scale=(0.2, 1.0), brightness=0.4, contrast=0.4,
       saturation=0.4, hue=0.1, grayscale_prob=0.2, blur_prob=0.5)})
 

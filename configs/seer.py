@@ -20,7 +20,7 @@ from configs import swav
 
 def get_config(variant=None):
   c = swav.get_config(None)
-  c.method.name = 'swav'
+  c.method.name = 'seer'
   c.method.num_prototypes = 16384
   c.method.sinkhorn_iterations = 10
   c.method.freeze_prototypes_steps = 0

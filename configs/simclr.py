@@ -19,6 +19,8 @@ def get_config(variant=None):
                      weight_decay=1e-6)
   common.apply_variant(c, variant)
   if variant == 'fmnist':
+    common.fmnist_flagship(c)
+  if variant == 'fmnist':
     # Small batches need a softer softmax (SimCLR appendix B.7, CIFAR: 0.5).
     c.method.temperature = 0.5
   elif variant == 'smoke':

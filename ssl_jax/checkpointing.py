@@ -61,9 +61,13 @@ class Checkpointer:
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
-  def restore(self, target: TrainState, step: Optional[int] = None
+  def restore(self, target: TrainState, step: Optional[int] = None,
+              set_aside_unreadable: bool = False
               ) -> Tuple[Optional[TrainState], Dict[str, Any]]:
     """Restores `step` (default: the newest usable one) into `target`'s shape.
+
+    With `set_aside_unreadable` (a run resuming), newer checkpoints that could
+    not be read are renamed `<step>.unreadable` so the run can write its own.
 
     Returns:
       (state, meta), or (None, {}) when the directory holds no checkpoint.
@@ -88,6 +92,8 @@ class Checkpointer:
           logging.warning('Checkpoint(s) %s could not be read; resumed from '
                           'step %d instead. Errors: %s',
                           [e[0] for e in errors], s, errors)
+          if set_aside_unreadable and step is None:
+            self._set_aside([e[0] for e in errors])
         return state, dict(restored['meta'])
       except Exception as e:  # pylint: disable=broad-except
         errors.append((s, f'{type(e).__name__}: {e}'))
@@ -96,6 +102,29 @@ class Checkpointer:
     raise CheckpointError(
         f'None of the checkpoints {steps} in {self.directory} can be read '
         f'({errors}). Move the folder away to start afresh.')
+
+  def _set_aside(self, steps) -> None:
+    """Renames unreadable checkpoints to `<step>.unreadable` (kept, not deleted).
+
+    Otherwise the resumed run could not write its own checkpoint at those
+    steps (orbax does not overwrite a step) and would fall back again.
+    """
+    self._manager.wait_until_finished()
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        target = f'{path}.unreadable'
+        n = 1
+        while os.path.exists(target):
+          target, n = f'{path}.unreadable{n}', n + 1
+        if os.path.isdir(path):
+          os.rename(path, target)
+          logging.warning('Moved the unreadable checkpoint %s to %s.', path,
+                          target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('ssl_jax_checkpoint_set_aside')
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -127,6 +127,20 @@ def process_count() -> int:
   return jax.process_count()
 
 
+def wait_for_all_processes(name: str, timeout_s: int = 600) -> None:
+  """Blocks until every process reaches the barrier `name` (no-op alone).
+
+  Uses the coordination service, whose timeout is ours to choose, so that the
+  first collective (on CPU, gloo sets up its context with a fixed 30 s
+  deadline) starts at about the same time on every process even when one of
+  them was slow to start.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+
+
 def local_device_count() -> int:
   return jax.local_device_count()
 

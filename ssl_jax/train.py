@@ -162,7 +162,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   s = setup(config)
   checkpointer = checkpointing.Checkpointer(
       workdir, config.training.get('keep_checkpoints', 3))
-  state, meta = checkpointer.restore(s.state)
+  state, meta = checkpointer.restore(s.state, set_aside_unreadable=True)
   resumed = state is not None
   if not resumed:
     state = s.state
@@ -184,6 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       batches, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
   rstate = parallel.replicate(state)
+  parallel.wait_for_all_processes(f'ssl_jax_train_start_{start_step}')
   stop = _StopSignal()
 
   def save(rstate):

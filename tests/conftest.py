@@ -2,10 +2,17 @@
 
 import os
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests (and the training subprocesses they start) compile the same smoke
+# train step; JAX's persistent compilation cache, shared by the pytest-xdist
+# workers and inherited by subprocesses, compiles each one once per machine.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), f'ssl_jax_test_xla_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import models
+from ssl_jax.models import regnet
 
 
 @pytest.mark.parametrize('kernel,stride,size', [(3, 1, 9), (3, 2, 9), (3, 2, 8),
@@ -30,12 +31,32 @@ BACKBONE_CASES = {
     'resnet34': dict(stem='imagenet', width=4),
     'resnet50': dict(stem='imagenet', width=4),
     'convnet': dict(widths=(4, 8)),
+    'regnety_custom': dict(regnet_stem_width=8, regnet_widths=(8, 16),
+                           regnet_depths=(1, 1), regnet_group_widths=(4, 4)),
+    'regnety_400mf': dict(),
+    'vit_tiny': dict(patch_size=8, pos_embed_size=32, vit_depth=1),
 }
+# Too big to build in a test: their stage design is checked instead (the ViT
+# sizes in tests/test_vit.py).
+DESIGN_ONLY = ('regnety_16gf', 'regnety_256gf', 'vit_small', 'vit_base')
+EXPECTED_DIM = {'resnet18': 64, 'resnet34': 32, 'resnet50': 128, 'convnet': 8,
+                'regnety_custom': 16, 'regnety_400mf': 440, 'vit_tiny': 192}
 
 
 def test_every_backbone_is_tested():
-  assert set(models.BACKBONES.names()) == set(BACKBONE_CASES), (
-      'A registered backbone has no entry in BACKBONE_CASES.')
+  assert set(models.BACKBONES.names()) == set(BACKBONE_CASES) | set(DESIGN_ONLY), (
+      'A registered backbone has no entry in BACKBONE_CASES or DESIGN_ONLY.')
+
+
+@pytest.mark.parametrize('name,widths,depths', [
+    # pycls / torchvision's RegNetY stages (Radosavovic et al. 2020; SEER).
+    ('regnety_400mf', [48, 104, 208, 440], [1, 3, 6, 6]),
+    ('regnety_16gf', [224, 448, 1232, 3024], [2, 4, 11, 1]),
+    ('regnety_256gf', [746, 1492, 4103, 10444], [2, 7, 17, 1]),
+])
+def test_regnety_designs(name, widths, depths):
+  got_widths, got_depths, _ = regnet.regnet_stages(*regnet.REGNETY_DESIGNS[name])
+  assert (list(got_widths), list(got_depths)) == (widths, depths)
 
 
 @pytest.mark.parametrize('name', sorted(BACKBONE_CASES))
@@ -46,11 +67,10 @@ def test_backbone_builds_and_reports_stages(name):
   variables = net.init(jax.random.PRNGKey(0), x, train=False)
   (features, aux) = net.apply(variables, x, train=False)
   assert features.shape[0] == 2 and features.ndim == 2
-  assert 'stage1' in aux
-  expected = {'resnet18': 64, 'resnet34': 32, 'resnet50': 128, 'convnet': 8}[name]
-  assert features.shape[1] == expected
+  assert aux
+  assert features.shape[1] == EXPECTED_DIM[name]
 
 
 def test_unknown_backbone_lists_known_ones():
-  with pytest.raises(ValueError, match='Known backbones: convnet, resnet18, resnet34, resnet50'):
+  with pytest.raises(ValueError, match='Known backbones: convnet, .*resnet18, resnet34, resnet50'):
     models.get_backbone(ml_collections.ConfigDict(dict(backbone='resnet81')))

@@ -221,8 +221,8 @@ def _set(config, path, value):
     ('method.queue_size', 100,
      r'config.method.queue_size=100 is not a multiple of the global batch size '
      r'64; set it to a multiple such as 64'),
-    ('augment.views.global.size', 32,
-     r'views.global.size=32 is larger than the 28x28 images.*at most 28'),
+    ('augment.views.global_crops.size', 32,
+     r'views.global_crops.size=32 is larger than the 28x28 images.*at most 28'),
     ('method.temperature', 0.0, r'config.method.temperature must be > 0'),
     ('method.ema_momentum_base', 1.5,
      r'config.method.ema_momentum_base is an EMA momentum and must be in \[0, 1\]'),

@@ -218,17 +218,85 @@ def split_empty_clusters(centroids: jax.Array, counts: jax.Array,
   return centroids
 
 
+def _points_at(x: jax.Array, global_indices: jax.Array,
+               axis_name: Optional[str]) -> jax.Array:
+  """Rows of the global [N, d] point set at `global_indices`, on every device.
+
+  Each device contributes the rows it holds and zeros elsewhere; a `psum`
+  assembles them, so the points never have to be gathered whole.
+  """
+  n = x.shape[0]
+  local = global_indices - parallel.global_offset(n, axis_name)
+  inside = (local >= 0) & (local < n)
+  rows = jnp.where(inside[:, None], x[jnp.clip(local, 0, n - 1)], 0.0)
+  return parallel.psum(rows, axis_name)
+
+
+def _squared_distances(x: jax.Array, c: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.square(x - c[None, :]), axis=-1)
+
+
+def kmeans_plus_plus(x: jax.Array, num_clusters: int, key: jax.Array,
+                     weights: jax.Array,
+                     axis_name: Optional[str] = None) -> jax.Array:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007) over the global points.
+
+  Each next centroid is a point drawn with probability proportional to its
+  squared distance to the nearest centroid so far; only the [N] distances
+  are gathered, not the [N, d] points. Random seeding can put two centroids
+  in one well-separated cluster and none in another, a local optimum that
+  Lloyd iterations never leave.
+
+  Args:
+    x: [n, d] this device's points.
+    num_clusters: K.
+    key: PRNG key, the same on every device.
+    weights: [n] 1 for real points, 0 for padding (never drawn).
+    axis_name: None or the pmap axis.
+
+  Returns:
+    [K, d] initial centroids, the same on every device.
+  """
+  all_w = parallel.all_gather(weights, axis_name)
+  keys = jax.random.split(key, num_clusters)
+
+  def draw(k, d2):
+    all_d2 = parallel.all_gather(d2, axis_name)
+    total = jnp.sum(all_d2)
+    # All points already coincide with a centroid (duplicates): uniform.
+    p = jnp.where(total > 0, all_d2 / jnp.maximum(total, 1e-30),
+                  all_w / jnp.sum(all_w))
+    index = jax.random.choice(k, all_d2.shape[0], (1,), p=p)
+    return _points_at(x, index, axis_name)[0]
+
+  first = draw(keys[0], jnp.zeros_like(weights))
+  centroids = jnp.zeros((num_clusters, x.shape[1]), x.dtype).at[0].set(first)
+  d2 = _squared_distances(x, first) * weights
+
+  def body(i, carry):
+    centroids, d2 = carry
+    c = draw(keys[i], d2)
+    return (centroids.at[i].set(c),
+            jnp.minimum(d2, _squared_distances(x, c) * weights))
+
+  centroids, _ = jax.lax.fori_loop(1, num_clusters, body, (centroids, d2))
+  return centroids
+
+
 def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
            num_iters: int = 10, spherical: bool = False,
-           max_split_rounds: int = 10, mask: Optional[jax.Array] = None,
+           init: str = 'kmeans++', max_split_rounds: int = 10,
+           mask: Optional[jax.Array] = None,
            init_centroids: Optional[jax.Array] = None,
            axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
   """Lloyd's k-means over the global set of points, with empty-cluster splits.
 
   The assignment step is local to each device; centroid sums and counts are
-  `psum`-ed, so every device holds the same centroids. Initial centroids are
-  `num_clusters` distinct points drawn from the global set with `key` (the
-  same on every device). After the last iteration, rounds of
+  `psum`-ed, so every device holds the same centroids. Initial centroids come
+  from k-means++ seeding or are `num_clusters` distinct points drawn
+  uniformly (as DeepCluster's faiss and DeepCluster-v2's reference do), with
+  `key` (the same on every device). Empty clusters are split off the largest
+  one after every iteration (DeepCluster); after the last one, rounds of
   `split_empty_clusters` + reassignment run until no cluster is empty.
 
   Args:
@@ -238,31 +306,41 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
     num_iters: Lloyd iterations.
     spherical: cosine k-means on the unit sphere (centroids re-normalised,
       DeepCluster-v2) instead of Euclidean (DeepCluster).
+    init: 'kmeans++' or 'random'.
     max_split_rounds: bound on the final split-and-reassign rounds.
     mask: optional [n] booleans, False for padding points that must neither
       move a centroid nor be drawn as one (the last batch of a dataset split
       evenly over devices).
-    init_centroids: optional [K, d] starting centroids instead of the drawn
-      points.
+    init_centroids: optional [K, d] starting centroids instead of `init`.
     axis_name: None or the pmap axis.
 
   Returns:
     (centroids [K, d], labels [n] int32 of this device's points).
+
+  Raises:
+    ValueError: fewer points than clusters, or an unknown `init`.
   """
   x = x.astype(jnp.float32)
   weights = None if mask is None else mask.astype(jnp.float32)
-  all_x = parallel.all_gather(x, axis_name)
-  if all_x.shape[0] < num_clusters:
+  total = parallel.global_batch_size(x.shape[0], axis_name)
+  if total < num_clusters:
     raise ValueError(f'k-means with {num_clusters} clusters needs at least as '
-                     f'many points, got {all_x.shape[0]}.')
+                     f'many points, got {total}.')
+  if init not in ('kmeans++', 'random'):
+    raise ValueError(f"Unknown k-means init {init!r}; known: kmeans++, random.")
   init_key, split_key = jax.random.split(key)
-  p = None
-  if weights is not None:
-    all_w = parallel.all_gather(weights, axis_name)
-    p = all_w / jnp.sum(all_w)
-  first = jax.random.choice(init_key, all_x.shape[0], (num_clusters,),
-                            replace=False, p=p)
-  centroids = all_x[first] if init_centroids is None else init_centroids
+  ones = jnp.ones(x.shape[:1], jnp.float32) if weights is None else weights
+  if init_centroids is not None:
+    centroids = init_centroids.astype(jnp.float32)
+  elif init == 'kmeans++':
+    centroids = kmeans_plus_plus(x, num_clusters, init_key, ones, axis_name)
+  else:
+    all_w = parallel.all_gather(ones, axis_name)
+    first = jax.random.choice(init_key, total, (num_clusters,),
+                              replace=False, p=all_w / jnp.sum(all_w))
+    centroids = _points_at(x, first, axis_name)
+  if spherical:
+    centroids = l2_normalize(centroids)
 
   def update(centroids, i):
     labels = _assign(x, centroids, spherical)
@@ -270,9 +348,10 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
                                  weights)
     new = jnp.where(counts[:, None] > 0,
                     sums / jnp.maximum(counts, 1.0)[:, None], centroids)
-    if spherical:
-      new = l2_normalize(new)
-    return split_empty_clusters(new, counts, jax.random.fold_in(split_key, i))
+    new = split_empty_clusters(new, counts, jax.random.fold_in(split_key, i))
+    # A split moves two centroids off the sphere; cosine assignments need them
+    # back on it to compare like with like.
+    return l2_normalize(new) if spherical else new
 
   centroids = jax.lax.fori_loop(0, num_iters,
                                 lambda i, c: update(c, i), centroids)
@@ -290,6 +369,8 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
     centroids = split_empty_clusters(
         centroids, counts, jax.random.fold_in(split_key, num_iters + rounds),
         scale=1e-2)
+    if spherical:
+      centroids = l2_normalize(centroids)
     return centroids, rounds + 1
 
   centroids, _ = jax.lax.while_loop(has_empty, split_round, (centroids, 0))
@@ -327,15 +408,21 @@ def deepcluster(logits: jax.Array, pseudo_labels: jax.Array,
 def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
                   assignments: jax.Array, *, temperature: float = 0.1,
                   axis_name: Optional[str] = None) -> jax.Array:
-  """DeepCluster-v2 (SwAV paper, appendix): each view predicts the other's
-  k-means assignment from its scores against the normalised centroids.
+  """DeepCluster-v2 (Caron et al. 2020, appendix): every crop predicts every
+  k-means head's assignment of its image from its scores against that head's
+  centroids.
+
+  loss = 1/H sum_h 1/(V b) sum_{v, n} CE(softmax(z_vn . c_h / tau), a_hn),
+  as in the reference `main_deepclusterv2.py` (the targets of head h are
+  repeated over all V crops).
 
   Args:
-    embeddings: [2, b, d] embeddings of two views (L2-normalised here).
-    prototypes: [2, K, d] prototypes of the two k-means runs (view 0's
-      features and view 1's), L2-normalised here.
-    assignments: [2, b] int cluster of each image in each view's k-means.
-    temperature: softmax temperature (0.1).
+    embeddings: [V, b, d] embeddings of V crops of this device's b images
+      (L2-normalised here).
+    prototypes: [H, K, d] centroids of the H k-means heads (L2-normalised
+      here).
+    assignments: [H, b] int cluster of each image under each head.
+    temperature: softmax temperature tau (0.1).
     axis_name: None or the pmap axis.
 
   Returns:
@@ -343,11 +430,9 @@ def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
   """
   z = l2_normalize(embeddings.astype(jnp.float32))
   c = l2_normalize(prototypes.astype(jnp.float32))
-  total = 0.0
-  for v in range(2):
-    other = 1 - v
-    scores = z[v] @ c[other].T / temperature
-    log_p = jax.nn.log_softmax(scores, axis=-1)
-    total += -jnp.mean(jnp.take_along_axis(
-        log_p, assignments[other][:, None], axis=1))
-  return parallel.pmean(total / 2.0, axis_name)
+  scores = jnp.einsum('vbd,hkd->hvbk', z, c) / temperature
+  log_p = jax.nn.log_softmax(scores, axis=-1)
+  targets = jnp.broadcast_to(assignments[:, None, :, None],
+                             log_p.shape[:3] + (1,))
+  ce = -jnp.take_along_axis(log_p, targets, axis=-1)
+  return parallel.pmean(jnp.mean(ce), axis_name)

@@ -11,13 +11,16 @@ epoch (cluster ids are arbitrary, its old weights mean nothing) and trained
 with cross-entropy; images are weighted by 1 / |cluster|, which is the
 paper's uniform sampling over clusters in expectation.
 
-DeepCluster-v2 (SwAV paper, appendix A): k-means on the unit sphere of the
-projections of two augmented views; the prototypes of each view's k-means
-are set to its normalised centroids, and each view's scores (temperature
-0.1) are trained against the other view's assignment.
+DeepCluster-v2 (SwAV paper, appendix A): `num_heads` k-means runs on the
+unit sphere, head h on the projections of global crop h % (number of global
+crops); each head's prototypes are set to its normalised centroids, and every
+crop (multi-crop included) predicts every head's assignment of its image
+(temperature 0.1). The reference clusters a memory bank of the embeddings
+seen during the previous epoch; here the global crops are re-embedded at the
+start of each epoch (one extra forward pass over the data, in eval mode).
 
 Config (configs/deepcluster.py, configs/deepclusterv2.py): method.num_clusters,
-kmeans_iterations, (v2) temperature, freeze_prototypes_steps.
+kmeans_iterations, (v2) num_heads, temperature, freeze_prototypes_steps.
 """
 
 import abc
@@ -35,6 +38,7 @@ from ssl_jax.losses.clustering import kmeans
 from ssl_jax.losses.contrastive import l2_normalize
 from ssl_jax.methods import common
 from ssl_jax.methods.base import METHODS, Method, StepOutput
+from ssl_jax.methods.swav import apply_multicrop
 from ssl_jax.train_state import TrainState
 
 
@@ -90,7 +94,9 @@ class _DeepClusterBase(Method):
       self._kmeans_fn = jax.pmap(
           jax.vmap(lambda x, m, key: kmeans(
               x, k, key, num_iters=self.config.method.kmeans_iterations,
-              spherical=self.spherical, mask=m, axis_name=parallel.AXIS),
+              spherical=self.spherical,
+              init=self.config.method.get('kmeans_init', 'kmeans++'), mask=m,
+              axis_name=parallel.AXIS),
               in_axes=(0, None, 0), axis_name=None),
           axis_name=parallel.AXIS, in_axes=(0, 0, None))
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
@@ -201,13 +207,25 @@ class DeepCluster(_DeepClusterBase):
 
 @METHODS.register('deepclusterv2')
 class DeepClusterV2(_DeepClusterBase):
-  """Prototypes = normalised k-means centroids of each view's projections."""
+  """Prototypes = normalised k-means centroids; multi-crop, several heads.
+
+  Head h clusters the embeddings of global crop h % num_global_crops (the
+  reference's `crops_for_assign` cycled over `nmb_prototypes`), so the three
+  heads of the paper's recipe cluster crops 0, 1, 0 from three different
+  initialisations.
+  """
 
   spherical = True
 
+  def __init__(self, config, data_info, total_steps):
+    super().__init__(config, data_info, total_steps)
+    first_view = config.augment.views[next(iter(config.augment.views))]
+    self.num_global_crops = first_view.get('count', 1)
+    self.num_heads = config.method.get('num_heads', 1)
+
   def extraction_views(self, rng, images):
-    views = self.make_views(rng, images)[:2]
-    return jnp.stack(views)
+    views = self.make_views(rng, images)[:self.num_global_crops]
+    return jnp.stack([views[h % len(views)] for h in range(self.num_heads)])
 
   def init(self, rng):
     network = models.get_network(self.config.model, axis_name=None)
@@ -216,8 +234,9 @@ class DeepClusterV2(_DeepClusterBase):
                                               self.sample_input())
     k, dim = self.config.method.num_clusters, self.config.model.projector.output_dim
     params = dict(params, prototypes=l2_normalize(
-        jax.random.normal(proto_rng, (2, k, dim), jnp.float32)))
-    method_state = {'assignments': jnp.zeros((2, len(self.data_info)), jnp.int32)}
+        jax.random.normal(proto_rng, (self.num_heads, k, dim), jnp.float32)))
+    method_state = {'assignments': jnp.zeros(
+        (self.num_heads, len(self.data_info)), jnp.int32)}
     return params, batch_stats, method_state
 
   def on_epoch_start(self, state, setup, epoch):
@@ -233,13 +252,13 @@ class DeepClusterV2(_DeepClusterBase):
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del rng
-    if len(views) != 2:
-      raise ValueError(f'DeepCluster-v2 here uses 2 views, the config makes '
-                       f'{len(views)}.')
     m = self.config.method
     network = models.get_network(self.config.model, axis_name)
-    out, batch_stats = common.apply_network(network, params, state.batch_stats,
-                                            views)
+    out, batch_stats = apply_multicrop(network, params, state.batch_stats,
+                                       views)
+    # The reference sets `freeze_prototypes_niters` beyond the run's length:
+    # the prototypes stay the epoch's centroids. The 0/1 factor zeroes their
+    # gradient inside the step.
     trainable = (state.step >= m.freeze_prototypes_steps).astype(jnp.float32)
     frozen = jax.lax.stop_gradient(params['prototypes'])
     prototypes = frozen + trainable * (params['prototypes'] - frozen)

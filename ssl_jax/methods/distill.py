@@ -36,6 +36,7 @@ class DistillStudent(nn.Module):
   num_classes: int
   teacher_dim: int
 
+  @nn.compact
   def __call__(self, x: jax.Array, train: bool = True) -> Dict[str, jax.Array]:
     features, _ = self.backbone(x, train=train)
     out = {'features': features,

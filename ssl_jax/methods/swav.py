@@ -119,3 +119,12 @@ class SwAV(Method):
   def project_params(self, params, step):
     del step
     return dict(params, prototypes=l2_normalize(params['prototypes']))
+
+
+@METHODS.register('seer')
+class SEER(SwAV):
+  """SEER (Goyal et al. 2021): SwAV unchanged, scaled up.
+
+  A name of its own so that every config names a method; configs/seer.py
+  supplies the RegNetY backbone and the paper's hyper-parameters.
+  """
