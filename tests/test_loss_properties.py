@@ -148,6 +148,53 @@ def _data2vec_inputs(draw, batch_sizes, dims, tokens=4):
   return pred.reshape(b, tokens, -1), target.reshape(b, tokens, -1), mask
 
 
+@st.composite
+def _pretext_inputs(draw, **shapes):
+  """(logits [b, C], pretext labels [b] int), C = the drawn dimension."""
+  logits = draw(strategies.embeddings(**shapes))
+  rng = np.random.default_rng(draw(strategies.SEEDS))
+  labels = rng.integers(0, logits.shape[1], size=logits.shape[0])
+  return logits, labels.astype(np.int32)
+
+
+@st.composite
+def _cpc_inputs(draw, batch_sizes, dims, rows=3, cols=2, offsets=(1, 2)):
+  """(predictions [b, K, rows, cols, d], targets [b, rows, cols, d]).
+
+  Prediction k at row i is a noisy view of the target `offsets[k]` rows
+  below (rolled, so rows past the grid's end hold unused values).
+  """
+  target, *preds = draw(strategies.views(
+      1 + len(offsets), batch_sizes=batch_sizes,
+      dims=tuple(rows * cols * d for d in dims)))
+  b = target.shape[0]
+  grid = lambda x: x.reshape(b, rows, cols, -1)
+  preds = [np.roll(grid(p), -o, axis=1) for p, o in zip(preds, offsets)]
+  return np.stack(preds, axis=1), grid(target)
+
+
+@st.composite
+def _infomax_inputs(draw, h=2, w=2, **shapes):
+  """(global [b, e], local [b, h, w, e]): views of one image per example."""
+  g, *local = draw(strategies.views(1 + h * w, **shapes))
+  local = np.stack(local, axis=1)
+  return g, local.reshape(local.shape[0], h, w, -1)
+
+
+@st.composite
+def _cma_inputs(draw, num_candidates=12, **shapes):
+  """(video, audio [b, d], video/audio candidate rows [K, d], mask [b, K]).
+
+  Positive rates up to 1: a query whose candidates are all positives has
+  no negatives (num_neighbours >= K), a query with none adds nothing.
+  """
+  v, a, vc, ac = draw(strategies.views(
+      2, shared_rows=(num_candidates, num_candidates), **shapes))
+  rng = np.random.default_rng(draw(strategies.SEEDS))
+  rate = draw(st.sampled_from((0.1, 0.4, 1.0)))
+  return v, a, vc, ac, rng.random((len(v), num_candidates)) < rate
+
+
 def _nce_collapse(features, own, noise, *, temperature, normalizer, num_data):
   # Every row is c: v.m = |c| for all rows (v normalised, bank rows not), so
   # the positive and the m noise samples share one logit s (Wu et al. eq. 6-7).
@@ -162,6 +209,25 @@ def _dino_collapse(student, teacher, center, *, student_temperature):
   # Centred teacher = 0: a uniform target; the student is softmax(c / tau_s).
   s = np.asarray(student[0, 0], np.float64) / student_temperature
   return float(np.log(np.sum(np.exp(s - s.max()))) + s.max() - np.mean(s))
+
+
+def _pretext_collapse(logits, labels):
+  # Every row is the same logit vector c: the cross entropy of a constant
+  # prediction, averaged over the labels.
+  c = np.asarray(logits[0], np.float64)
+  lse = np.log(np.sum(np.exp(c - c.max()))) + c.max()
+  return float(np.mean(lse - c[np.asarray(labels)]))
+
+
+def _cma_collapse(v, a, vc, ac, mask):
+  # All logits equal: each positive against M_i negatives gives log(1 + M_i);
+  # video and audio terms, over the queries with a positive.
+  mask = np.asarray(mask)
+  has = mask.any(axis=1)
+  if not has.any():
+    return 0.0
+  negatives = np.sum(~mask, axis=1)[has]
+  return float(2 * np.mean(np.log1p(negatives)))
 
 
 NCE_HYPER = {'temperature': 0.07, 'normalizer': 1e3, 'num_data': 100}
@@ -262,6 +328,36 @@ LOSS_CASES = {
                    collapse_value=0.0, skip=frozenset({'symmetry', 'scale'})),
     'feature_distillation': LossCase(strategies.view_pairs, hyper={'kind': 'cosine'},
                                      collapse_value=0.0, symmetric_gradients=False),
+    # --- pretext tasks -------------------------------------------------------
+    # One classifier output and integer labels: no second view ('symmetry');
+    # logits, not normalised ('scale'). Collapse: a constant prediction.
+    'pretext_classification': LossCase(_pretext_inputs, collapse_value=_pretext_collapse,
+                                       skip=frozenset({'symmetry', 'scale'})),
+    # Predictions vs patch embeddings: asymmetric roles ('symmetry'); raw dot
+    # products ('scale'). Collapse: all N * rows * cols keys score alike.
+    'cpc_infonce': LossCase(_cpc_inputs, hyper={'offsets': (1, 2)},
+                            collapse_value=lambda p, z: np.log(z[..., 0].size),
+                            anti_collapse=True, skip=frozenset({'symmetry', 'scale'})),
+    # Global vs local features: asymmetric roles ('symmetry'); raw dot
+    # products ('scale'). Collapse: the positive and (N - 1) h w negatives.
+    'deep_infomax': LossCase(_infomax_inputs, hyper={'estimator': 'infonce'},
+                             collapse_value=lambda g, l: np.log1p(
+                                 (len(g) - 1) * l.shape[1] * l.shape[2]),
+                             anti_collapse=True, skip=frozenset({'symmetry', 'scale'})),
+    # --- cross-modal ---------------------------------------------------------
+    # (video, audio, video rows, audio rows): swapping the modalities swaps
+    # both pairs. Collapse: N batch + K bank logits alike, in both directions.
+    'avid': LossCase(functools.partial(strategies.views, 2, shared_rows=(12, 12)),
+                     hyper={'temperature': 0.07}, batch_axes=(0, 0, None, None),
+                     swap=SWAP_PAIRS,
+                     collapse_value=lambda v, a, vn, an: 2 * np.log(len(v) + len(an)),
+                     anti_collapse=True),
+    # Positives and negatives are candidate bank rows, not the batch's other
+    # examples: spreading the queries alone has no preferred direction, so
+    # no anti-collapse check.
+    'cma': LossCase(_cma_inputs, hyper={'temperature': 0.07},
+                    batch_axes=(0, 0, None, None, 0), swap=SWAP_PAIRS,
+                    collapse_value=_cma_collapse),
 }
 
 
