@@ -183,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   device_batches = parallel.prefetch_to_devices(
       batches, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
+  from ssl_jax.evaluation import periodic  # pylint: disable=g-import-not-at-top
+  evaluator = periodic.make_evaluator(config)
   rstate = parallel.replicate(state)
   stop = _StopSignal()
 
@@ -203,7 +205,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       rstate, metrics = p_train_step(rstate, next(device_batches))
       last = step == s.total_steps
       preempted = stop.received is not None
-      if step % log_every == 0 or last or preempted or step % checkpoint_every == 0:
+      evaluating = evaluator is not None and (evaluator.due(step) or last)
+      if (step % log_every == 0 or last or preempted or evaluating or
+          step % checkpoint_every == 0):
         host = _host_metrics(metrics)
         nonfinite = int(np.asarray(rstate.nonfinite_steps[0]))
         if nonfinite > seen_nonfinite:
@@ -222,7 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last_checked_step = step
         host['nonfinite_steps'] = nonfinite
         host['epoch'] = step / s.steps_per_epoch
-        if step % log_every == 0 or last:
+        if evaluating:
+          host.update(evaluator(parallel.unreplicate(rstate)))
+        if step % log_every == 0 or last or evaluating:
           host['images_per_sec'] = progress.images_per_second(step)
           writer.write(step, host)
           progress.report(step, host)

@@ -18,7 +18,7 @@ import optax
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray,
                        test_x: np.ndarray, test_y: np.ndarray, *,
                        num_classes: int, epochs: int = 100,
-                       batch_size: int = 1024, lr: float = 1e-3,
+                       batch_size: int = 1024, lr: float = 1e-2,
                        weight_decay: float = 1e-4, seed: int = 0
                        ) -> Dict[str, float]:
   """Trains a linear classifier and returns {'top1', 'top5'} in percent."""
