@@ -9,7 +9,7 @@ accepts two variants (big_vision style, `--config=configs/simclr.py:smoke`):
           learns features a linear probe can see.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import ml_collections
 
@@ -37,7 +37,7 @@ def simclr_views(size: int = 224, blur: bool = True) -> ml_collections.ConfigDic
   """SimCLR's recipe: colour strength s=1, blur only at ImageNet resolution."""
   spec = view(size, count=2, brightness=0.8, contrast=0.8, saturation=0.8,
               hue=0.2, blur_prob=0.5 if blur else 0.0)
-  return ml_collections.ConfigDict({'global': spec})
+  return ml_collections.ConfigDict({'global_crops': spec})
 
 
 def byol_views(size: int = 224) -> ml_collections.ConfigDict:
@@ -50,7 +50,7 @@ def byol_views(size: int = 224) -> ml_collections.ConfigDict:
 
 def fmnist_views(size: int = 28, count: int = 2) -> ml_collections.ConfigDict:
   """Grayscale 28x28 clothing: crops, flips, brightness/contrast (no hue)."""
-  return ml_collections.ConfigDict({'global': view(
+  return ml_collections.ConfigDict({'global_crops': view(
       size, count=count, crop_scale=(0.2, 1.0), jitter_prob=0.8,
       brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
       grayscale_prob=0.0)})
@@ -76,6 +76,7 @@ def base_config(method: str) -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       backbone='resnet50', stem='imagenet', width=64, widths=(16, 32, 64),
+      pooling='avg',
       conv_impl='auto', dtype='float32'))
   c.model.projector = mlp((2048,), 128)
   c.model.predictor = None
@@ -97,12 +98,21 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
       nonfinite_policy='stop', online_probe=True, prefetch=2,
       progress=True,
+      # Warn when the logged embedding_std falls below this: ~1/sqrt(d) when
+      # healthy (0.09 at d=128), -> 0 on collapse (Chen & He 2021).
+      collapse_std_threshold=0.01,
+      # Test hook (fault injection): the loss of this step (1-based) is made
+      # NaN inside the step, so its gradients are NaN too. 0 = off.
+      inject_nonfinite_at_step=0,
       # Online-probe and k-NN accuracy on held-out data every this many steps
       # (0: off); see ssl_jax/evaluation/periodic.py.
       eval_every=0))
 
   c.distributed = ml_collections.ConfigDict(dict(
-      enabled=False, coordinator_address='', num_processes=0, process_id=-1))
+      enabled=False, coordinator_address='', num_processes=0, process_id=-1,
+      # A process that loses a peer exits after this many seconds without a
+      # heartbeat instead of waiting in a collective (JAX's default is 100).
+      heartbeat_timeout_s=20, initialization_timeout_s=300))
 
   # linear_lr: Adam on standardised features; 1e-3 left a 4000-example,
   # 10-class problem 6 points below scikit-learn's optimum after 100 epochs,

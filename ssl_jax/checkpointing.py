@@ -35,7 +35,12 @@ class Checkpointer:
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        # A save killed half-way leaves a `<step>.orbax-checkpoint-tmp-*`
+        # folder, never a `<step>` one (the rename is the commit); remove such
+        # leftovers at start. Old steps are deleted only after the new one is
+        # committed, so a good checkpoint always exists.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True),
         item_names=('state', 'meta'))
 
   def all_steps(self):

@@ -6,7 +6,6 @@ import sys
 import time
 from typing import Dict, Optional
 
-import numpy as np
 
 
 class MetricWriter:

@@ -84,12 +84,23 @@ def mean_gradients(grads: PyTree, axis_name: Optional[str]) -> PyTree:
 
 def initialize_distributed(coordinator_address: str = '',
                            num_processes: int = 0,
-                           process_id: int = -1) -> None:
+                           process_id: int = -1,
+                           heartbeat_timeout_s: int = 100,
+                           initialization_timeout_s: int = 300) -> None:
   """Starts JAX's multi-host runtime (`jax.distributed`).
 
   Empty/zero/-1 arguments are left for JAX to detect from the environment
   (TPU pods, SLURM, Open MPI); the `SSL_JAX_COORDINATOR`, `SSL_JAX_NUM_PROCESSES`
   and `SSL_JAX_PROCESS_ID` variables fill them in for hand-launched processes.
+
+  Args:
+    coordinator_address: 'host:port' of process 0's coordination service.
+    num_processes: number of processes in the run.
+    process_id: this process's index.
+    heartbeat_timeout_s: seconds without a heartbeat after which the
+      coordination service declares a process dead and the survivors abort
+      (non-zero exit) rather than wait forever in a collective.
+    initialization_timeout_s: seconds to wait for every process to join.
   """
   coordinator_address = (coordinator_address or
                          os.environ.get('SSL_JAX_COORDINATOR') or None)
@@ -103,7 +114,9 @@ def initialize_distributed(coordinator_address: str = '',
   jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
-      process_id=None if process_id < 0 else process_id)
+      process_id=None if process_id < 0 else process_id,
+      initialization_timeout=int(initialization_timeout_s),
+      heartbeat_timeout_seconds=int(heartbeat_timeout_s))
 
 
 def process_index() -> int:

@@ -2,15 +2,13 @@
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import signal
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -151,7 +149,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.distributed.get('enabled', False):
     parallel.initialize_distributed(config.distributed.coordinator_address,
                                     config.distributed.num_processes,
-                                    config.distributed.process_id)
+                                    config.distributed.process_id,
+                                    config.distributed.get('heartbeat_timeout_s', 100),
+                                    config.distributed.get('initialization_timeout_s', 300))
   validation.validate_config(config, workdir)
   parallel.check_batch_size(config.batch_size)
   is_main = parallel.is_main_process()
@@ -197,11 +197,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   log_every = config.training.log_every
   checkpoint_every = config.training.checkpoint_every
   policy = config.training.get('nonfinite_policy', 'stop')
+  collapse_threshold = config.training.get('collapse_std_threshold', 0.0)
   seen_nonfinite = int(state.nonfinite_steps)
   last_checked_step = start_step
   progress.start(start_step)
   try:
     for step in range(start_step + 1, s.total_steps + 1):
+      if (step - 1) % s.steps_per_epoch == 0:
+        rstate = s.method.on_epoch_start(rstate, s,
+                                         (step - 1) // s.steps_per_epoch)
       rstate, metrics = p_train_step(rstate, next(device_batches))
       last = step == s.total_steps
       preempted = stop.received is not None
@@ -211,8 +215,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         host = _host_metrics(metrics)
         nonfinite = int(np.asarray(rstate.nonfinite_steps[0]))
         if nonfinite > seen_nonfinite:
+          where = (f'at step {step}' if last_checked_step + 1 == step else
+                   f'between steps {last_checked_step + 1} and {step}')
           message = (f'The loss or gradients became non-finite {nonfinite - seen_nonfinite} '
-                     f'time(s) between steps {last_checked_step + 1} and {step} '
+                     f'time(s) {where} '
                      f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}); '
                      f'those updates were not applied.')
           if policy == 'stop':
@@ -226,6 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         last_checked_step = step
         host['nonfinite_steps'] = nonfinite
         host['epoch'] = step / s.steps_per_epoch
+        host['bad_files'] = s.source.bad_files
+        if host.get('embedding_std', np.inf) < collapse_threshold:
+          logging.warning(
+              'Possible collapse at step %d: embedding_std %.4g is below '
+              'config.training.collapse_std_threshold=%g (about 1/sqrt(d) '
+              'when healthy, 0 when every embedding is the same).', step,
+              host['embedding_std'], collapse_threshold)
         if evaluating:
           host.update(evaluator(parallel.unreplicate(rstate)))
         if step % log_every == 0 or last or evaluating:
@@ -243,6 +256,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     checkpointer.close()
     writer.close()
   if s.source.bad_files:
-    logging.warning('%d unreadable image file(s) were skipped.',
-                    s.source.bad_files)
+    logging.warning('%d unreadable image file(s) were skipped (replaced by '
+                    'black images).', s.source.bad_files)
   return parallel.unreplicate(rstate)

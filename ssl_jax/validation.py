@@ -40,6 +40,16 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.num_steps <= 0 and config.num_epochs <= 0:
     raise ValueError('Set config.num_epochs or config.num_steps to a positive '
                      'number.')
+  for path, key, value in _walk(config.method, 'method.'):
+    # A queue (MoCo, SwAV, NNCLR) is filled a global batch at a time; any
+    # remainder would leave stale or never-written slots.
+    if key == 'queue_size' and isinstance(value, int) and value > 0 and (
+        value % config.batch_size):
+      fit = max(config.batch_size, value // config.batch_size * config.batch_size)
+      raise ValueError(
+          f'config.{path}={value} is not a multiple of the global batch size '
+          f'{config.batch_size}; set it to a multiple such as {fit} (or change '
+          f'--config.batch_size).')
   for path, key, value in _walk(config):
     if 'temperature' in key and isinstance(value, (int, float)) and value <= 0:
       raise ValueError(f'config.{path} must be > 0 (a softmax temperature), '

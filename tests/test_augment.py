@@ -40,8 +40,8 @@ def test_views_keep_shapes_ranges_and_are_deterministic(channels, views):
 
 def test_multi_crop_counts_and_sizes():
   views = ml_collections.ConfigDict({
-      'global': common.view(24, count=2, crop_scale=(0.4, 1.0)),
-      'local': common.view(12, count=4, crop_scale=(0.05, 0.4))})
+      'global_crops': common.view(24, count=2, crop_scale=(0.4, 1.0)),
+      'local_crops': common.view(12, count=4, crop_scale=(0.05, 0.4))})
   out = augment.make_views(jax.random.PRNGKey(0), _images(3), views,
                            (0.,) * 3, (1.,) * 3)
   assert [v.shape[1] for v in out] == [24, 24, 12, 12, 12, 12]

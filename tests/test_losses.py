@@ -1,7 +1,6 @@
 """Losses against independent NumPy derivations, and across 8 devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -10,7 +10,7 @@ epoch is dropped, as in SimCLR/BYOL).
 
 import queue
 import threading
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import numpy as np
 

@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np

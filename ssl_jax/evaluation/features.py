@@ -2,10 +2,9 @@
 
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

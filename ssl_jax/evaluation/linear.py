@@ -6,7 +6,6 @@ training set's mean and std) with AdamW and a cosine schedule, full passes
 over shuffled minibatches. Reports top-1 and top-5 on the test features.
 """
 
-import functools
 from typing import Dict
 
 import jax

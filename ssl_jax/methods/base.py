@@ -7,6 +7,10 @@ A method owns its networks, its loss and its extra state. It implements:
                                  -> (loss, StepOutput)
   after_update(params, method_state, step) -> method_state
                                     (EMA teacher, prototype normalisation ...)
+  project_params(params, step)   -> params (optional constraint, e.g. unit
+                                    prototypes)
+  on_epoch_start(state, setup, epoch) -> state (optional host hook, e.g.
+                                    DeepCluster's k-means)
 
 and the shared `train_step` below does the rest: per-device randomness,
 on-device augmentation, gradients averaged over devices, the optimizer, the
@@ -25,6 +29,7 @@ import optax
 
 from ssl_jax import parallel
 from ssl_jax.data import augment
+from ssl_jax.evaluation import monitors
 from ssl_jax.registry import Registry
 from ssl_jax.train_state import TrainState
 
@@ -103,6 +108,31 @@ class Method(abc.ABC):
     del params, step
     return method_state
 
+  def project_params(self, params: Any, step: jax.Array) -> Any:
+    """Maps parameters back onto their constraint set after each update.
+
+    Called in `train_step` right after the optimizer update (default: the
+    identity). SwAV re-normalises its prototypes to the unit sphere here.
+    """
+    del step
+    return params
+
+  def on_epoch_start(self, state: TrainState, setup: Any,
+                     epoch: int) -> TrainState:
+    """A host-side hook run by the training loop before each epoch's first step.
+
+    Args:
+      state: the replicated train state (one copy per local device).
+      setup: the run's `train.Setup` (config, data source, ...).
+      epoch: index of the epoch about to start.
+
+    Returns:
+      The (replicated) state to train on; the default returns it unchanged.
+      DeepCluster extracts features, runs k-means and stores pseudo-labels.
+    """
+    del setup, epoch
+    return state
+
 
 def get_method(config: ml_collections.ConfigDict, data_info: Any,
                total_steps: int) -> Method:
@@ -175,13 +205,21 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   view_rng, loss_rng = jax.random.split(rng)
   views = method.make_views(view_rng, batch['image'])
 
+  inject_at = method.config.get('training', {}).get('inject_nonfinite_at_step', 0)
+
   def loss_fn(params):
-    return method.loss(params, state, views, batch, loss_rng, axis_name)
+    loss, out = method.loss(params, state, views, batch, loss_rng, axis_name)
+    if inject_at:
+      # Test hook (config.training.inject_nonfinite_at_step): a NaN factor on
+      # the loss makes the gradients NaN too, as a real blow-up would.
+      loss = loss * jnp.where(state.step + 1 == inject_at, jnp.nan, 1.0)
+    return loss, out
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = parallel.mean_gradients(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = method.project_params(optax.apply_updates(state.params, updates),
+                                 state.step)
   method_state = method.after_update(params, out.method_state, state.step)
   # Statistics are identical across devices with global BN; averaging makes
   # them so for per-device BN too, so that any device's copy can be saved.
@@ -208,6 +246,5 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       grad_norm=global_norm(grads), param_norm=global_norm(params),
       finite=finite.astype(jnp.float32))
   if out.embeddings is not None:
-    from ssl_jax.evaluation import monitors  # pylint: disable=g-import-not-at-top
     metrics.update(monitors.collapse_metrics(out.embeddings, axis_name))
   return new_state, metrics

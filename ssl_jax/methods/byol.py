@@ -10,7 +10,6 @@ model.predictor; asymmetric views in augment.views.
 """
 
 import jax
-import jax.numpy as jnp
 
 from ssl_jax import losses, models, optim
 from ssl_jax.methods import common

@@ -1,11 +1,10 @@
 """Pieces several methods share: running a network on views, EMA updates."""
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import models
 
 
 def init_network(network, rng: jax.Array, sample: jax.Array) -> Tuple[Any, Any]:

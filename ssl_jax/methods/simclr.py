@@ -3,8 +3,6 @@
 Config (configs/simclr.py): method.temperature; model.projector.
 """
 
-import jax
-
 from ssl_jax import losses, models
 from ssl_jax.methods import common
 from ssl_jax.methods.base import METHODS, Method, StepOutput

@@ -12,7 +12,9 @@ import ml_collections
 from ssl_jax.models.heads import MLP
 from ssl_jax.models.layers import Conv, im2col_conv
 from ssl_jax.models.network import SSLNetwork
+from ssl_jax.models.regnet import REGNETY_DESIGNS, RegNetY, regnet_stages
 from ssl_jax.models.resnet import ConvNet, ResNet
+from ssl_jax.models.vit import ViT, VIT_SIZES, build_vit
 from ssl_jax.registry import Registry
 
 BACKBONES = Registry('backbone')
@@ -30,6 +32,7 @@ def _resnet(stage_sizes, block):
   def build(cfg, axis_name, dtype):
     return ResNet(stage_sizes=stage_sizes, block=block,
                   width=cfg.get('width', 64), stem=cfg.get('stem', 'imagenet'),
+                  pooling=cfg.get('pooling', 'avg'),
                   axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
                   dtype=dtype)
   return build
@@ -44,8 +47,31 @@ BACKBONES.register('resnet50')(_resnet((3, 4, 6, 3), 'bottleneck'))
 def _convnet(cfg, axis_name, dtype):
   return ConvNet(widths=tuple(cfg.get('widths', (16, 32, 64))),
                  first_stride=cfg.get('first_stride', 1),
+                 pooling=cfg.get('pooling', 'avg'),
                  axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
                  dtype=dtype)
+
+
+def _regnety(design):
+  def build(cfg, axis_name, dtype):
+    widths, depths, groups = (regnet_stages(*design) if design else
+                              (cfg.regnet_widths, cfg.regnet_depths,
+                               cfg.regnet_group_widths))
+    return RegNetY(stage_widths=tuple(widths), stage_depths=tuple(depths),
+                   group_widths=tuple(groups),
+                   stem_width=cfg.get('regnet_stem_width', 32),
+                   axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
+                   dtype=dtype)
+  return build
+
+
+for _name, _design in REGNETY_DESIGNS.items():
+  BACKBONES.register(_name)(_regnety(_design))
+# A RegNetY whose stages are given in the config (model.regnet_widths,
+# regnet_depths, regnet_group_widths, regnet_stem_width): tiny ones for tests.
+BACKBONES.register('regnety_custom')(_regnety(None))
+for _name in VIT_SIZES:
+  BACKBONES.register(_name)(build_vit(_name))
 
 
 def get_backbone(model_config: ml_collections.ConfigDict,
@@ -79,5 +105,5 @@ def get_network(model_config: ml_collections.ConfigDict,
                  if with_predictor else None))
 
 
-__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'ResNet', 'SSLNetwork',
+__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'RegNetY', 'ResNet', 'SSLNetwork', 'ViT',
            'get_backbone', 'get_mlp', 'get_network', 'im2col_conv']

@@ -1,7 +1,6 @@
 """Convolution with a fast CPU path, and the BatchNorm used everywhere."""
 
-import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax

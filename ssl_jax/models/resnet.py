@@ -62,6 +62,7 @@ class ResNet(nn.Module):
   block: str = 'basic'
   width: int = 64
   stem: str = 'imagenet'
+  pooling: str = 'avg'  # 'avg' or 'flatten', as in ConvNet.
   axis_name: Optional[str] = None
   conv_impl: str = 'auto'
   dtype: Any = None
@@ -87,7 +88,12 @@ class ResNet(nn.Module):
         x = block(self.width * 2**i, 2 if (i > 0 and j == 0) else 1,
                   self.axis_name, self.conv_impl, self.dtype)(x, train)
       aux[f'stage{i + 1}'] = x
-    features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    if self.pooling == 'flatten':
+      features = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    elif self.pooling == 'avg':
+      features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    else:
+      raise ValueError(f"Unknown pooling {self.pooling!r}; known: 'avg', 'flatten'.")
     return features, aux
 
 
@@ -100,6 +106,11 @@ class ConvNet(nn.Module):
   """
   widths: Sequence[int] = (16, 32, 64)
   first_stride: int = 1
+  # 'avg': global average pooling. 'flatten': the final feature map flattened,
+  # which keeps where things are; for tiny images whose last map is 2x2, as
+  # LeNet/DCGAN-style encoders do.
+  pooling: str = 'avg'
+
   axis_name: Optional[str] = None
   conv_impl: str = 'auto'
   dtype: Any = None
@@ -115,5 +126,10 @@ class ConvNet(nn.Module):
         x = Conv(w, 3, stride, impl=self.conv_impl, dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
       aux[f'stage{i + 1}'] = x
-    features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    if self.pooling == 'flatten':
+      features = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+    elif self.pooling == 'avg':
+      features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+    else:
+      raise ValueError(f"Unknown pooling {self.pooling!r}; known: 'avg', 'flatten'.")
     return features, aux

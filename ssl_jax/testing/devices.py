@@ -3,7 +3,6 @@
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ssl_jax import parallel

@@ -1,0 +1,55 @@
+r"""Knowledge distillation (Hinton et al. 2015) of a trained run into a student.
+
+Default: a ResNet-18 student distilled on ImageNet from the ResNet-50 encoder
+of `method.teacher_workdir`, with a linear head fitted on the teacher's
+features: soft targets at T=4 weighted 0.9 plus 0.1 x cross entropy on labels
+(Hinton et al. weight the soft term much higher and scale it by T^2, sec. 2),
+and a cosine regression of the teacher's features through a learned projection.
+SGD lr 0.1 * B/256, weight decay 1e-4, batch 256, 100 epochs.
+
+  python -m ssl_jax.main --config=configs/distill.py \
+      --config.method.teacher_workdir=runs/simclr --workdir=runs/distill
+  python -m ssl_jax.main --config=configs/distill.py:fmnist \
+      --config.method.teacher_workdir=/tmp/distill_simsiam --workdir=/tmp/distill_distill
+
+Self-distillation: give the student the teacher's `config.model`.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(variant=None):
+  c = common.base_config('distill')
+  c.method.update(teacher_workdir='', teacher_head=True,
+                  teacher_head_examples=50000, temperature=4.0, kd_weight=0.9,
+                  label_weight=0.1, feature_weight=1.0, feature_loss='cosine')
+  c.model.update(backbone='resnet18')
+  c.model.projector = None
+  c.augment.views = ml_collections.ConfigDict({'image': common.view(
+      224, crop_scale=(0.08, 1.0), jitter_prob=0.0, grayscale_prob=0.0)})
+  c.batch_size = 256
+  c.num_epochs = 100
+  c.warmup_epochs = 0
+  c.optimizer.update(name='sgd', lr=0.1, lr_scaling='linear',
+                     weight_decay=1e-4, momentum=0.9)
+  common.apply_variant(c, variant)
+  if variant in ('smoke', 'fmnist'):
+    c.model.projector = None
+    c.augment.views = ml_collections.ConfigDict({'image': common.view(
+        28, crop_scale=(0.2, 1.0), saturation=0.0, hue=0.0,
+        grayscale_prob=0.0)})
+    c.optimizer.update(name='sgd', lr=0.1, lr_scaling='linear',
+                       weight_decay=1e-4, momentum=0.9)
+    c.warmup_epochs = 0
+  if variant == 'smoke':
+    c.method.update(teacher_head_examples=512)
+  if variant == 'fmnist':
+    # Label-free: the student regresses the SSL teacher's features only, so it
+    # can be compared with the same student trained by SSL from scratch.
+    c.method.update(teacher_workdir='/tmp/distill_simsiam', teacher_head=False,
+                    kd_weight=0.0, label_weight=0.0, feature_weight=1.0,
+                    teacher_head_examples=10000)
+    c.model.update(widths=(16, 32, 64))
+  return c

@@ -1,0 +1,353 @@
+"""Clustering objectives: Sinkhorn-Knopp codes, SwAV's swapped prediction,
+k-means with empty-cluster splitting, and DeepCluster's cross-entropies.
+
+Everything here is a pure function of arrays; with `axis_name` set the sums
+over the batch become `psum`s, so the global batch is clustered without any
+device holding all of it.
+"""
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import parallel
+from ssl_jax.losses.contrastive import l2_normalize
+from ssl_jax.losses.registry import LOSSES
+
+
+def sinkhorn(scores: jax.Array, *, epsilon: float = 0.05, num_iters: int = 3,
+             axis_name: Optional[str] = None) -> jax.Array:
+  """Soft codes Q of the equipartition-constrained assignment (SwAV eq. 3).
+
+  Q = Diag(u) exp(scores / epsilon) Diag(v), scaled so that every sample's
+  codes sum to 1 and every prototype receives B/K of the global batch B, after
+  `num_iters` Sinkhorn-Knopp iterations (the reference code's `distributed_
+  sinkhorn`). Gradients do not flow through Q (codes are targets).
+
+  Args:
+    scores: [b, K] similarities of this device's samples to the K prototypes
+      (cosines in [-1, 1] when both sides are L2-normalised; any real scores
+      are accepted: the iterations run in the log domain, max-shifted).
+    epsilon: entropic regularisation (0.05 in SwAV).
+    num_iters: Sinkhorn iterations (3 in SwAV).
+    axis_name: None or the pmap axis; the per-prototype sums then run over
+      the global batch.
+
+  Returns:
+    [b, K] non-negative codes, rows summing to 1.
+
+  Raises:
+    ValueError: scores that are not a [batch, prototypes] matrix.
+  """
+  if scores.ndim != 2:
+    raise ValueError(f'sinkhorn expects [batch, prototypes] scores, got shape '
+                     f'{scores.shape}.')
+  logits = jax.lax.stop_gradient(scores).astype(jnp.float32) / epsilon
+  b, k = logits.shape
+  n = parallel.global_batch_size(b, axis_name)
+
+  def batch_logsumexp(x):
+    # Per prototype over the global batch, max-shifted: with scores of
+    # magnitude 1/epsilon, exp(scores/epsilon) spans e^-400..e^400, which
+    # float32 can neither hold nor, after a single global shift, resolve (whole
+    # rows underflow to 0). The log domain keeps every ratio exact.
+    local_max = jnp.max(x, axis=0)
+    m = jnp.max(parallel.all_gather(local_max[None], axis_name), axis=0)
+    m = jax.lax.stop_gradient(m)
+    total = parallel.psum(jnp.sum(jnp.exp(x - m), axis=0), axis_name)
+    return jnp.log(total) + m
+
+  # The reference's first `Q /= sum(Q)` is a global constant that the first
+  # per-prototype normalisation removes, so it is omitted.
+  def iteration(_, log_q):
+    log_q = log_q - batch_logsumexp(log_q)[None, :] - jnp.log(k)
+    return (log_q - jax.nn.logsumexp(log_q, axis=1, keepdims=True)
+            - jnp.log(n))
+
+  log_q = jax.lax.fori_loop(0, num_iters, iteration, logits)
+  # Times n: rows sum to 1 (the reference's `Q *= B`).
+  return jnp.exp(log_q + jnp.log(n))
+
+
+def swapped_prediction_from_scores(scores: jax.Array, codes: jax.Array, *,
+                                   temperature: float) -> jax.Array:
+  """Mean over samples of -sum_k q_k log softmax(scores / tau)_k (local)."""
+  log_p = jax.nn.log_softmax(scores / temperature, axis=-1)
+  return -jnp.mean(jnp.sum(codes * log_p, axis=-1))
+
+
+@LOSSES.register('swav')
+def swav(embeddings: jax.Array, prototypes: jax.Array, *,
+         temperature: float = 0.1, epsilon: float = 0.05,
+         sinkhorn_iterations: int = 3, num_global_crops: int = 2,
+         queue: Optional[jax.Array] = None, use_queue: jax.Array = False,
+         axis_name: Optional[str] = None) -> jax.Array:
+  """SwAV's swapped prediction over all crop pairs (Caron et al. 2020, eq. 1).
+
+  Codes come from the `num_global_crops` first crops only; each code q_i is
+  predicted from every other crop v != i, and the loss is averaged over the
+  (i, v) pairs, as in the reference `main_swav.py`.
+
+  Args:
+    embeddings: [V, b, d] embeddings of V crops of this device's b images
+      (any scale: they are L2-normalised here).
+    prototypes: [K, d] prototypes (L2-normalised here too, so the scores are
+      cosines whatever the parameter's current norm).
+    temperature: softmax temperature tau of the predictions (0.1).
+    epsilon, sinkhorn_iterations: Sinkhorn-Knopp parameters.
+    num_global_crops: how many leading crops codes are computed for.
+    queue: optional [num_global_crops, L, d] normalised embeddings of earlier
+      batches (the same on every device); when `use_queue` is true their
+      scores join the batch's in Sinkhorn so that small batches still spread
+      over many prototypes.
+    use_queue: boolean scalar, whether the queue is used at this step.
+    axis_name: None or the pmap axis.
+
+  Returns:
+    The scalar loss of the global batch.
+  """
+  num_crops = embeddings.shape[0]
+  if num_crops < 2 or num_global_crops > num_crops:
+    raise ValueError(f'SwAV needs >= 2 crops and at most that many global '
+                     f'crops; got {num_crops} crops, {num_global_crops} global.')
+  z = l2_normalize(embeddings.astype(jnp.float32))
+  c = l2_normalize(prototypes.astype(jnp.float32))
+  scores = z @ c.T  # [V, b, K]
+  b = z.shape[1]
+  total = 0.0
+  for i in range(num_global_crops):
+    codes = sinkhorn(scores[i], epsilon=epsilon, num_iters=sinkhorn_iterations,
+                     axis_name=axis_name)
+    if queue is not None:
+      # The queue is replicated, so its rows may not be summed once per device:
+      # Sinkhorn then runs on the gathered batch (+ queue) on every device and
+      # each device keeps its own rows.
+      gathered = parallel.all_gather(scores[i], axis_name)
+      queue_scores = jax.lax.stop_gradient(queue[i]) @ c.T
+      with_queue = sinkhorn(jnp.concatenate([queue_scores, gathered]),
+                            epsilon=epsilon, num_iters=sinkhorn_iterations)
+      start = queue_scores.shape[0] + parallel.global_offset(b, axis_name)
+      local = jax.lax.dynamic_slice_in_dim(with_queue, start, b, axis=0)
+      codes = jnp.where(use_queue, local, codes)
+    for v in range(num_crops):
+      if v != i:
+        total += swapped_prediction_from_scores(scores[v], codes,
+                                                temperature=temperature)
+  local_loss = total / (num_global_crops * (num_crops - 1))
+  return parallel.pmean(local_loss, axis_name)
+
+
+def update_queue(queue: jax.Array, embeddings: jax.Array,
+                 axis_name: Optional[str] = None) -> jax.Array:
+  """Pushes the global batch's normalised global-crop embeddings (newest first).
+
+  Args:
+    queue: [G, L, d] queue.
+    embeddings: [G, b, d] this device's embeddings of the G global crops.
+    axis_name: None or the pmap axis (the whole global batch is pushed, so the
+      queue stays identical on every device).
+
+  Returns:
+    The [G, L, d] queue with the oldest entries dropped.
+  """
+  z = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
+  z = jax.vmap(lambda x: parallel.all_gather(x, axis_name))(z) if axis_name else z
+  length = queue.shape[1]
+  return jnp.concatenate([z, queue], axis=1)[:, :length]
+
+
+# ---------------------------------------------------------------------------
+# k-means.
+
+
+def _assign(x: jax.Array, centroids: jax.Array, spherical: bool) -> jax.Array:
+  if spherical:
+    return jnp.argmax(x @ centroids.T, axis=-1)
+  # ||x - c||^2 up to the per-sample constant ||x||^2.
+  d = jnp.sum(jnp.square(centroids), -1)[None, :] - 2.0 * x @ centroids.T
+  return jnp.argmin(d, axis=-1)
+
+
+def _cluster_sums(x, labels, k, axis_name, weights=None):
+  one_hot = jax.nn.one_hot(labels, k, dtype=x.dtype)
+  if weights is not None:
+    one_hot = one_hot * weights[:, None]
+  sums = parallel.psum(one_hot.T @ x, axis_name)
+  counts = parallel.psum(jnp.sum(one_hot, axis=0), axis_name)
+  return sums, counts
+
+
+def split_empty_clusters(centroids: jax.Array, counts: jax.Array,
+                         key: jax.Array, scale: float = 1e-4) -> jax.Array:
+  """Gives every empty cluster half of the currently largest one.
+
+  DeepCluster (Caron et al. 2018, sec. 3.3): an empty cluster takes the
+  centroid of a large non-empty cluster plus a small random perturbation,
+  the large one the opposite perturbation, and the next assignment step splits
+  its points between the two. Sequential, so several empty clusters split
+  several (or repeatedly the same, halved) large clusters.
+
+  Args:
+    centroids: [K, d] centroids.
+    counts: [K] points per cluster (global).
+    key: PRNG key for the perturbations (the same on every device).
+    scale: perturbation size relative to the centroid's norm.
+
+  Returns:
+    [K, d] centroids with no cluster left at count 0 (when some cluster has at
+    least 2 points).
+  """
+  k = centroids.shape[0]
+
+  def body(i, carry):
+    centroids, counts = carry
+    big = jnp.argmax(counts)
+    empty = (counts[i] == 0) & (counts[big] > 1)
+    noise = jax.random.normal(jax.random.fold_in(key, i), centroids.shape[1:])
+    noise = noise * scale * (jnp.linalg.norm(centroids[big]) + 1e-6)
+    half = counts[big] // 2
+    centroids = jnp.where(
+        empty, centroids.at[i].set(centroids[big] + noise)
+        .at[big].set(centroids[big] - noise), centroids)
+    counts = jnp.where(empty, counts.at[i].set(half)
+                       .at[big].set(counts[big] - half), counts)
+    return centroids, counts
+
+  centroids, _ = jax.lax.fori_loop(0, k, body, (centroids, counts))
+  return centroids
+
+
+def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
+           num_iters: int = 10, spherical: bool = False,
+           max_split_rounds: int = 10, mask: Optional[jax.Array] = None,
+           init_centroids: Optional[jax.Array] = None,
+           axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
+  """Lloyd's k-means over the global set of points, with empty-cluster splits.
+
+  The assignment step is local to each device; centroid sums and counts are
+  `psum`-ed, so every device holds the same centroids. Initial centroids are
+  `num_clusters` distinct points drawn from the global set with `key` (the
+  same on every device). After the last iteration, rounds of
+  `split_empty_clusters` + reassignment run until no cluster is empty.
+
+  Args:
+    x: [n, d] this device's points (every device the same n).
+    num_clusters: K.
+    key: PRNG key, the same on every device.
+    num_iters: Lloyd iterations.
+    spherical: cosine k-means on the unit sphere (centroids re-normalised,
+      DeepCluster-v2) instead of Euclidean (DeepCluster).
+    max_split_rounds: bound on the final split-and-reassign rounds.
+    mask: optional [n] booleans, False for padding points that must neither
+      move a centroid nor be drawn as one (the last batch of a dataset split
+      evenly over devices).
+    init_centroids: optional [K, d] starting centroids instead of the drawn
+      points.
+    axis_name: None or the pmap axis.
+
+  Returns:
+    (centroids [K, d], labels [n] int32 of this device's points).
+  """
+  x = x.astype(jnp.float32)
+  weights = None if mask is None else mask.astype(jnp.float32)
+  all_x = parallel.all_gather(x, axis_name)
+  if all_x.shape[0] < num_clusters:
+    raise ValueError(f'k-means with {num_clusters} clusters needs at least as '
+                     f'many points, got {all_x.shape[0]}.')
+  init_key, split_key = jax.random.split(key)
+  p = None
+  if weights is not None:
+    all_w = parallel.all_gather(weights, axis_name)
+    p = all_w / jnp.sum(all_w)
+  first = jax.random.choice(init_key, all_x.shape[0], (num_clusters,),
+                            replace=False, p=p)
+  centroids = all_x[first] if init_centroids is None else init_centroids
+
+  def update(centroids, i):
+    labels = _assign(x, centroids, spherical)
+    sums, counts = _cluster_sums(x, labels, num_clusters, axis_name,
+                                 weights)
+    new = jnp.where(counts[:, None] > 0,
+                    sums / jnp.maximum(counts, 1.0)[:, None], centroids)
+    if spherical:
+      new = l2_normalize(new)
+    return split_empty_clusters(new, counts, jax.random.fold_in(split_key, i))
+
+  centroids = jax.lax.fori_loop(0, num_iters,
+                                lambda i, c: update(c, i), centroids)
+
+  def has_empty(carry):
+    centroids, rounds = carry
+    labels = _assign(x, centroids, spherical)
+    _, counts = _cluster_sums(x, labels, num_clusters, axis_name, weights)
+    return jnp.any(counts == 0) & (rounds < max_split_rounds)
+
+  def split_round(carry):
+    centroids, rounds = carry
+    labels = _assign(x, centroids, spherical)
+    _, counts = _cluster_sums(x, labels, num_clusters, axis_name, weights)
+    centroids = split_empty_clusters(
+        centroids, counts, jax.random.fold_in(split_key, num_iters + rounds),
+        scale=1e-2)
+    return centroids, rounds + 1
+
+  centroids, _ = jax.lax.while_loop(has_empty, split_round, (centroids, 0))
+  return centroids, _assign(x, centroids, spherical).astype(jnp.int32)
+
+
+@LOSSES.register('deepcluster')
+def deepcluster(logits: jax.Array, pseudo_labels: jax.Array,
+                cluster_weights: jax.Array, *,
+                axis_name: Optional[str] = None) -> jax.Array:
+  """DeepCluster's classification loss with uniform sampling over clusters.
+
+  Caron et al. 2018 sample images uniformly over clusters; here every example
+  is weighted by 1 / |its cluster| instead, which is the same objective in
+  expectation with the data order left untouched: loss = sum_i w_i CE_i /
+  sum_i w_i over the global batch.
+
+  Args:
+    logits: [b, K] classifier outputs.
+    pseudo_labels: [b] int cluster of each example.
+    cluster_weights: [K] weight of each cluster (1 / size).
+    axis_name: None or the pmap axis.
+
+  Returns:
+    The scalar weighted mean cross-entropy of the global batch.
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(log_p, pseudo_labels[:, None], axis=1)[:, 0]
+  w = jax.lax.stop_gradient(cluster_weights)[pseudo_labels]
+  return (parallel.psum(jnp.sum(w * ce), axis_name) /
+          parallel.psum(jnp.sum(w), axis_name))
+
+
+@LOSSES.register('deepclusterv2')
+def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
+                  assignments: jax.Array, *, temperature: float = 0.1,
+                  axis_name: Optional[str] = None) -> jax.Array:
+  """DeepCluster-v2 (SwAV paper, appendix): each view predicts the other's
+  k-means assignment from its scores against the normalised centroids.
+
+  Args:
+    embeddings: [2, b, d] embeddings of two views (L2-normalised here).
+    prototypes: [2, K, d] prototypes of the two k-means runs (view 0's
+      features and view 1's), L2-normalised here.
+    assignments: [2, b] int cluster of each image in each view's k-means.
+    temperature: softmax temperature (0.1).
+    axis_name: None or the pmap axis.
+
+  Returns:
+    The scalar loss of the global batch.
+  """
+  z = l2_normalize(embeddings.astype(jnp.float32))
+  c = l2_normalize(prototypes.astype(jnp.float32))
+  total = 0.0
+  for v in range(2):
+    other = 1 - v
+    scores = z[v] @ c[other].T / temperature
+    log_p = jax.nn.log_softmax(scores, axis=-1)
+    total += -jnp.mean(jnp.take_along_axis(
+        log_p, assignments[other][:, None], axis=1))
+  return parallel.pmean(total / 2.0, axis_name)

@@ -1,0 +1,258 @@
+"""DeepCluster (Caron et al. 2018) and DeepCluster-v2 (Caron et al. 2020).
+
+Both alternate, once per epoch (`on_epoch_start`, a host hook of the training
+loop), between clustering features of the whole training set with k-means
+(`losses.clustering.kmeans`, distributed over the local devices) and training
+the network to predict the resulting pseudo-labels, looked up by the dataset
+index that every batch carries.
+
+DeepCluster: a classifier on the projector output is re-initialised every
+epoch (cluster ids are arbitrary, its old weights mean nothing) and trained
+with cross-entropy; images are weighted by 1 / |cluster|, which is the
+paper's uniform sampling over clusters in expectation.
+
+DeepCluster-v2 (SwAV paper, appendix A): k-means on the unit sphere of the
+projections of two augmented views; the prototypes of each view's k-means
+are set to its normalised centroids, and each view's scores (temperature
+0.1) are trained against the other view's assignment.
+
+Config (configs/deepcluster.py, configs/deepclusterv2.py): method.num_clusters,
+kmeans_iterations, (v2) temperature, freeze_prototypes_steps.
+"""
+
+import abc
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from ssl_jax import data, losses, models, parallel
+from ssl_jax.data import augment
+from ssl_jax.losses.clustering import kmeans
+from ssl_jax.losses.contrastive import l2_normalize
+from ssl_jax.methods import common
+from ssl_jax.methods.base import METHODS, Method, StepOutput
+from ssl_jax.train_state import TrainState
+
+
+def reset_subtree(tree: Any, name: str) -> Any:
+  """Zeros every leaf whose path contains the dict key `name`.
+
+  Used on the optimizer state, so that the momentum of a re-initialised
+  layer does not carry over from the layer it replaces.
+  """
+  def reset(path, leaf):
+    hit = any(getattr(k, 'key', None) == name for k in path)
+    return np.zeros_like(leaf) if hit else leaf
+  return jax.tree_util.tree_map_with_path(reset, tree)
+
+
+class _DeepClusterBase(Method):
+  """Feature extraction over the dataset and distributed k-means."""
+
+  def __init__(self, config, data_info, total_steps):
+    super().__init__(config, data_info, total_steps)
+    self._extract_fn = None
+    self._kmeans_fn = None
+
+  @abc.abstractmethod
+  def extraction_views(self, rng: jax.Array, images: jax.Array) -> jax.Array:
+    """[V, b, ...] views whose embeddings are clustered (V k-means runs)."""
+
+  def _embed(self, variables, rng, images):
+    network = models.get_network(self.config.model, axis_name=None)
+    views = self.extraction_views(rng, images)
+    out, _ = common.apply_network(network, variables['params'],
+                                  variables['batch_stats'], list(views),
+                                  train=False)
+    return l2_normalize(out['projection'])  # [V, b, d]
+
+  def cluster_dataset(self, state: TrainState, setup: Any, epoch: int
+                      ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-means of every training image's embeddings (one run per view).
+
+    Args:
+      state: replicated train state.
+      setup: the run's Setup (its `source` is clustered).
+      epoch: epoch index (seeds the augmentations and the k-means init).
+
+    Returns:
+      (centroids [V, K, d], labels [V, N] of every dataset index, counts
+      [V, K]) as NumPy arrays, identical on every host.
+    """
+    n_dev = jax.local_device_count()
+    if self._extract_fn is None:
+      self._extract_fn = jax.pmap(self._embed, axis_name=parallel.AXIS)
+      k = self.config.method.num_clusters
+      self._kmeans_fn = jax.pmap(
+          jax.vmap(lambda x, m, key: kmeans(
+              x, k, key, num_iters=self.config.method.kmeans_iterations,
+              spherical=self.spherical, mask=m, axis_name=parallel.AXIS),
+              in_axes=(0, None, 0), axis_name=None),
+          axis_name=parallel.AXIS, in_axes=(0, 0, None))
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    batch_size = max(n_dev, self.config.eval.batch_size // n_dev * n_dev)
+    feats, indices, masks = [], [], []
+    for i, batch in enumerate(data.eval_batches(
+        setup.source, batch_size, parallel.process_index(),
+        parallel.process_count())):
+      keys = jax.random.split(jax.random.fold_in(key, i), n_dev)
+      out = self._extract_fn(variables, keys, parallel.shard(batch['image']))
+      feats.append(np.asarray(out))  # [n_dev, V, b/n_dev, d]
+      indices.append(parallel.shard(batch['index']))
+      masks.append(parallel.shard(batch['mask']))
+    # Every host must run the same number of k-means collectives: hosts with
+    # a shorter share of the dataset add fully masked (ignored) batches.
+    per_process = -(-len(setup.source) // parallel.process_count())
+    while len(feats) < -(-per_process // batch_size):
+      feats.append(np.zeros_like(feats[0]))
+      indices.append(np.zeros_like(indices[0]))
+      masks.append(np.zeros_like(masks[0]))
+    feats = np.concatenate(feats, axis=2)
+    indices, masks = np.concatenate(indices, 1), np.concatenate(masks, 1)
+    num_views = feats.shape[1]
+    km_keys = jax.random.split(jax.random.fold_in(key, 10**6), num_views)
+    centroids, local_labels = self._kmeans_fn(feats, masks, km_keys)
+    centroids = np.asarray(centroids[0])  # [V, K, d], same on every device
+    local_labels = np.asarray(local_labels)  # [n_dev, V, n]
+    flat_idx, flat_mask = indices.reshape(-1), masks.reshape(-1)
+    flat_labels = local_labels.transpose(1, 0, 2).reshape(num_views, -1)
+    if parallel.process_count() > 1:
+      flat_idx, flat_mask, flat_labels = (
+          np.asarray(a) for a in multihost_utils.process_allgather(
+              (flat_idx, flat_mask, flat_labels)))
+      flat_idx, flat_mask = flat_idx.reshape(-1), flat_mask.reshape(-1)
+      flat_labels = np.moveaxis(flat_labels, 0, 1).reshape(num_views, -1)
+    labels = np.zeros((num_views, len(setup.source)), np.int32)
+    labels[:, flat_idx[flat_mask]] = flat_labels[:, flat_mask]
+    k = self.config.method.num_clusters
+    counts = np.stack([np.bincount(l, minlength=k) for l in labels])
+    return centroids, labels, counts
+
+
+@METHODS.register('deepcluster')
+class DeepCluster(_DeepClusterBase):
+  """Backbone + projector + a classifier re-initialised every epoch."""
+
+  spherical = False
+
+  def extraction_views(self, rng, images):
+    del rng
+    size = self.view_specs[next(iter(self.view_specs))].size
+    x = augment.eval_view(images, size, self.data_info.mean, self.data_info.std)
+    return x[None]
+
+  def _classifier(self):
+    return nn.Dense(self.config.method.num_clusters)
+
+  def init(self, rng):
+    network = models.get_network(self.config.model, axis_name=None)
+    net_rng, cls_rng = jax.random.split(rng)
+    params, batch_stats = common.init_network(network, net_rng,
+                                              self.sample_input())
+    dim = self.config.model.projector.output_dim
+    params = dict(params, classifier=self._classifier().init(
+        cls_rng, jnp.zeros((1, dim)))['params'])
+    k = self.config.method.num_clusters
+    method_state = {
+        'pseudo_labels': jnp.zeros((len(self.data_info),), jnp.int32),
+        'cluster_weights': jnp.ones((k,), jnp.float32)}
+    return params, batch_stats, method_state
+
+  def on_epoch_start(self, state, setup, epoch):
+    _, labels, counts = self.cluster_dataset(state, setup, epoch)
+    host = parallel.unreplicate(state)
+    counts = counts[0].astype(np.float32)
+    # 1/|c| per image, scaled so that the mean weight over the dataset is 1.
+    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+    weights *= len(setup.source) / max(float(np.sum(weights * counts)), 1.0)
+    dim = self.config.model.projector.output_dim
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), epoch)
+    classifier = self._classifier().init(rng, jnp.zeros((1, dim)))['params']
+    params = dict(host.params, classifier=jax.device_get(classifier))
+    method_state = dict(host.method_state, pseudo_labels=labels[0],
+                        cluster_weights=weights.astype(np.float32))
+    host = host.replace(params=params, method_state=method_state,
+                        opt_state=reset_subtree(host.opt_state, 'classifier'))
+    return parallel.replicate(host)
+
+  def loss(self, params, state, views, batch, rng, axis_name):
+    del rng
+    network = models.get_network(self.config.model, axis_name)
+    out, batch_stats = common.apply_network(network, params, state.batch_stats,
+                                            views)
+    ms = state.method_state
+    labels = ms['pseudo_labels'][batch['index']]
+    classifier = self._classifier()
+    loss = 0.0
+    for z in out['projection']:
+      logits = classifier.apply({'params': params['classifier']}, z)
+      loss += losses.get_loss('deepcluster')(
+          logits, labels, ms['cluster_weights'], axis_name=axis_name)
+    loss = loss / len(views)
+    return loss, StepOutput(batch_stats=batch_stats, method_state=ms,
+                            metrics={}, features=out['features'][0],
+                            embeddings=out['projection'][0])
+
+
+@METHODS.register('deepclusterv2')
+class DeepClusterV2(_DeepClusterBase):
+  """Prototypes = normalised k-means centroids of each view's projections."""
+
+  spherical = True
+
+  def extraction_views(self, rng, images):
+    views = self.make_views(rng, images)[:2]
+    return jnp.stack(views)
+
+  def init(self, rng):
+    network = models.get_network(self.config.model, axis_name=None)
+    net_rng, proto_rng = jax.random.split(rng)
+    params, batch_stats = common.init_network(network, net_rng,
+                                              self.sample_input())
+    k, dim = self.config.method.num_clusters, self.config.model.projector.output_dim
+    params = dict(params, prototypes=l2_normalize(
+        jax.random.normal(proto_rng, (2, k, dim), jnp.float32)))
+    method_state = {'assignments': jnp.zeros((2, len(self.data_info)), jnp.int32)}
+    return params, batch_stats, method_state
+
+  def on_epoch_start(self, state, setup, epoch):
+    centroids, labels, _ = self.cluster_dataset(state, setup, epoch)
+    host = parallel.unreplicate(state)
+    params = dict(host.params, prototypes=np.asarray(
+        l2_normalize(jnp.asarray(centroids))))
+    host = host.replace(
+        params=params,
+        method_state=dict(host.method_state, assignments=labels),
+        opt_state=reset_subtree(host.opt_state, 'prototypes'))
+    return parallel.replicate(host)
+
+  def loss(self, params, state, views, batch, rng, axis_name):
+    del rng
+    if len(views) != 2:
+      raise ValueError(f'DeepCluster-v2 here uses 2 views, the config makes '
+                       f'{len(views)}.')
+    m = self.config.method
+    network = models.get_network(self.config.model, axis_name)
+    out, batch_stats = common.apply_network(network, params, state.batch_stats,
+                                            views)
+    trainable = (state.step >= m.freeze_prototypes_steps).astype(jnp.float32)
+    frozen = jax.lax.stop_gradient(params['prototypes'])
+    prototypes = frozen + trainable * (params['prototypes'] - frozen)
+    assignments = state.method_state['assignments'][:, batch['index']]
+    loss = losses.get_loss('deepclusterv2')(
+        out['projection'], prototypes, assignments,
+        temperature=m.temperature, axis_name=axis_name)
+    return loss, StepOutput(batch_stats=batch_stats,
+                            method_state=state.method_state,
+                            metrics={'prototypes_trainable': trainable},
+                            features=out['features'][0],
+                            embeddings=out['projection'][0])
+
+  def project_params(self, params, step):
+    del step
+    return dict(params, prototypes=l2_normalize(params['prototypes']))

@@ -1,0 +1,133 @@
+"""Evolving negative sets as pure functions: MoCo's queue, NPID's memory bank.
+
+Both live in `TrainState.method_state` as plain arrays, are replicated on every
+device, and are updated with the all-gathered values of the step, so every
+device's copy stays identical without any extra synchronisation and any copy
+can be checkpointed.
+"""
+
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import parallel
+from ssl_jax.losses.contrastive import l2_normalize
+
+
+# ---------------------------------------------------------------------------
+# MoCo's queue: a ring buffer of the most recent keys.
+
+
+def check_queue_size(queue_size: int, global_batch: int) -> None:
+  """Fails early, with what to change, if the batch does not tile the queue.
+
+  MoCo's enqueue writes whole global batches at the pointer; a queue length
+  that is not a multiple of the batch would make a batch straddle the end.
+
+  Args:
+    queue_size: K.
+    global_batch: the global batch size.
+
+  Raises:
+    ValueError: K is not a positive multiple of the global batch.
+  """
+  if queue_size <= 0 or queue_size % global_batch:
+    suggestion = max(global_batch, queue_size // global_batch * global_batch)
+    raise ValueError(
+        f'The MoCo queue size {queue_size} (config.method.queue_size) must be '
+        f'a positive multiple of the global batch size {global_batch}: set '
+        f'--config.method.queue_size={suggestion} or change '
+        f'--config.batch_size.')
+
+
+def init_queue(rng: jax.Array, queue_size: int, dim: int) -> Dict[str, jax.Array]:
+  """A queue of random unit vectors, as MoCo initialises it, pointer at 0.
+
+  Args:
+    rng: key for the initial contents.
+    queue_size: K.
+    dim: key dimension.
+
+  Returns:
+    {'queue': [K, dim] float32, 'queue_ptr': int32 scalar}.
+  """
+  queue = l2_normalize(jax.random.normal(rng, (queue_size, dim), jnp.float32))
+  return {'queue': queue, 'queue_ptr': jnp.zeros((), jnp.int32)}
+
+
+def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array,
+            axis_name: Optional[str] = None) -> Dict[str, jax.Array]:
+  """Writes this step's global batch of keys over the oldest queue entries.
+
+  Args:
+    queue: [K, d] the queue (identical on every device).
+    ptr: int32 scalar, the row where the oldest entries start.
+    keys: [b, d] this device's keys; they are all-gathered in device order so
+      the queue receives the whole global batch in dataset order.
+    axis_name: None or the pmap axis.
+
+  Returns:
+    {'queue': the new queue, 'queue_ptr': (ptr + B) mod K}.
+  """
+  keys = jax.lax.stop_gradient(parallel.all_gather(keys, axis_name))
+  keys = l2_normalize(keys.astype(queue.dtype))
+  queue = jax.lax.dynamic_update_slice(queue, keys, (ptr, 0))
+  return {'queue': queue,
+          'queue_ptr': (ptr + keys.shape[0]) % queue.shape[0]}
+
+
+# ---------------------------------------------------------------------------
+# NPID's memory bank: one L2-normalised embedding per dataset example.
+
+
+def init_bank(rng: jax.Array, num_data: int, dim: int) -> jax.Array:
+  """Random unit rows (the NPID code starts from uniform noise), [n, dim]."""
+  return l2_normalize(jax.random.normal(rng, (num_data, dim), jnp.float32))
+
+
+def update_bank(bank: jax.Array, indices: jax.Array, embeddings: jax.Array,
+                momentum: float, axis_name: Optional[str] = None) -> jax.Array:
+  """m_i <- normalise(momentum * m_i + (1 - momentum) * v_i) for the step's i.
+
+  Wu et al. 2018 (sec. 3.3) with momentum 0.5. The (index, embedding) pairs of
+  every device are all-gathered first so each replicated copy receives the
+  same update; rows of examples not in the batch are left untouched.
+
+  Args:
+    bank: [n, d] the bank.
+    indices: [b] dataset indices of this device's examples (distinct within a
+      global batch, as an epoch-wise permutation guarantees).
+    embeddings: [b, d] their new embeddings.
+    momentum: weight of the old row.
+    axis_name: None or the pmap axis.
+
+  Returns:
+    The updated bank.
+  """
+  indices = parallel.all_gather(indices, axis_name)
+  v = l2_normalize(jax.lax.stop_gradient(
+      parallel.all_gather(embeddings, axis_name)).astype(bank.dtype))
+  rows = l2_normalize(momentum * bank[indices] + (1.0 - momentum) * v)
+  return bank.at[indices].set(rows)
+
+
+def sample_negatives(rng: jax.Array, indices: jax.Array, num_negatives: int,
+                     num_data: int) -> jax.Array:
+  """Uniform noise indices, [b, m], one independent draw per example.
+
+  Drawn from `fold_in(rng, index)` so each example's noise samples depend on
+  the example, not on how the batch is split across devices.
+
+  Args:
+    rng: key of the step.
+    indices: [b] dataset indices of the examples.
+    num_negatives: m (4096 in NPID and PIRL).
+    num_data: n.
+
+  Returns:
+    [b, m] int32 bank indices.
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(indices)
+  return jax.vmap(lambda k: jax.random.randint(k, (num_negatives,), 0,
+                                               num_data))(keys)

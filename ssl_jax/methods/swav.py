@@ -1,0 +1,121 @@
+"""SwAV (Caron et al. 2020): swapped prediction of Sinkhorn codes, multi-crop.
+
+The prototypes are a [K, d] parameter kept on the unit sphere (re-normalised
+after every optimizer update in `project_params`) and frozen for the first
+`method.freeze_prototypes_steps` steps. Codes are computed with Sinkhorn-Knopp
+over the global batch for the global crops only; every crop predicts the codes
+of every other global crop. An optional queue of past global-crop embeddings
+(method_state['queue'], filled from epoch `method.queue_start_epoch`) joins
+Sinkhorn once full, for batches smaller than the number of prototypes.
+
+SEER (Goyal et al. 2021) is this method on a RegNetY backbone (configs/seer.py).
+
+Config (configs/swav.py): method.num_prototypes, temperature, epsilon,
+sinkhorn_iterations, freeze_prototypes_steps, queue_length,
+queue_start_epoch; model.projector; augment.views (global first, then local).
+"""
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from ssl_jax import losses, models, parallel
+from ssl_jax.losses.clustering import update_queue
+from ssl_jax.losses.contrastive import l2_normalize
+from ssl_jax.methods import common
+from ssl_jax.methods.base import METHODS, Method, StepOutput
+
+
+def apply_multicrop(network, params, batch_stats, views: Sequence[jax.Array]
+                    ) -> Tuple[Dict[str, jax.Array], Any]:
+  """Runs the network once per run of consecutive same-size crops.
+
+  As in SwAV's reference code, crops of one resolution are batched together
+  (one BN batch each), and the outputs are concatenated back in crop order
+  to [num_crops, b, ...]. The BN running statistics are updated by each
+  resolution in turn.
+  """
+  groups: List[List[jax.Array]] = []
+  for v in views:
+    if groups and groups[-1][0].shape == v.shape:
+      groups[-1].append(v)
+    else:
+      groups.append([v])
+  outs = []
+  for group in groups:
+    out, batch_stats = common.apply_network(network, params, batch_stats, group)
+    outs.append(out)
+  merged = {k: jnp.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
+  return merged, batch_stats
+
+
+@METHODS.register('swav')
+class SwAV(Method):
+  """Backbone + projector + prototypes, swapped prediction of codes."""
+
+  def __init__(self, config, data_info, total_steps):
+    super().__init__(config, data_info, total_steps)
+    self.steps_per_epoch = max(len(data_info) // config.batch_size, 1)
+    first_view = config.augment.views[next(iter(config.augment.views))]
+    self.num_global_crops = config.method.get('num_global_crops',
+                                              first_view.get('count', 1))
+
+  def init(self, rng):
+    network = models.get_network(self.config.model, axis_name=None)
+    net_rng, proto_rng = jax.random.split(rng)
+    params, batch_stats = common.init_network(network, net_rng,
+                                              self.sample_input())
+    m = self.config.method
+    dim = self.config.model.projector.output_dim
+    params = dict(params, prototypes=l2_normalize(jax.random.normal(
+        proto_rng, (m.num_prototypes, dim), jnp.float32)))
+    method_state = {}
+    if m.get('queue_length', 0) > 0:
+      method_state = {
+          'queue': jnp.zeros((self.num_global_crops, m.queue_length, dim),
+                             jnp.float32),
+          'queue_count': jnp.zeros((), jnp.int32)}
+    return params, batch_stats, method_state
+
+  def loss(self, params, state, views, batch, rng, axis_name):
+    del batch, rng
+    m = self.config.method
+    network = models.get_network(self.config.model, axis_name)
+    out, batch_stats = apply_multicrop(network, params, state.batch_stats, views)
+    z = out['projection']
+    # SwAV zeroes the prototypes' gradient for the first iterations
+    # (`freeze_prototypes_niters`); the 0/1 factor does that inside the step.
+    trainable = (state.step >= m.freeze_prototypes_steps).astype(jnp.float32)
+    frozen = jax.lax.stop_gradient(params['prototypes'])
+    prototypes = frozen + trainable * (params['prototypes'] - frozen)
+
+    ms = state.method_state
+    queue, use_queue = None, False
+    method_state = ms
+    if 'queue' in ms:
+      queue = ms['queue']
+      length = queue.shape[1]
+      use_queue = ms['queue_count'] >= length
+      started = state.step >= m.queue_start_epoch * self.steps_per_epoch
+      pushed = update_queue(queue, z[:self.num_global_crops], axis_name)
+      n_global = parallel.global_batch_size(z.shape[1], axis_name)
+      count = jnp.minimum(ms['queue_count'] + n_global, length)
+      method_state = {
+          'queue': jnp.where(started, pushed, queue),
+          'queue_count': jnp.where(started, count, ms['queue_count'])}
+    loss = losses.get_loss('swav')(
+        z, prototypes, temperature=m.temperature, epsilon=m.epsilon,
+        sinkhorn_iterations=m.sinkhorn_iterations,
+        num_global_crops=self.num_global_crops, queue=queue,
+        use_queue=use_queue, axis_name=axis_name)
+    metrics = {'prototypes_trainable': trainable}
+    if queue is not None:
+      metrics['queue_used'] = jnp.asarray(use_queue, jnp.float32)
+    return loss, StepOutput(batch_stats=batch_stats, method_state=method_state,
+                            metrics=metrics, features=out['features'][0],
+                            embeddings=z[0])
+
+  def project_params(self, params, step):
+    del step
+    return dict(params, prototypes=l2_normalize(params['prototypes']))
