@@ -153,10 +153,11 @@ def fmnist(c: ml_collections.ConfigDict, *, num_epochs: int = 3,
   c.warmup_epochs = 1
   c.optimizer.update(name='lars', lr=1.0, lr_scaling='linear',
                      weight_decay=1e-5)
-  c.training.update(log_every=20, checkpoint_every=500, eval_every=100)
+  # The periodic evaluation embeds 3000 images: a few seconds every 200 steps.
+  c.training.update(log_every=20, checkpoint_every=500, eval_every=200)
   c.eval.update(max_train_examples=10000, max_test_examples=10000,
                 linear_epochs=100, batch_size=1000)
-  c.eval.update(periodic_train_examples=5000, periodic_test_examples=1000,
+  c.eval.update(periodic_train_examples=2000, periodic_test_examples=1000,
                 linear_aug_epochs=5, linear_aug_batch_size=256,
                 linear_aug_crop_scale=(0.5, 1.0), finetune_epochs=2,
                 finetune_batch_size=256)

@@ -75,15 +75,21 @@ def _on_the_fly(protocol, config, variables, train_source, test_source
       weight_decay=e[f'{prefix}_weight_decay'],
       backbone_lr_mult=e.get('finetune_backbone_lr_mult', 0.1),
       crop_scale=tuple(e.get('linear_aug_crop_scale', (0.08, 1.0))),
-      seed=config.seed)
+      eval_batch_size=e.batch_size, seed=config.seed)
 
 
 def _with_eval_defaults(config):
-  """Fills eval fields that configs written before they existed lack."""
+  """Fills eval fields that configs written before they existed lack.
+
+  Runs on Fashion-MNIST take the `:fmnist` variant's values (minutes on a
+  CPU), others the paper-scale defaults.
+  """
   from configs import common  # pylint: disable=g-import-not-at-top
-  defaults = common.base_config(config.method.name).eval
+  base = common.base_config(config.method.name)
+  if config.data.get('dataset') == 'fashion_mnist':
+    base = common.apply_variant(base, 'fmnist')
   with config.unlocked():
-    for key, value in defaults.items():
+    for key, value in base.eval.items():
       if key not in config.eval:
         config.eval[key] = value
   return config
@@ -103,8 +109,9 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   if protocol not in PROTOCOLS:
     raise ValueError(f'Unknown protocol {protocol!r}; known: {", ".join(PROTOCOLS)}.')
   start = time.time()
-  config, s, state = feats.load_run(workdir, step)
-  config = _with_eval_defaults(config)
+  config = _with_eval_defaults(feats.load_config(workdir))
+  baselines = config.eval.get('baselines', True)
+  _, s, state = feats.load_run(workdir, step, with_init=baselines)
   mode = config.eval.linear_mode
   if mode not in LINEAR_MODES:
     raise ValueError(f'Unknown config.eval.linear_mode {mode!r}; known: '
@@ -118,7 +125,7 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
     result['linear_mode'] = mode if protocol == 'linear' else None
     result.update(_on_the_fly(protocol, config, feats.backbone_variables(state),
                               train_source, test_source))
-    if config.eval.get('baselines', True):
+    if baselines:
       result['top1_random_init'] = _on_the_fly(
           protocol, config, feats.backbone_variables(s.state), train_source,
           test_source)['top1']
@@ -135,7 +142,7 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
             feats.extract(feature_fn, variables, test_source, bs))
 
   result.update(_score(protocol, config, n_cls, *encoder_features(state)))
-  if config.eval.get('baselines', True):
+  if baselines:
     random_init = _score(protocol, config, n_cls, *encoder_features(s.state))
     pixels = _score(protocol, config, n_cls, feats.raw_pixels(train_source),
                     feats.raw_pixels(test_source))

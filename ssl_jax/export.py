@@ -111,7 +111,7 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> str:
   """
   from ssl_jax import data  # pylint: disable=g-import-not-at-top
   from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
-  config, _, state = feats.load_run(workdir, step)
+  config, _, state = feats.load_run(workdir, step, with_init=False)
   source = data.get_source(config.data, config.data.eval_split, 1)
   save_backbone(out, feats.backbone_variables(state), config.model.to_dict(),
                 feats.view_size(config), source.image_shape[-1], source.mean,

@@ -13,7 +13,8 @@ DINO). Two implementations give the same scores:
   so a bank that does not fit one accelerator still works.
 """
 
-from typing import Dict, Optional, Sequence
+import functools
+from typing import Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +100,32 @@ def knn_predict_sharded(train_x: np.ndarray, train_y: np.ndarray,
   valid = np.arange(per_device * n_dev) < n
   shape = (n_dev, per_device)
   # Placed once: each device keeps its slice for every chunk of queries.
-  to_devices = jax.pmap(lambda x: x, devices=devices)
+  to_devices = _placer(tuple(devices))
   bank = to_devices(bank.reshape(shape + (d,)))
   labels = to_devices(labels.reshape(shape))
   valid = to_devices(valid.reshape(shape))
+  p_scores = _sharded_scores(k, float(temperature), num_classes,
+                             tuple(devices))
+  out = []
+  for lo in range(0, len(test_x), chunk):
+    queries = np.asarray(test_x[lo:lo + chunk], np.float32)
+    m = len(queries)
+    # A fixed chunk shape keeps it to one compilation.
+    queries = np.concatenate([queries, np.zeros((chunk - m, d), np.float32)])
+    out.append(np.asarray(p_scores(bank, labels, valid, queries)[0])[:m])
+  return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _placer(devices: Tuple[jax.Device, ...]):
+  return jax.pmap(lambda x: x, devices=list(devices))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_scores(k: int, temperature: float, num_classes: int,
+                    devices: Tuple[jax.Device, ...]):
+  """The pmapped chunk scorer; cached so that repeated evaluations (every
+  `eval_every` steps, several checkpoints) compile it once per bank shape."""
 
   def scores(bank, labels, valid, queries):
     sims = _normalize(queries) @ _normalize(bank).T
@@ -117,16 +140,8 @@ def knn_predict_sharded(train_x: np.ndarray, train_y: np.ndarray,
     top_labels = jnp.take_along_axis(cand_labels, pos, axis=1)
     return _vote(top_sims, top_labels, temperature, num_classes)
 
-  p_scores = jax.pmap(scores, axis_name=parallel.AXIS, devices=devices,
-                      in_axes=(0, 0, 0, None))
-  out = []
-  for lo in range(0, len(test_x), chunk):
-    queries = np.asarray(test_x[lo:lo + chunk], np.float32)
-    m = len(queries)
-    # A fixed chunk shape keeps it to one compilation.
-    queries = np.concatenate([queries, np.zeros((chunk - m, d), np.float32)])
-    out.append(np.asarray(p_scores(bank, labels, valid, queries)[0])[:m])
-  return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+  return jax.pmap(scores, axis_name=parallel.AXIS, devices=list(devices),
+                  in_axes=(0, 0, 0, None))
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
