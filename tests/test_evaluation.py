@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import simclr as simclr_config
-from ssl_jax import evaluate, export, models, train
+from ssl_jax import evaluate, export, models
 from ssl_jax.evaluation import features as feats
 from ssl_jax.evaluation import knn, linear, monitors
 
