@@ -121,8 +121,10 @@ def export(workdir: str, out: str, step: Optional[int] = None) -> str:
 
 
 def main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   del argv
+  # Orbax logs every restore step at INFO.
+  logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
     out = export(f.workdir, f.out or os.path.join(f.workdir, 'export'), f.step)
