@@ -2,9 +2,20 @@ r"""Evaluates a run's checkpoint on its dataset.
 
   python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=linear
   python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=knn --step=2000
+  python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=finetune
 
-Writes `workdir/eval_<protocol>.json` with `top1` (and `top5` for linear) of
-the trained encoder. With `config.eval.baselines` (the default) the same
+Protocols:
+  linear    a linear classifier on the frozen backbone; `config.eval.linear_mode`
+            'features' (logistic regression on precomputed features) or
+            'augmented' (random crop + flip through the frozen backbone, SGD or
+            LARS, cosine schedule: the standard protocol);
+  knn       weighted k-NN (k = config.eval.knn_k, T = config.eval.knn_temperature)
+            with the training features as a bank sharded over the devices;
+  finetune  the whole network with a new linear head, the backbone at a lower
+            learning rate.
+
+Writes `workdir/eval_<protocol>.json` with `top1` and `top5` of the trained
+encoder. With `config.eval.baselines` (the default) the same
 protocol is also run on the encoder at its random initialisation and on raw
 pixels, and their scores are written as `top1_random_init` and
 `top1_raw_pixels`, so one run tells whether pretraining helped.
@@ -21,9 +32,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 
 from ssl_jax.evaluation import features as feats  # noqa: E402
-from ssl_jax.evaluation import knn, linear  # noqa: E402
+from ssl_jax.evaluation import knn, linear, supervised  # noqa: E402
 
-PROTOCOLS = ('linear', 'knn')
+PROTOCOLS = ('linear', 'knn', 'finetune')
+LINEAR_MODES = ('features', 'augmented')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
@@ -46,13 +58,80 @@ def _score(protocol, config, num_classes, train, test) -> Dict[str, float]:
                           num_classes=num_classes)
 
 
+def _on_the_fly(protocol, config, variables, train_source, test_source
+                ) -> Dict[str, float]:
+  """Protocols that run images through the backbone while training a head."""
+  e = config.eval
+  prefix = 'finetune' if protocol == 'finetune' else 'linear_aug'
+  batch_size = e[f'{prefix}_batch_size']
+  return supervised.train_classifier(
+      config.model, variables, train_source, test_source,
+      mode='finetune' if protocol == 'finetune' else 'linear',
+      size=feats.view_size(config), epochs=e[f'{prefix}_epochs'],
+      batch_size=batch_size,
+      # Learning rates are given per 256 examples (SimCLR's lr x B/256).
+      lr=e[f'{prefix}_lr'] * min(batch_size, len(train_source)) / 256,
+      optimizer=e[f'{prefix}_optimizer'],
+      weight_decay=e[f'{prefix}_weight_decay'],
+      backbone_lr_mult=e.get('finetune_backbone_lr_mult', 0.1),
+      crop_scale=tuple(e.get('linear_aug_crop_scale', (0.08, 1.0))),
+      eval_batch_size=e.batch_size, seed=config.seed)
+
+
+def _with_eval_defaults(config):
+  """Fills eval fields that configs written before they existed lack.
+
+  Runs on Fashion-MNIST take the `:fmnist` variant's values (minutes on a
+  CPU), others the paper-scale defaults.
+  """
+  from configs import common  # pylint: disable=g-import-not-at-top
+  base = common.base_config(config.method.name)
+  if config.data.get('dataset') == 'fashion_mnist':
+    base = common.apply_variant(base, 'fmnist')
+  with config.unlocked():
+    for key, value in base.eval.items():
+      if key not in config.eval:
+        config.eval[key] = value
+  return config
+
+
 def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
-  """Runs `protocol` on the checkpoint and writes eval_<protocol>.json."""
+  """Runs `protocol` on a checkpoint and writes workdir/eval_<protocol>.json.
+
+  Args:
+    workdir: the --workdir of a training run.
+    protocol: 'linear', 'knn' or 'finetune'.
+    step: checkpoint step (default: the newest).
+
+  Returns:
+    The JSON written: top1, top5, the baselines when configured, sizes, step.
+  """
   if protocol not in PROTOCOLS:
     raise ValueError(f'Unknown protocol {protocol!r}; known: {", ".join(PROTOCOLS)}.')
   start = time.time()
-  config, s, state = feats.load_run(workdir, step)
+  config = _with_eval_defaults(feats.load_config(workdir))
+  baselines = config.eval.get('baselines', True)
+  _, s, state = feats.load_run(workdir, step, with_init=baselines)
+  mode = config.eval.linear_mode
+  if mode not in LINEAR_MODES:
+    raise ValueError(f'Unknown config.eval.linear_mode {mode!r}; known: '
+                     f'{", ".join(LINEAR_MODES)}.')
   train_source, test_source = feats.eval_sources(config)
+  n_cls = train_source.num_classes
+  result = {'protocol': protocol, 'step': int(state.step),
+            'num_train_examples': len(train_source),
+            'num_test_examples': len(test_source)}
+  if protocol == 'finetune' or (protocol == 'linear' and mode == 'augmented'):
+    result['linear_mode'] = mode if protocol == 'linear' else None
+    result.update(_on_the_fly(protocol, config, feats.backbone_variables(state),
+                              train_source, test_source))
+    if baselines:
+      result['top1_random_init'] = _on_the_fly(
+          protocol, config, feats.backbone_variables(s.state), train_source,
+          test_source)['top1']
+    return _write(workdir, protocol, result, start)
+  if protocol == 'linear':
+    result['linear_mode'] = mode
   feature_fn = feats.make_feature_fn(config.model, feats.view_size(config),
                                      train_source.mean, train_source.std)
   bs = config.eval.batch_size
@@ -62,17 +141,17 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
     return (feats.extract(feature_fn, variables, train_source, bs),
             feats.extract(feature_fn, variables, test_source, bs))
 
-  n_cls = train_source.num_classes
-  result = {'protocol': protocol, 'step': int(state.step),
-            'num_train_examples': len(train_source),
-            'num_test_examples': len(test_source)}
   result.update(_score(protocol, config, n_cls, *encoder_features(state)))
-  if config.eval.get('baselines', True):
+  if baselines:
     random_init = _score(protocol, config, n_cls, *encoder_features(s.state))
     pixels = _score(protocol, config, n_cls, feats.raw_pixels(train_source),
                     feats.raw_pixels(test_source))
     result['top1_random_init'] = random_init['top1']
     result['top1_raw_pixels'] = pixels['top1']
+  return _write(workdir, protocol, result, start)
+
+
+def _write(workdir, protocol, result, start) -> Dict:
   result['seconds'] = round(time.time() - start, 1)
   with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
     json.dump(result, f, indent=2)
@@ -94,6 +173,7 @@ def main(argv):
         (f'  top-5 {r["top5"]:.2f}%' if 'top5' in r else ''))
   if 'top1_random_init' in r:
     print(f'  random-init encoder  top-1 {r["top1_random_init"]:.2f}%')
+  if 'top1_raw_pixels' in r:
     print(f'  raw pixels           top-1 {r["top1_raw_pixels"]:.2f}%')
 
 

@@ -183,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   device_batches = parallel.prefetch_to_devices(
       batches, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
+  from ssl_jax.evaluation import periodic  # pylint: disable=g-import-not-at-top
+  evaluator = periodic.make_evaluator(config)
   rstate = parallel.replicate(state)
   parallel.wait_for_all_processes(f'ssl_jax_train_start_{start_step}')
   stop = _StopSignal()
@@ -208,7 +210,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       rstate, metrics = p_train_step(rstate, next(device_batches))
       last = step == s.total_steps
       preempted = stop.received is not None
-      if step % log_every == 0 or last or preempted or step % checkpoint_every == 0:
+      evaluating = evaluator is not None and (evaluator.due(step) or last)
+      if (step % log_every == 0 or last or preempted or evaluating or
+          step % checkpoint_every == 0):
         host = _host_metrics(metrics)
         nonfinite = int(np.asarray(rstate.nonfinite_steps[0]))
         if nonfinite > seen_nonfinite:
@@ -236,7 +240,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               'config.training.collapse_std_threshold=%g (about 1/sqrt(d) '
               'when healthy, 0 when every embedding is the same).', step,
               host['embedding_std'], collapse_threshold)
-        if step % log_every == 0 or last:
+        if evaluating:
+          host.update(evaluator(parallel.unreplicate(rstate)))
+        if step % log_every == 0 or last or evaluating:
           host['images_per_sec'] = progress.images_per_second(step)
           writer.write(step, host)
           progress.report(step, host)

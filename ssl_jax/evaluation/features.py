@@ -1,8 +1,9 @@
 """Loading a run's checkpoint and computing frozen features of a dataset."""
 
+import functools
 import json
 import os
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import jax
 import ml_collections
@@ -21,16 +22,33 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_run(workdir: str, step: Optional[int] = None):
+def load_run(workdir: str, step: Optional[int] = None, *,
+             with_init: bool = True):
   """Returns (config, setup, trained_state) of the run in `workdir`.
 
-  `setup.state` is the run's initial state (same seed), i.e. the encoder at
-  random initialisation that the trained one is compared against.
+  Args:
+    workdir: the --workdir of a training run.
+    step: checkpoint step (default: the newest usable one).
+    with_init: build `setup.state`, the run's initial state (same seed), i.e.
+      the encoder at random initialisation that the trained one is compared
+      against. Compiling the initialiser costs ~11 s of CPU for the smoke
+      SimCLR model, so without it the checkpoint is restored into a template
+      of shapes only and `setup` is None.
+
+  Raises:
+    FileNotFoundError: no config.json or no checkpoint in `workdir`.
   """
   from ssl_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  s = train.setup(config)
-  state, _ = checkpointing.Checkpointer(workdir).restore(s.state, step)
+  if with_init:
+    s = train.setup(config)
+    template = s.state
+  else:
+    s = None
+    # Tracing setup (no compilation) gives the state's shapes and dtypes,
+    # which is all a restore needs.
+    template = jax.eval_shape(lambda: train.setup(config).state)
+  state, _ = checkpointing.Checkpointer(workdir).restore(template, step)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train '
                             f'first with python -m ssl_jax.main.')
@@ -39,8 +57,31 @@ def load_run(workdir: str, step: Optional[int] = None):
 
 def make_feature_fn(model_config: ml_collections.ConfigDict, size: int,
                     mean, std):
-  """A pmapped function: uint8 images -> pooled backbone features (eval mode)."""
-  backbone = models.get_backbone(model_config, axis_name=None)
+  """A pmapped function: uint8 images -> pooled backbone features (eval mode).
+
+  The same model, size and normalisation give the same (already compiled)
+  function, so the evaluations during training and the ones after it compile
+  the backbone once per process.
+
+  Args:
+    model_config: `config.model` of the run.
+    size: input resolution (the centre view's size).
+    mean, std: per-channel normalisation of the inputs.
+
+  Returns:
+    `fn(replicated_variables, images [devices, b, h, w, c]) -> [devices, b, d]`.
+  """
+  key = json.dumps(ml_collections.ConfigDict(model_config).to_dict(),
+                   sort_keys=True, default=str)
+  return _feature_fn(key, int(size), tuple(float(m) for m in mean),
+                     tuple(float(s) for s in std))
+
+
+@functools.lru_cache(maxsize=8)
+def _feature_fn(model_json: str, size: int, mean: Tuple[float, ...],
+                std: Tuple[float, ...]):
+  backbone = models.get_backbone(
+      ml_collections.ConfigDict(json.loads(model_json)), axis_name=None)
 
   def features(variables, images):
     x = augment.eval_view(images, size, mean, std)
@@ -49,19 +90,45 @@ def make_feature_fn(model_config: ml_collections.ConfigDict, size: int,
   return jax.pmap(features, axis_name=parallel.AXIS)
 
 
-def extract(feature_fn, variables, source: data.Source,
-            batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
-  """Features and labels of every example of `source` (on this host)."""
+def batches(feature_fn, variables, source: data.Source, batch_size: int
+            ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+  """(features, labels) of `source`, one batch at a time (padding removed).
+
+  Args:
+    feature_fn: from `make_feature_fn`.
+    variables: the backbone's {'params', 'batch_stats'} (host, unreplicated).
+    source: the examples.
+    batch_size: examples per call (rounded down to a multiple of the devices).
+  """
   n_dev = jax.local_device_count()
   batch_size = max(n_dev, batch_size // n_dev * n_dev)
   rvars = parallel.replicate(variables)
-  feats, labels = [], []
   for batch in data.eval_batches(source, batch_size):
     out = feature_fn(rvars, parallel.shard(batch['image']))
     out = np.asarray(out).reshape(batch_size, -1)
-    feats.append(out[batch['mask']])
-    labels.append(batch['label'][batch['mask']])
+    yield out[batch['mask']], batch['label'][batch['mask']]
+
+
+def extract(feature_fn, variables, source: data.Source,
+            batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Features [n, d] and labels [n] of every example of `source`."""
+  feats, labels = zip(*batches(feature_fn, variables, source, batch_size))
   return np.concatenate(feats), np.concatenate(labels)
+
+
+def moments(feature_fn, variables, source: data.Source,
+            batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-dimension mean and std of the features of `source`, streamed (the
+  features of an ImageNet-sized source would not fit in host memory)."""
+  count, total, squares = 0, 0.0, 0.0
+  for f, _ in batches(feature_fn, variables, source, batch_size):
+    f = f.astype(np.float64)
+    count += len(f)
+    total = total + f.sum(0)
+    squares = squares + (f ** 2).sum(0)
+  mean = total / count
+  std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+  return mean.astype(np.float32), std.astype(np.float32)
 
 
 def backbone_variables(state) -> dict:

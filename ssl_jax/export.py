@@ -1,0 +1,143 @@
+r"""Exports a run's pretrained backbone for use outside ssl_jax's training code.
+
+  python -m ssl_jax.export --workdir=runs/simclr [--step=N] --out=runs/simclr/export
+
+writes to `--out`:
+  backbone.msgpack  {'params', 'batch_stats'} as `flax.serialization.to_bytes`;
+  backbone.npz      the same arrays, flattened to '/'-joined keys
+                    ('params/Conv_0/kernel', ...), for NumPy/PyTorch users;
+  config.json       what rebuilds the module: the model config, the input
+                    size, channels and the normalisation mean/std.
+
+Downstream:
+
+  from ssl_jax.export import load_backbone
+  module, variables = load_backbone('runs/simclr/export')
+  features, _ = module.apply(variables, images, train=False)
+
+where `images` are float [B, size, size, channels], normalised with the
+exported mean/std.
+"""
+
+import json
+import os
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.serialization  # noqa: E402
+import flax.traverse_util  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
+
+
+def save_backbone(out: str, variables: Dict[str, Any],
+                  model_config: Dict[str, Any], image_size: int, channels: int,
+                  mean, std, meta: Optional[Dict[str, Any]] = None) -> None:
+  """Writes a backbone's variables and the config that rebuilds it.
+
+  Args:
+    out: output folder (created).
+    variables: {'params': ..., 'batch_stats': ...} of the backbone.
+    model_config: the run's `config.model` as a dict.
+    image_size, channels: the input the backbone expects.
+    mean, std: per-channel normalisation of the inputs.
+    meta: extra JSON-able fields for config.json (source run, step).
+  """
+  os.makedirs(out, exist_ok=True)
+  variables = {'params': variables['params'],
+               'batch_stats': variables.get('batch_stats', {})}
+  variables = flax.serialization.to_state_dict(variables)
+  variables = _to_numpy(variables)
+  with open(os.path.join(out, MSGPACK), 'wb') as f:
+    f.write(flax.serialization.to_bytes(variables))
+  flat = flax.traverse_util.flatten_dict(variables, sep='/')
+  np.savez(os.path.join(out, NPZ), **flat)
+  info = dict(meta or {}, model=dict(model_config), image_size=int(image_size),
+              channels=int(channels), mean=[float(m) for m in mean],
+              std=[float(s) for s in std])
+  with open(os.path.join(out, CONFIG), 'w') as f:
+    json.dump(info, f, indent=2)
+
+
+def _to_numpy(tree):
+  if isinstance(tree, dict):
+    return {k: _to_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def load_backbone(path: str, fmt: str = 'msgpack') -> Tuple[Any, Dict[str, Any]]:
+  """Rebuilds an exported backbone.
+
+  Args:
+    path: the folder written by `python -m ssl_jax.export`.
+    fmt: 'msgpack' or 'npz' (the same arrays).
+
+  Returns:
+    (module, variables): a flax module whose `apply(variables, images,
+    train=False)` returns `(features [B, D], aux)`, and its variables.
+  """
+  from ssl_jax import models  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(path, CONFIG)) as f:
+    info = json.load(f)
+  module = models.get_backbone(ml_collections.ConfigDict(info['model']),
+                               axis_name=None)
+  if fmt == 'msgpack':
+    with open(os.path.join(path, MSGPACK), 'rb') as f:
+      variables = flax.serialization.msgpack_restore(f.read())
+  elif fmt == 'npz':
+    with np.load(os.path.join(path, NPZ)) as z:
+      variables = flax.traverse_util.unflatten_dict(
+          {k: z[k] for k in z.files}, sep='/')
+  else:
+    raise ValueError(f'Unknown format {fmt!r}; known: msgpack, npz.')
+  variables.setdefault('batch_stats', {})
+  return module, variables
+
+
+def export(workdir: str, out: str, step: Optional[int] = None) -> str:
+  """Exports the backbone of `workdir`'s checkpoint (default: newest).
+
+  Args:
+    workdir: the --workdir of a training run.
+    out: output folder.
+    step: checkpoint step.
+
+  Returns:
+    `out`.
+  """
+  from ssl_jax import data  # pylint: disable=g-import-not-at-top
+  from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
+  config, _, state = feats.load_run(workdir, step, with_init=False)
+  source = data.get_source(config.data, config.data.eval_split, 1)
+  save_backbone(out, feats.backbone_variables(state), config.model.to_dict(),
+                feats.view_size(config), source.image_shape[-1], source.mean,
+                source.std, meta={'workdir': os.path.abspath(workdir),
+                                  'step': int(state.step)})
+  return out
+
+
+def main(argv):
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  del argv
+  # Orbax logs every restore step at INFO.
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    out = export(f.workdir, f.out or os.path.join(f.workdir, 'export'), f.step)
+  except (ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f'error: {e}\n')
+    sys.exit(2)
+  print(f'Exported the backbone of {f.workdir} to {out}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
+  flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/export).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
+  flags.mark_flags_as_required(['workdir'])
+  app.run(main)
