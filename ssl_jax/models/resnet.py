@@ -48,6 +48,15 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+def pool(x: jax.Array, pooling: str) -> jax.Array:
+  """[B, H, W, C] -> [B, D] float32 features: 'avg' (global) or 'flatten'."""
+  if pooling == 'flatten':
+    return x.reshape((x.shape[0], -1)).astype(jnp.float32)
+  if pooling == 'avg':
+    return jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
+  raise ValueError(f"Unknown model.pooling {pooling!r}; known: 'avg', 'flatten'.")
+
+
 class ResNet(nn.Module):
   """A ResNet backbone returning pooled features and per-stage feature maps.
 
@@ -88,12 +97,7 @@ class ResNet(nn.Module):
         x = block(self.width * 2**i, 2 if (i > 0 and j == 0) else 1,
                   self.axis_name, self.conv_impl, self.dtype)(x, train)
       aux[f'stage{i + 1}'] = x
-    if self.pooling == 'flatten':
-      features = x.reshape((x.shape[0], -1)).astype(jnp.float32)
-    elif self.pooling == 'avg':
-      features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-    else:
-      raise ValueError(f"Unknown pooling {self.pooling!r}; known: 'avg', 'flatten'.")
+    features = pool(x, self.pooling)
     return features, aux
 
 
@@ -126,10 +130,5 @@ class ConvNet(nn.Module):
         x = Conv(w, 3, stride, impl=self.conv_impl, dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
       aux[f'stage{i + 1}'] = x
-    if self.pooling == 'flatten':
-      features = x.reshape((x.shape[0], -1)).astype(jnp.float32)
-    elif self.pooling == 'avg':
-      features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-    else:
-      raise ValueError(f"Unknown pooling {self.pooling!r}; known: 'avg', 'flatten'.")
+    features = pool(x, self.pooling)
     return features, aux
