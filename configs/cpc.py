@@ -34,6 +34,9 @@ def get_config(variant=None):
                      weight_decay=1e-4)
   common.apply_variant(c, variant)
   if variant:
+    # The backbone sees patches in training and whole images in evaluation,
+    # so the features must not depend on the input size (flattening would).
+    c.model.pooling = 'avg'
     # 8-pixel patches every 4 pixels of a 28-pixel view: a 6x6 grid.
     c.method.update(patch_size=8, patch_stride=4, row_offsets=(2, 3),
                     context_dim=64, context_layers=2)

@@ -39,6 +39,9 @@ def get_config(variant=None):
                      weight_decay=5e-4, momentum=0.9)
   common.apply_variant(c, variant)
   if variant:
+    # The backbone sees patches in training and whole images in evaluation,
+    # so the features must not depend on the input size (flattening would).
+    c.model.pooling = 'avg'
     # 27 = 3 cells of 9 pixels; 7-pixel tiles leave 2 pixels of jitter.
     c.augment.views = ml_collections.ConfigDict({'image': common.view(
         27, crop_scale=(0.6, 1.0), flip_prob=0.0, brightness=0.4,

@@ -34,6 +34,9 @@ def get_config(variant=None):
                      weight_decay=5e-4, momentum=0.9)
   common.apply_variant(c, variant)
   if variant:
+    # The backbone sees patches in training and whole images in evaluation,
+    # so the features must not depend on the input size (flattening would).
+    c.model.pooling = 'avg'
     # 3 * 7 + 2 * 2 + 2 * 1 = 27 <= 28.
     c.method.update(patch_size=7, gap=2, jitter=1)
     c.augment.views = ml_collections.ConfigDict({'image': common.view(
