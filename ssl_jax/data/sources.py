@@ -1,4 +1,5 @@
-"""Random-access image datasets: Fashion-MNIST (embedded default), TFDS, folders.
+"""Random-access image datasets: Fashion-MNIST (embedded default), TFDS, folders,
+random images for benchmarks.
 
 A source holds or reads uint8 images of one fixed size [H, W, C] and integer
 labels, and serves any list of indices. Everything random (shuffling,
@@ -13,6 +14,7 @@ import os
 import struct
 import threading
 import warnings
+import zlib
 from typing import Dict, Optional, Sequence, Tuple
 
 import ml_collections
@@ -310,6 +312,23 @@ def folder_dataset(split: str, config: ml_collections.ConfigDict) -> Source:
   return FolderSource(config.folder, split, config.get('image_size') or 64,
                       channels, config.get('mean') or mean,
                       config.get('std') or std)
+
+
+@DATASETS.register('synthetic_images')
+def synthetic_images(split: str, config: ml_collections.ConfigDict) -> Source:
+  """Uniform random uint8 images and labels, for benchmarks (no files needed).
+
+  `config.data.num_examples` images (default 4096) of `image_size` and
+  `channels`; the split only changes the seed.
+  """
+  size, channels = config.get('image_size') or 32, config.get('channels') or 3
+  n = config.get('num_examples') or 4096
+  rng = np.random.default_rng(zlib.crc32(split.encode()))
+  images = rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+  labels = rng.integers(0, 10, (n,), dtype=np.int64)
+  mean, std = ((FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1
+               else (IMAGENET_MEAN, IMAGENET_STD))
+  return ArraySource('synthetic_images', images, labels, 10, mean, std)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,328 @@
+r"""Train-step throughput of ssl_jax against a PyTorch peer, in one run.
+
+  pip install -r experiments/requirements-benchmark.txt   # torch, benchmark only
+  python experiments/benchmark.py                          # the README table
+  python experiments/benchmark.py --methods=simclr --backbones=resnet18 \
+      --batch_sizes=64,256 --dtypes=float32,bfloat16 --out=bench.json
+
+Every row (method x backbone x batch size x dtype) is measured in its own
+subprocess, first ssl_jax's step, then the PyTorch peer's on the same model,
+batch, views and loss (experiments/torch_reference.py), so the ratio compares
+two measurements taken minutes apart on the same machine. Throughput counts
+every view: a SimCLR step on a batch of 256 processes 512 images. Per row:
+steady-state images/s (median of `--steps` timed steps after `--warmup`),
+compile time (XLA's, ahead of the first step), peak memory (device peak on an
+accelerator, the process's peak RSS on CPU), XLA's FLOP count of the step,
+and where the device's peak is known, model FLOPs utilisation (MFU).
+
+The input pipeline is measured separately, with no model: host batches from
+`TrainBatches` sharded onto the devices, for Fashion-MNIST (when installed)
+and for a folder of JPEG files written to a temporary directory, each reported
+against the fastest train step of the table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Dense peak FLOP/s by device kind and compute dtype, for MFU (fp32 matmuls run
+# as TF32 on these GPUs under JAX's default precision).
+PEAK_FLOPS = {
+    'NVIDIA H100 80GB HBM3': {'bfloat16': 989e12, 'float32': 494e12},
+    'NVIDIA H200': {'bfloat16': 989e12, 'float32': 494e12},
+    'NVIDIA A100-SXM4-80GB': {'bfloat16': 312e12, 'float32': 156e12},
+    'NVIDIA A100-SXM4-40GB': {'bfloat16': 312e12, 'float32': 156e12},
+}
+
+
+def benchmark_config(method: str, backbone: str, batch_size: int,
+                     image_size: int, dtype: str):
+  """The method's paper recipe on random CIFAR-sized images."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{method}').get_config()
+  if backbone == 'convnet':
+    # The Fashion-MNIST recipe's encoder and images (configs/common.py).
+    config = importlib.import_module(f'configs.{method}').get_config('fmnist')
+    config.data.update(dataset='synthetic_images', image_size=image_size,
+                       channels=1, num_examples=batch_size)
+  else:
+    config.model.update(backbone=backbone, stem='cifar', pooling='avg')
+    config.data.update(dataset='synthetic_images', image_size=image_size,
+                       channels=3, num_examples=batch_size)
+    for name in config.augment.views:
+      config.augment.views[name].size = image_size
+  config.model.dtype = dtype
+  config.batch_size = batch_size
+  config.num_steps = 1000
+  config.warmup_epochs = 0
+  return config
+
+
+def _step_flops(compiled) -> float:
+  try:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0]
+    return float(analysis.get('flops', 0.0))
+  except Exception:  # pylint: disable=broad-except
+    return 0.0  # cost analysis is not offered by every backend
+
+
+def measure_jax(args) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ssl_jax import parallel, train  # pylint: disable=g-import-not-at-top
+  config = benchmark_config(args.method, args.backbone, args.batch_size,
+                            args.image_size, args.dtype)
+  s = train.setup(config)
+  step = train.make_train_step(s)
+  state = parallel.replicate(s.state)
+  batch = parallel.shard(s.source.get(np.arange(args.batch_size)))
+  views = len(s.method.make_views(jax.random.PRNGKey(0),
+                                  jax.numpy.zeros((1,) + s.source.image_shape,
+                                                  jax.numpy.uint8)))
+  t0 = time.perf_counter()
+  step = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  return {'compile_s': compile_s, 'step_times_s': times, 'views': views,
+          'flops_per_step': _step_flops(step),
+          'peak_memory_bytes': (stats or {}).get('peak_bytes_in_use') or
+                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          'device_kind': device.device_kind, 'num_devices': jax.device_count(),
+          'jax': jax.__version__,
+          'projector': dict(config.model.projector),
+          'predictor': dict(config.model.predictor) if config.model.predictor else None,
+          'temperature': config.method.get('temperature', 0.1)}
+
+
+def measure_torch(args) -> dict:
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  spec = json.loads(args.torch_spec)
+  best = None
+  # The peer at its best: both memory layouts, the faster one is the reference.
+  for channels_last in (False, True):
+    r = torch_reference.measure(
+        args.method, args.backbone, args.batch_size, args.image_size,
+        spec['projector'], spec['predictor'] or spec['projector'],
+        spec['temperature'], args.warmup, args.steps, channels_last)
+    r['peak_memory_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if best is None or statistics.median(r['step_times_s']) < statistics.median(
+        best['step_times_s']):
+      best = r
+    if not args.torch_both_layouts:
+      break
+  return best
+
+
+def measure_pipeline(args) -> dict:
+  """Examples/s that TrainBatches + device prefetch deliver, with no model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ssl_jax import data, parallel  # pylint: disable=g-import-not-at-top
+  data_config = ml_collections.ConfigDict(dict(
+      dataset=args.pipeline_dataset, folder='', image_size=32, channels=3,
+      data_dir=''))
+  tmp = None
+  if args.pipeline_dataset == 'folder':
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    tmp = tempfile.TemporaryDirectory()
+    rng = np.random.default_rng(0)
+    for i in range(args.pipeline_files):
+      d = os.path.join(tmp.name, 'train', f'class{i % 10}')
+      os.makedirs(d, exist_ok=True)
+      Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+          os.path.join(d, f'{i}.jpg'), quality=90)
+    data_config.folder = tmp.name
+  elif args.pipeline_dataset == 'fashion_mnist':
+    data_config.update(image_size=28, channels=1)
+  source = data.get_source(data_config, 'train')
+  batches = data.TrainBatches(source, args.batch_size, seed=0, prefetch=4)
+  device_batches = parallel.prefetch_to_devices(batches, 2)
+  jax.block_until_ready(next(device_batches))
+  n = 0
+  t0 = time.perf_counter()
+  while time.perf_counter() - t0 < args.pipeline_seconds:
+    jax.block_until_ready(next(device_batches))
+    n += args.batch_size
+  seconds = time.perf_counter() - t0
+  batches.close()
+  if tmp:
+    tmp.cleanup()
+  return {'examples_per_s': n / seconds, 'examples': n,
+          'source_examples': len(source)}
+
+
+def _subprocess(worker: str, extra, args) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}',
+         f'--warmup={args.warmup}', f'--steps={args.steps}'] + extra
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  if out.returncode != 0:
+    raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _row(method, backbone, batch_size, dtype, args):
+  common = [f'--_method={method}', f'--_backbone={backbone}',
+            f'--_batch_size={batch_size}', f'--_dtype={dtype}',
+            f'--image_size={28 if backbone == "convnet" else args.image_size}']
+  jx = _subprocess('jax', common, args)
+  median = statistics.median(jx['step_times_s'])
+  row = {'method': method, 'backbone': backbone, 'batch_size': batch_size,
+         'dtype': dtype, 'views': jx['views'],
+         'images_per_step': jx['views'] * batch_size,
+         'jax_images_per_s': jx['views'] * batch_size / median,
+         'jax_step_s_median': median, 'jax_step_times_s': jx['step_times_s'],
+         'compile_s': jx['compile_s'],
+         'peak_memory_gb': jx['peak_memory_bytes'] / 2**30,
+         'flops_per_step': jx['flops_per_step'],
+         'achieved_tflops': jx['flops_per_step'] / median / 1e12,
+         'device_kind': jx['device_kind'], 'num_devices': jx['num_devices']}
+  peak = PEAK_FLOPS.get(jx['device_kind'], {}).get(dtype)
+  if peak and jx['flops_per_step']:
+    row['mfu'] = jx['flops_per_step'] / median / (peak * jx['num_devices'])
+  if args.torch and method in ('simclr', 'byol') and backbone != 'convnet' \
+      and dtype == 'float32':
+    spec = json.dumps({k: jx[k] for k in ('projector', 'predictor', 'temperature')})
+    try:
+      th = _subprocess('torch', common + [f'--torch_spec={spec}'] +
+                       (['--torch_both_layouts'] if args.torch_both_layouts else []),
+                       args)
+    except RuntimeError as e:
+      if 'No module named' not in str(e):
+        raise
+      print('torch is not installed: pip install -r '
+            'experiments/requirements-benchmark.txt', file=sys.stderr)
+      args.torch = False
+    else:
+      torch_median = statistics.median(th['step_times_s'])
+      row.update(torch_images_per_s=jx['views'] * batch_size / torch_median,
+                 torch_step_times_s=th['step_times_s'],
+                 torch_version=th['torch'], torch_threads=th['torch_threads'],
+                 torch_channels_last=th['channels_last'],
+                 torch_peak_memory_gb=th['peak_memory_bytes'] / 2**30)
+      row['ratio_vs_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+  return row
+
+
+def _table(rows, pipelines) -> str:
+  lines = ['| method | backbone | batch | dtype | ssl_jax img/s | PyTorch img/s '
+           '| ratio | compile s | peak mem GB | TFLOP/s | MFU |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['method']} | {r['backbone']} | {r['batch_size']} | {r['dtype']} "
+        f"| {r['jax_images_per_s']:.1f} "
+        f"| {r.get('torch_images_per_s', float('nan')):.1f} "
+        f"| {r.get('ratio_vs_torch', float('nan')):.2f}x "
+        f"| {r['compile_s']:.1f} | {r['peak_memory_gb']:.2f} "
+        f"| {r['achieved_tflops']:.3f} "
+        f"| {'%.1f%%' % (100 * r['mfu']) if 'mfu' in r else 'n/a'} |")
+  if pipelines:
+    lines += ['', '| input pipeline | batch | examples/s | x fastest train step '
+              '(examples/s) |', '|---|---|---|---|']
+    for p in pipelines:
+      lines.append(f"| {p['dataset']} | {p['batch_size']} "
+                   f"| {p['examples_per_s']:.0f} | {p['vs_fastest_step']:.1f}x |")
+  return '\n'.join(lines)
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--methods', default='simclr,byol')
+  parser.add_argument('--backbones', default='resnet18',
+                      help="comma-separated; 'convnet' is the fmnist recipe")
+  parser.add_argument('--batch_sizes', default='256')
+  parser.add_argument('--dtypes', default='float32')
+  parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--warmup', type=int, default=1)
+  parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--torch', type=int, default=1,
+                      help='also measure the PyTorch peer (simclr, byol)')
+  parser.add_argument('--torch_both_layouts', action='store_true',
+                      help='time the peer in NCHW and channels-last, keep the faster')
+  parser.add_argument('--pipelines', default='fashion_mnist,folder',
+                      help="input pipelines to measure ('' for none)")
+  parser.add_argument('--pipeline_seconds', type=float, default=5.0)
+  parser.add_argument('--pipeline_files', type=int, default=2048)
+  parser.add_argument('--out', default='', help='write the rows as JSON here')
+  # Internal: one measurement in a subprocess.
+  parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--_method', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--_backbone', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--_batch_size', type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument('--_dtype', default='float32', help=argparse.SUPPRESS)
+  parser.add_argument('--torch_spec', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--pipeline_dataset', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+
+  if args._worker:
+    args.method, args.backbone = args._method, args._backbone
+    args.batch_size, args.dtype = args._batch_size, args._dtype
+    worker = {'jax': measure_jax, 'torch': measure_torch,
+              'pipeline': measure_pipeline}[args._worker]
+    print(json.dumps(worker(args)))
+    return 0
+
+  t_start = time.time()
+  rows = []
+  for backbone in args.backbones.split(','):
+    for batch_size in map(int, args.batch_sizes.split(',')):
+      for dtype in args.dtypes.split(','):
+        for method in args.methods.split(','):
+          row = _row(method, backbone, batch_size, dtype, args)
+          rows.append(row)
+          print(json.dumps({k: v for k, v in row.items()
+                            if not k.endswith('times_s')}), flush=True)
+  pipelines = []
+  fastest = max(r['jax_images_per_s'] / r['views'] for r in rows)
+  for name in filter(None, args.pipelines.split(',')):
+    if name == 'fashion_mnist':
+      from ssl_jax.data import sources  # pylint: disable=g-import-not-at-top
+      if not os.path.isdir(sources.FASHION_MNIST_DIR):
+        print(f'Skipping the fashion_mnist pipeline: {sources.FASHION_MNIST_DIR} '
+              'is missing (apt-get install dataset-fashion-mnist).', file=sys.stderr)
+        continue
+    batch_size = max(map(int, args.batch_sizes.split(',')))
+    p = _subprocess('pipeline', [f'--pipeline_dataset={name}',
+                                 f'--_batch_size={batch_size}',
+                                 f'--pipeline_seconds={args.pipeline_seconds}',
+                                 f'--pipeline_files={args.pipeline_files}'], args)
+    p.update(dataset=name, batch_size=batch_size,
+             vs_fastest_step=p['examples_per_s'] / fastest)
+    pipelines.append(p)
+  table = _table(rows, pipelines)
+  print(table)
+  print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} '
+        f'CPUs; {time.time() - t_start:.0f} s in all.')
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'rows': rows, 'pipelines': pipelines, 'table': table,
+                 'seconds': time.time() - t_start}, f, indent=2)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
