@@ -202,52 +202,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   seen_nonfinite = int(state.nonfinite_steps)
   last_checked_step = start_step
   progress.start(start_step)
+
+  def record(step, metrics, evaluating, write):
+    """Checks one step's metrics and writes them (blocks until on host)."""
+    nonlocal seen_nonfinite, last_checked_step
+    host = _host_metrics(metrics)
+    nonfinite = int(host['nonfinite_steps'])
+    if nonfinite > seen_nonfinite:
+      where = (f'at step {step}' if last_checked_step + 1 == step else
+               f'between steps {last_checked_step + 1} and {step}')
+      message = (f'The loss or gradients became non-finite {nonfinite - seen_nonfinite} '
+                 f'time(s) {where} '
+                 f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}); '
+                 f'those updates were not applied.')
+      if policy == 'stop':
+        raise NonFiniteError(
+            message + f' Stopping (nonfinite_policy=stop); the newest '
+            f'checkpoint (step {checkpointer.latest_step()}) is the last good '
+            f'one. Lower the learning rate or set '
+            f'--config.training.nonfinite_policy=skip.')
+      logging.warning('%s Skipping them (nonfinite_policy=skip).', message)
+      seen_nonfinite = nonfinite
+    last_checked_step = step
+    host['nonfinite_steps'] = nonfinite
+    host['epoch'] = step / s.steps_per_epoch
+    host['bad_files'] = s.source.bad_files
+    if host.get('embedding_std', np.inf) < collapse_threshold:
+      logging.warning(
+          'Possible collapse at step %d: embedding_std %.4g is below '
+          'config.training.collapse_std_threshold=%g (about 1/sqrt(d) '
+          'when healthy, 0 when every embedding is the same).', step,
+          host['embedding_std'], collapse_threshold)
+    if evaluating:
+      host.update(evaluator(parallel.unreplicate(rstate)))
+    if write:
+      host['images_per_sec'] = progress.images_per_second(step)
+      writer.write(step, host)
+      progress.report(step, host)
+
+  # A plain logging step does not wait for its metrics: they are copied to
+  # the host in the background and recorded after the next step has been
+  # dispatched, so the device never idles on the host. Steps that checkpoint,
+  # evaluate, end or stop the run record synchronously, after any pending
+  # record, so a non-finite step always stops the run before the next save.
+  pending = None  # (step, metrics) of a logging step not yet recorded
   try:
     for step in range(start_step + 1, s.total_steps + 1):
       if (step - 1) % s.steps_per_epoch == 0:
         rstate = s.method.on_epoch_start(rstate, s,
                                          (step - 1) // s.steps_per_epoch)
       rstate, metrics = p_train_step(rstate, next(device_batches))
+      if pending is not None:
+        record(*pending, evaluating=False, write=True)
+        pending = None
       last = step == s.total_steps
       preempted = stop.received is not None
       evaluating = evaluator is not None and (evaluator.due(step) or last)
-      if (step % log_every == 0 or last or preempted or evaluating or
-          step % checkpoint_every == 0):
-        host = _host_metrics(metrics)
-        nonfinite = int(np.asarray(rstate.nonfinite_steps[0]))
-        if nonfinite > seen_nonfinite:
-          where = (f'at step {step}' if last_checked_step + 1 == step else
-                   f'between steps {last_checked_step + 1} and {step}')
-          message = (f'The loss or gradients became non-finite {nonfinite - seen_nonfinite} '
-                     f'time(s) {where} '
-                     f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}); '
-                     f'those updates were not applied.')
-          if policy == 'stop':
-            raise NonFiniteError(
-                message + f' Stopping (nonfinite_policy=stop); the newest '
-                f'checkpoint (step {checkpointer.latest_step()}) is the last good '
-                f'one. Lower the learning rate or set '
-                f'--config.training.nonfinite_policy=skip.')
-          logging.warning('%s Skipping them (nonfinite_policy=skip).', message)
-          seen_nonfinite = nonfinite
-        last_checked_step = step
-        host['nonfinite_steps'] = nonfinite
-        host['epoch'] = step / s.steps_per_epoch
-        host['bad_files'] = s.source.bad_files
-        if host.get('embedding_std', np.inf) < collapse_threshold:
-          logging.warning(
-              'Possible collapse at step %d: embedding_std %.4g is below '
-              'config.training.collapse_std_threshold=%g (about 1/sqrt(d) '
-              'when healthy, 0 when every embedding is the same).', step,
-              host['embedding_std'], collapse_threshold)
-        if evaluating:
-          host.update(evaluator(parallel.unreplicate(rstate)))
-        if step % log_every == 0 or last or evaluating:
-          host['images_per_sec'] = progress.images_per_second(step)
-          writer.write(step, host)
-          progress.report(step, host)
-        if step % checkpoint_every == 0 or last or preempted:
-          save(rstate)
+      saving = step % checkpoint_every == 0 or last or preempted
+      if saving or evaluating:
+        record(step, metrics, evaluating,
+               write=step % log_every == 0 or last or evaluating)
+      elif step % log_every == 0:
+        for x in jax.tree.leaves(metrics):
+          x.copy_to_host_async()
+        pending = (step, metrics)
+      if saving:
+        save(rstate)
         if preempted and not last:
           checkpointer.wait()
           raise Preempted(step)

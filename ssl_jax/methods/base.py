@@ -244,7 +244,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   metrics.update(
       loss=loss, learning_rate=lr_schedule(state.step),
       grad_norm=global_norm(grads), param_norm=global_norm(params),
-      finite=finite.astype(jnp.float32))
+      finite=finite.astype(jnp.float32),
+      # The running count, so the loop needs nothing from the state to check
+      # it (the state's buffers are donated to the next step).
+      nonfinite_steps=new_state.nonfinite_steps)
   if out.embeddings is not None:
     metrics.update(monitors.collapse_metrics(out.embeddings, axis_name))
   return new_state, metrics
