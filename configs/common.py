@@ -180,6 +180,19 @@ def fmnist_flagship(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def pass_over_subset(c: ml_collections.ConfigDict, *, examples: int,
+                     epochs: int) -> ml_collections.ConfigDict:
+  """Many passes over a subset of `examples` images, for memory-bank methods.
+
+  A bank row only becomes a useful positive once its example has been seen;
+  within a CPU budget, many passes over a subset beat one over everything.
+  """
+  c.data.max_train_examples = examples
+  c.num_epochs = epochs
+  c.warmup_epochs = 1
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model on 1024 images: seconds, for tests."""
   fmnist(c)
