@@ -46,7 +46,7 @@ PEAK_FLOPS = {
 
 
 def benchmark_config(method: str, backbone: str, batch_size: int,
-                     image_size: int, dtype: str):
+                     image_size: int, dtype: str, conv_impl: str = 'auto'):
   """The method's paper recipe on random CIFAR-sized images."""
   import importlib  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f'configs.{method}').get_config()
@@ -61,7 +61,7 @@ def benchmark_config(method: str, backbone: str, batch_size: int,
                        channels=3, num_examples=batch_size)
     for name in config.augment.views:
       config.augment.views[name].size = image_size
-  config.model.dtype = dtype
+  config.model.update(dtype=dtype, conv_impl=conv_impl)
   config.batch_size = batch_size
   config.num_steps = 1000
   config.warmup_epochs = 0
@@ -83,7 +83,7 @@ def measure_jax(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ssl_jax import parallel, train  # pylint: disable=g-import-not-at-top
   config = benchmark_config(args.method, args.backbone, args.batch_size,
-                            args.image_size, args.dtype)
+                            args.image_size, args.dtype, args.conv_impl)
   s = train.setup(config)
   step = train.make_train_step(s)
   state = parallel.replicate(s.state)
@@ -177,7 +177,8 @@ def measure_pipeline(args) -> dict:
 
 def _subprocess(worker: str, extra, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}',
-         f'--warmup={args.warmup}', f'--steps={args.steps}'] + extra
+         f'--warmup={args.warmup}', f'--steps={args.steps}',
+         f'--conv_impl={args.conv_impl}'] + extra
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if out.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
@@ -257,6 +258,8 @@ def main() -> int:
   parser.add_argument('--batch_sizes', default='256')
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--conv_impl', default='auto',
+                      help="model.conv_impl: auto, xla, im2col or hybrid")
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--torch', type=int, default=1,

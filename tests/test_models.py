@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 from ssl_jax import models
-from ssl_jax.models import regnet
+from ssl_jax.models import layers, regnet
 
 
+@pytest.mark.parametrize('impl', ['im2col', 'hybrid'])
 @pytest.mark.parametrize('kernel,stride,size', [(3, 1, 9), (3, 2, 9), (3, 2, 8),
                                                 (1, 1, 6), (1, 2, 7), (7, 2, 16)])
-def test_im2col_conv_matches_xla_value_and_gradients(kernel, stride, size):
+def test_cpu_convs_match_xla_value_and_gradients(kernel, stride, size, impl):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
   xla = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  ours = lambda x, k: models.im2col_conv(x, k, stride)
+  ours = lambda x, k: layers.CONV_FNS[impl](x, k, stride)
   np.testing.assert_allclose(ours(x, k), xla(x, k), rtol=1e-5, atol=1e-5)
   loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
   for g_ours, g_xla in zip(jax.grad(loss(ours), (0, 1))(x, k),
