@@ -193,6 +193,38 @@ def pass_over_subset(c: ml_collections.ConfigDict, *, examples: int,
   return c
 
 
+def small_image_objective(c: ml_collections.ConfigDict, variant: Optional[str], *,
+                          view_size: int = 28, crop_scale=(0.6, 1.0),
+                          flip_prob: float = 0.5, fmnist_epochs: float = 2,
+                          smoke_batch: int = 32, patches: bool = False
+                          ) -> ml_collections.ConfigDict:
+  """The CPU variants shared by the pretext and local-objective configs.
+
+  One grayscale view with mild crops and brightness/contrast, AdamW at 2e-3,
+  `fmnist_epochs` with a 20-step warm-up, and a (4, 8) ConvNet for smoke.
+  `patches`: the backbone sees patches in training and whole images in
+  evaluation, so the features must not depend on the input size (a
+  flattened map would): pool globally.
+  """
+  if not variant:
+    return c
+  if patches:
+    c.model.pooling = 'avg'
+  c.augment.views = ml_collections.ConfigDict({'image': view(
+      view_size, crop_scale=crop_scale, flip_prob=flip_prob, brightness=0.4,
+      contrast=0.4, saturation=0.0, hue=0.0, grayscale_prob=0.0)})
+  c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
+                     weight_decay=1e-4)
+  if variant == 'fmnist':
+    c.num_epochs = fmnist_epochs
+    c.warmup_epochs = 0
+    c.warmup_steps = 20
+  elif variant == 'smoke':
+    c.model.update(widths=(4, 8))
+    c.batch_size = smoke_batch
+  return c
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model on 1024 images: seconds, for tests."""
   fmnist(c)

@@ -33,27 +33,15 @@ def get_config(variant=None):
   c.optimizer.update(name='adamw', lr=2e-4, lr_scaling='none',
                      weight_decay=1e-4)
   common.apply_variant(c, variant)
+  common.small_image_objective(c, variant, fmnist_epochs=1, smoke_batch=16,
+                               patches=True)
   if variant:
-    # The backbone sees patches in training and whole images in evaluation,
-    # so the features must not depend on the input size (flattening would).
-    c.model.pooling = 'avg'
     # 8-pixel patches every 4 pixels of a 28-pixel view: a 6x6 grid.
     c.method.update(patch_size=8, patch_stride=4, row_offsets=(2, 3),
-                    context_dim=64, context_layers=2)
-    c.augment.views = ml_collections.ConfigDict({'image': common.view(
-        28, crop_scale=(0.6, 1.0), brightness=0.4, contrast=0.4,
-        saturation=0.0, hue=0.0, grayscale_prob=0.0)})
-    c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
-                       weight_decay=1e-4)
+                    context_dim=64 if variant == 'fmnist' else 8,
+                    context_layers=2)
   if variant == 'fmnist':
     # 36 patches of 8x8 per image (~3x the pixels of the image); batch 128
     # keeps the [queries x 128*36 keys] logits small.
     c.batch_size = 128
-    c.num_epochs = 1
-    c.warmup_epochs = 0
-    c.warmup_steps = 20
-  elif variant == 'smoke':
-    c.model.update(widths=(4, 8))
-    c.method.context_dim = 8
-    c.batch_size = 16
   return c

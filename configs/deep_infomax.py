@@ -32,20 +32,10 @@ def get_config(variant=None):
   c.optimizer.update(name='adamw', lr=1e-4, lr_scaling='none',
                      weight_decay=1e-4)
   common.apply_variant(c, variant)
-  if variant:
-    c.augment.views = ml_collections.ConfigDict({'image': common.view(
-        28, crop_scale=(0.5, 1.0), brightness=0.4, contrast=0.4,
-        saturation=0.0, hue=0.0, grayscale_prob=0.0)})
+  common.small_image_objective(c, variant, crop_scale=(0.5, 1.0))
+  if variant == 'fmnist':
     # The ConvNet's 7x7 map (of 4x4 at the last stage) is the local feature.
     c.method.update(local_stage='stage2', critic_dim=64)
-    c.optimizer.update(name='adamw', lr=2e-3, lr_scaling='none',
-                       weight_decay=1e-4)
-  if variant == 'fmnist':
-    c.num_epochs = 2
-    c.warmup_epochs = 0
-    c.warmup_steps = 20
   elif variant == 'smoke':
-    c.model.update(widths=(4, 8))
     c.method.update(local_stage='stage1', critic_dim=8)
-    c.batch_size = 32
   return c
