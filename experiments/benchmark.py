@@ -259,7 +259,7 @@ def main() -> int:
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--conv_impl', default='auto',
-                      help="model.conv_impl: auto, xla, im2col or hybrid")
+                      help="model.conv_impl: auto (XLA), xla or im2col")
   parser.add_argument('--warmup', type=int, default=1)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--torch', type=int, default=1,

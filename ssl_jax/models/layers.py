@@ -1,15 +1,17 @@
-"""Convolution with fast CPU paths, and the BatchNorm used everywhere."""
+"""Convolution (XLA's, or im2col as a matmul), and the BatchNorm used everywhere."""
 
-import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CONV_IMPLS = ('auto', 'xla', 'im2col', 'hybrid')
-# What 'auto' picks on the CPU backend (see experiments/benchmark.py).
-CPU_CONV_IMPL = 'im2col'
+# 'auto' is XLA's convolution on every backend: on CPU it is the fastest once
+# ssl_jax/__init__.py keeps YNNPACK off convolutions (im2col: 987 img/s on the
+# Fashion-MNIST ConvNet against XLA's 1561, `experiments/benchmark.py
+# --backbones=convnet --conv_impl=...`). im2col stays as a matmul-only
+# alternative for backends whose convolutions are slow.
+CONV_IMPLS = ('auto', 'xla', 'im2col')
 
 
 def _same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
@@ -51,42 +53,13 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def hybrid_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """XLA's convolution whose weight gradient is one im2col matmul.
-
-  XLA's CPU backend runs a convolution and its input gradient (itself a
-  convolution) fast, but the weight gradient, a convolution that contracts
-  over the batch, at a fraction of that speed. Here it is computed as
-  patches(x)^T @ dy instead; the forward pass and the input gradient stay
-  XLA's. Same values and gradients as `xla_conv` (tested).
-  """
-  return xla_conv(x, kernel, stride)
-
-
-def _hybrid_conv_fwd(x, kernel, stride):
-  return xla_conv(x, kernel, stride), (x, kernel)
-
-
-def _hybrid_conv_bwd(stride, residuals, dy):
-  x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
-  _, input_vjp = jax.vjp(lambda x_: xla_conv(x_, kernel, stride), x)
-  patches = _patches(x, kh, kw, stride).reshape(-1, kh * kw * cin)
-  dkernel = jax.lax.dot_general(patches, dy.reshape(-1, cout),
-                                (((0,), (0,)), ((), ())))
-  return input_vjp(dy)[0], dkernel.reshape(kernel.shape).astype(kernel.dtype)
-
-
-hybrid_conv.defvjp(_hybrid_conv_fwd, _hybrid_conv_bwd)
-CONV_FNS = {'xla': xla_conv, 'im2col': im2col_conv, 'hybrid': hybrid_conv}
+CONV_FNS = {'xla': xla_conv, 'im2col': im2col_conv}
 
 
 class Conv(nn.Module):
   """A square 'SAME' convolution with the parameter layout of `nn.Conv`.
 
-  `impl='auto'` uses `CPU_CONV_IMPL` on the CPU backend and XLA's convolution
-  on accelerators, where cuDNN / the TPU's MXU are faster. Checkpoints do not
+  `impl`: 'auto' (= 'xla') or 'im2col' (see CONV_IMPLS). Checkpoints do not
   depend on the choice.
   """
   features: int
@@ -106,9 +79,7 @@ class Conv(nn.Module):
                         (k, k, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    impl = self.impl
-    if impl == 'auto':
-      impl = CPU_CONV_IMPL if jax.default_backend() == 'cpu' else 'xla'
+    impl = 'xla' if self.impl == 'auto' else self.impl
     y = CONV_FNS[impl](x, kernel, self.strides)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
