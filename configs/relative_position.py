@@ -39,4 +39,8 @@ def get_config(variant=None):
     # 3 * 7 + 2 * 2 + 2 * 1 = 27 <= 28.
     c.method.update(patch_size=7, gap=2, jitter=1)
     c.model.head = common.mlp((256,) if variant == 'fmnist' else (16,), 8)
+    # A stride-2 first layer shrinks a 7x7 patch to 4x4, and to 1x1 by the
+    # last stage: too little to learn layout from (k-NN 72.2 against the
+    # random encoder's 74.3). At stride 1: 75.1 against 72.6.
+    c.model.first_stride = 1
   return c
