@@ -55,9 +55,12 @@ def test_loss_and_gradients_on_eight_devices_equal_one(config_module):
   np.testing.assert_allclose(loss_8, np.full(8, loss_1), rtol=1e-5)
   for g1, g8 in zip(jax.tree.leaves(grads_1), jax.tree.leaves(grads_8)):
     np.testing.assert_allclose(g8[0], g1, rtol=2e-3, atol=1e-5)
-  # Global BatchNorm: statistics of the global batch on every device.
+  # Global BatchNorm: statistics of the global batch on every device. One
+  # device sums 25k activations in one reduction, eight sum partial sums over
+  # devices: the orders differ, so near-zero means differ by float32 rounding
+  # (1e-6 seen), while per-device statistics would move them by up to 4e-2.
   for s1, s8 in zip(jax.tree.leaves(stats_1), jax.tree.leaves(stats_8)):
-    np.testing.assert_allclose(s8[3], s1, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s8[3], s1, rtol=1e-4, atol=1e-5)
 
 
 def test_ema_update_and_schedule():
