@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax.models.layers import Conv, batch_norm
+from ssl_jax.models.layers import Conv, batch_norm, relu
 
 # name -> (depth, w_0, w_a, w_m, group_width); from pycls' model zoo
 # (RegNetY-400MF, -16GF) and VISSL's SEER configs (RegNetY-256GF).
@@ -71,7 +71,7 @@ class SqueezeExcite(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.relu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype)(s))
+    s = relu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype)(s))
     s = nn.sigmoid(nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype)(s))
     return x * s
 
@@ -90,19 +90,19 @@ class RegNetYBlock(nn.Module):
   def __call__(self, x, train: bool):
     norm = lambda **kw: batch_norm(train, self.axis_name, dtype=self.dtype, **kw)
     conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl, dtype=self.dtype)
-    y = nn.relu(norm()(conv(self.features, 1, 1)(x)))
+    y = relu(norm()(conv(self.features, 1, 1)(x)))
     y = nn.Conv(self.features, (3, 3), (self.strides, self.strides),
                 padding='SAME', use_bias=False,
                 feature_group_count=self.features // self.group_width,
                 dtype=self.dtype)(y)
-    y = nn.relu(norm()(y))
+    y = relu(norm()(y))
     # The SE bottleneck is a fraction of the block's *input* width (pycls).
     y = SqueezeExcite(max(1, int(round(self.se_ratio * x.shape[-1]))),
                       dtype=self.dtype)(y)
     y = norm(scale_init=nn.initializers.zeros)(conv(self.features, 1, 1)(y))
     if x.shape != y.shape:
       x = norm()(conv(self.features, 1, self.strides)(x))
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class RegNetY(nn.Module):
@@ -127,7 +127,7 @@ class RegNetY(nn.Module):
                ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     x = x.astype(self.dtype or jnp.float32)
     x = Conv(self.stem_width, 3, 2, impl=self.conv_impl, dtype=self.dtype)(x)
-    x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
+    x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
     aux = {'stem': x}
     for i, (w, d, g) in enumerate(zip(self.stage_widths, self.stage_depths,
                                       self.group_widths)):

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax.models.layers import Conv, batch_norm
+from ssl_jax.models.layers import Conv, batch_norm, relu
 
 
 class BasicBlock(nn.Module):
@@ -20,13 +20,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x, train: bool):
     conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl, dtype=self.dtype)
     norm = lambda **kw: batch_norm(train, self.axis_name, dtype=self.dtype, **kw)
-    y = nn.relu(norm()(conv(self.features, 3, self.strides)(x)))
+    y = relu(norm()(conv(self.features, 3, self.strides)(x)))
     # Zero-initialised last BN scale: each block starts as the identity
     # (Goyal et al. 2017), which the SimCLR/BYOL recipes use for large batches.
     y = norm(scale_init=nn.initializers.zeros)(conv(self.features, 3, 1)(y))
     if x.shape != y.shape:
       x = norm()(conv(self.features, 1, self.strides)(x))
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 class Bottleneck(nn.Module):
@@ -40,12 +40,12 @@ class Bottleneck(nn.Module):
   def __call__(self, x, train: bool):
     conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl, dtype=self.dtype)
     norm = lambda **kw: batch_norm(train, self.axis_name, dtype=self.dtype, **kw)
-    y = nn.relu(norm()(conv(self.features, 1, 1)(x)))
-    y = nn.relu(norm()(conv(self.features, 3, self.strides)(y)))
+    y = relu(norm()(conv(self.features, 1, 1)(x)))
+    y = relu(norm()(conv(self.features, 3, self.strides)(y)))
     y = norm(scale_init=nn.initializers.zeros)(conv(self.features * 4, 1, 1)(y))
     if x.shape != y.shape:
       x = norm()(conv(self.features * 4, 1, self.strides)(x))
-    return nn.relu(x + y)
+    return relu(x + y)
 
 
 def pool(x: jax.Array, pooling: str) -> jax.Array:
@@ -85,11 +85,11 @@ class ResNet(nn.Module):
     aux = {}
     if self.stem == 'imagenet':
       x = Conv(self.width, 7, 2, impl=self.conv_impl, dtype=self.dtype)(x)
-      x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
+      x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
       x = nn.max_pool(x, (3, 3), (2, 2), 'SAME')
     else:
       x = Conv(self.width, 3, 1, impl=self.conv_impl, dtype=self.dtype)(x)
-      x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
+      x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
     aux['stem'] = x
     block = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     for i, num_blocks in enumerate(self.stage_sizes):
@@ -128,7 +128,7 @@ class ConvNet(nn.Module):
       for j in range(2):
         stride = (2 if i > 0 else self.first_stride) if j == 0 else 1
         x = Conv(w, 3, stride, impl=self.conv_impl, dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
+        x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
       aux[f'stage{i + 1}'] = x
     features = pool(x, self.pooling)
     return features, aux
