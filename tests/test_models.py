@@ -83,7 +83,7 @@ def test_weight_gradient_transposes_read_the_stored_activation():
 def test_cpu_convolutions_are_xlas_and_reductions_are_not_window_trees():
   # ssl_jax sets the flag when imported, before the test session's first JAX
   # computation; a convolution handed to YNNPACK (jaxlib 0.10's default)
-  # made the ResNet-18 step 0.70x PyTorch's speed (README, Performance).
+  # slowed the ResNet-18 step to 0.70x PyTorch's (experiments/benchmark.py).
   import ssl_jax  # pylint: disable=g-import-not-at-top
   assert (f'--xla_cpu_experimental_ynn_fusion_type={ssl_jax.CPU_YNN_FUSION_TYPES}'
           in os.environ['XLA_FLAGS'])
