@@ -1,5 +1,6 @@
 """Backbones: our convolutions and ReLU equal lax's and flax's, CPU backward
 passes stay free of recomputation, every backbone builds."""
+
 import os
 import subprocess
 import sys
