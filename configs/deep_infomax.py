@@ -5,13 +5,17 @@ map (method.local_stage) of the same image (positives) and of the other
 images of the global batch (negatives); InfoNCE estimator by default,
 method.estimator='jsd' for the Jensen-Shannon one. Critics are 1x1-conv /
 MLP blocks with linear shortcuts and a dot product (the paper's
-encoder-and-dot architecture). Backbone, optimizer and length are this
+encoder-and-dot architecture). The CPU variants use two views
+(method.cross_view, see below); the default is the paper's single view. Backbone, optimizer and length are this
 config's choices.
 
   python -m ssl_jax.main --config=configs/deep_infomax.py --workdir=runs/dim
   python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim_fmnist
   python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim_jsd_fmnist \
       --config.method.estimator=jsd
+  # the paper's single-view DIM(L) on Fashion-MNIST:
+  python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim1_fmnist \
+      --config.method.cross_view=False --config.augment.views.image.count=1
 """
 
 import ml_collections
@@ -24,6 +28,7 @@ def get_config(variant=None):
   c.method.estimator = 'infonce'
   c.method.local_stage = 'stage3'
   c.method.critic_dim = 512
+  c.method.cross_view = False
   c.augment.views = ml_collections.ConfigDict({'image': common.view(
       224, crop_scale=(0.2, 1.0), jitter_prob=0.0, grayscale_prob=0.0)})
   c.batch_size = 256
@@ -33,6 +38,16 @@ def get_config(variant=None):
                      weight_decay=1e-4)
   common.apply_variant(c, variant)
   common.small_image_objective(c, variant, crop_scale=(0.5, 1.0))
+  if variant:
+    # Two views, the global feature of each against the other's local map
+    # (AMDIM's multi-view form). Measured on Fashion-MNIST, 2 epochs, k-NN
+    # top-1 against the random-init encoder: one view 77.5 vs 79.4 with the
+    # flattened 4x4 map (74.6 vs 75.1 averaged); two views 78.5 vs 79.4
+    # flattened and 78.5 vs 75.1 averaged. The global feature is then the
+    # averaged map, as in the paper's encoder.
+    c.method.cross_view = True
+    c.augment.views.image.count = 2
+    c.model.pooling = 'avg'
   if variant == 'fmnist':
     # The ConvNet's 7x7 map (of 4x4 at the last stage) is the local feature.
     c.method.update(local_stage='stage2', critic_dim=64)

@@ -263,6 +263,32 @@ def test_deep_infomax_matches_numpy_and_eight_devices(estimator):
                         kwargs={'estimator': estimator})
 
 
+def _dim_loss(cross_view, views):
+  config = importlib.import_module('configs.deep_infomax').get_config('smoke')
+  config.method.cross_view = cross_view
+  config.augment.views.image.count = len(views)
+  setup = train.setup(config)
+  batch = {'label': jnp.zeros((views[0].shape[0],), jnp.int32)}
+  loss, _ = setup.method.loss(setup.state.params, setup.state, views, batch,
+                              jax.random.PRNGKey(0), None)
+  return float(loss)
+
+
+def test_deep_infomax_cross_view_scores_each_global_against_the_other_view():
+  rng = np.random.default_rng(8)
+  x, y = (jnp.asarray(rng.uniform(size=(16, 28, 28, 1)), jnp.float32)
+          for _ in range(2))
+  single = _dim_loss(False, [x])
+  # Two copies of one view: BatchNorm sees the same statistics and each
+  # global feature meets its own local map, so this is the one-view loss.
+  np.testing.assert_allclose(_dim_loss(True, [x, x]), single, rtol=1e-5)
+  crossed = _dim_loss(True, [x, y])
+  np.testing.assert_allclose(_dim_loss(True, [y, x]), crossed, rtol=1e-5)
+  assert abs(crossed - single) > 1e-3
+  with pytest.raises(ValueError, match='cross_view=True uses 2 view'):
+    _dim_loss(True, [x])
+
+
 # ---------------------------------------------------------------------------
 # AVID + CMA.
 

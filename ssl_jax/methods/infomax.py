@@ -16,7 +16,11 @@ JSD or InfoNCE with other images' positions as negatives
 (`losses.deep_infomax`). Critics in the paper's "encoder-and-dot" form: a
 1x1-conv block on the local map and an MLP on the global vector, each with a
 linear shortcut, and a dot product. The prior-matching term of the full DIM is
-left out (DIM(L) with gamma = 0).
+left out (DIM(L) with gamma = 0). With method.cross_view the global feature of
+one augmented view is scored against the local map of another view of the same
+image, both ways (the multi-view form of Bachman et al. 2019, AMDIM): the
+positives then also carry the invariance to augmentation that a k-NN probe
+rewards.
 
 The backbone (params['backbone']) is what evaluation probes. Known
 difference from Henaff et al.: the backbone's BatchNorm statistics mix the
@@ -24,6 +28,7 @@ patches of one image (they use LayerNorm for that reason); with small grids
 on Fashion-MNIST it trains, but a LayerNorm backbone is the faithful choice.
 """
 
+import functools
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -162,7 +167,8 @@ class DeepInfoMax(Method):
   """Global-local mutual information maximisation, DIM(L).
 
   Config: method.estimator ('infonce' or 'jsd'), method.local_stage,
-  method.critic_dim.
+  method.critic_dim, method.cross_view (False: one view, the paper's DIM(L);
+  True: two views, global of each against local of the other).
   """
 
   def __init__(self, config, data_info, total_steps):
@@ -186,15 +192,25 @@ class DeepInfoMax(Method):
            batch: Dict[str, jax.Array], rng: jax.Array,
            axis_name: Optional[str]) -> Tuple[jax.Array, StepOutput]:
     del batch, rng
-    if len(views) != 1:
-      raise ValueError(f'Deep InfoMax uses 1 view, the config makes '
-                       f'{len(views)}.')
+    cross_view = self.config.method.get('cross_view', False)
+    expected = 2 if cross_view else 1
+    if len(views) != expected:
+      raise ValueError(f'Deep InfoMax with method.cross_view={cross_view} uses '
+                       f'{expected} view(s), the config makes {len(views)}.')
+    b = views[0].shape[0]
+    # Both views in one forward pass: one set of BatchNorm statistics.
     out, mutated = self.network(axis_name).apply(
-        {'params': params, 'batch_stats': state.batch_stats}, views[0],
-        train=True, mutable=['batch_stats'])
-    loss = losses.get_loss('deep_infomax')(
-        out['global'], out['local'], estimator=self.config.method.estimator,
-        axis_name=axis_name)
+        {'params': params, 'batch_stats': state.batch_stats},
+        jnp.concatenate(views, axis=0), train=True, mutable=['batch_stats'])
+    dim = functools.partial(losses.get_loss('deep_infomax'),
+                            estimator=self.config.method.estimator,
+                            axis_name=axis_name)
+    if cross_view:
+      g, l = out['global'], out['local']
+      loss = 0.5 * (dim(g[:b], l[b:]) + dim(g[b:], l[:b]))
+    else:
+      loss = dim(out['global'], out['local'])
     return loss, StepOutput(batch_stats=mutated['batch_stats'],
                             method_state=state.method_state, metrics={},
-                            features=out['features'], embeddings=out['global'])
+                            features=out['features'][:b],
+                            embeddings=out['global'][:b])
