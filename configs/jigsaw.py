@@ -43,6 +43,10 @@ def get_config(variant=None):
   common.small_image_objective(c, variant, view_size=27, flip_prob=0.0,
                                patches=True)
   if variant:
+    # Measured on Fashion-MNIST, 2 epochs: k-NN 76.9 vs 77.0 for the random-init
+    # encoder (a tie; 4 epochs, 1000 permutations, 6-pixel tiles and lr 5e-4
+    # all stay within 0.25), linear 79.3 vs 78.6. Tiles of 7 pixels teach the
+    # encoder little that transfers to whole 28x28 images.
     c.method.tile_size = 7
     c.model.head = common.mlp((512,) if variant == 'fmnist' else (16,), 100)
   return c
