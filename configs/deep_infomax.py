@@ -6,8 +6,8 @@ images of the global batch (negatives); InfoNCE estimator by default,
 method.estimator='jsd' for the Jensen-Shannon one. Critics are 1x1-conv /
 MLP blocks with linear shortcuts and a dot product (the paper's
 encoder-and-dot architecture). The CPU variants use two views
-(method.cross_view, see below); the default is the paper's single view. Backbone, optimizer and length are this
-config's choices.
+(method.cross_view, see below); the default is the paper's single view.
+Backbone, optimizer and length are this config's choices.
 
   python -m ssl_jax.main --config=configs/deep_infomax.py --workdir=runs/dim
   python -m ssl_jax.main --config=configs/deep_infomax.py:fmnist --workdir=runs/dim_fmnist

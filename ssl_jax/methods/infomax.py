@@ -196,7 +196,8 @@ class DeepInfoMax(Method):
     expected = 2 if cross_view else 1
     if len(views) != expected:
       raise ValueError(f'Deep InfoMax with method.cross_view={cross_view} uses '
-                       f'{expected} view(s), the config makes {len(views)}.')
+                       f'{expected} view(s), the config makes {len(views)}: '
+                       f'set the count of config.augment.views to {expected}.')
     b = views[0].shape[0]
     # Both views in one forward pass: one set of BatchNorm statistics.
     out, mutated = self.network(axis_name).apply(
