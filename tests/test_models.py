@@ -19,9 +19,12 @@ from ssl_jax.models import layers, regnet
 @pytest.mark.parametrize('impl', sorted(layers.CONV_FNS))
 @pytest.mark.parametrize('kernel,stride,size', [(3, 1, 9), (3, 2, 9), (3, 2, 8),
                                                 (1, 1, 6), (1, 2, 7), (1, 2, 8),
-                                                (1, 3, 9), (7, 2, 16)])
+                                                (1, 3, 9), (7, 2, 16), (3, 3, 9),
+                                                (5, 2, 10), (4, 2, 8)])
 def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size):
-  # 'xla' is lax's convolution except strided 1x1 (a slice, then 1x1).
+  # 'xla' is lax's convolution except strided 1x1 (a slice, then 1x1) and,
+  # on CPU, the input gradient of strided convs with H, W divisible by the
+  # stride (sub-pixel convolutions): (3, 2, 8), (7, 2, 16), (3, 3, 9), ...
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
