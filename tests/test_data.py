@@ -25,6 +25,18 @@ def test_fashion_mnist_from_debian_idx_files():
   assert set(np.unique(test.get(np.arange(10000))['label'])) == set(range(10))
 
 
+def test_fashion_mnist_resizes_to_the_configured_image_size():
+  native = data.get_source(_cfg(), 'test')
+  upsampled = data.get_source(_cfg(image_size=56), 'test')
+  assert upsampled.image_shape == (56, 56, 1) and len(upsampled) == len(native)
+  a, b = native.get(np.arange(100)), upsampled.get(np.arange(100))
+  assert b['image'].shape == (100, 56, 56, 1) and b['image'].dtype == np.uint8
+  np.testing.assert_array_equal(a['label'], b['label'])
+  # Each 2x2 block of the upsampled image averages back to its source pixel.
+  blocks = b['image'].astype(np.float32).reshape(100, 28, 2, 28, 2, 1).mean((2, 4))
+  assert np.abs(blocks - a['image']).mean() < 8
+
+
 def test_missing_fashion_mnist_names_the_package(tmp_path, monkeypatch):
   monkeypatch.setattr(sources, '_tfds_source',
                       lambda *a: (_ for _ in ()).throw(FileNotFoundError('no tfds')))

@@ -104,7 +104,10 @@ def _find_idx(directory: str, stem: str) -> Optional[str]:
 
 @DATASETS.register('fashion_mnist')
 def fashion_mnist(split: str, config: ml_collections.ConfigDict) -> Source:
-  """Fashion-MNIST (Xiao et al. 2017), 28x28x1, 60k train / 10k test."""
+  """Fashion-MNIST (Xiao et al. 2017), 28x28x1, 60k train / 10k test.
+
+  `config.data.image_size` other than 28 resizes every image once, at load.
+  """
   if split not in ('train', 'test'):
     raise ValueError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}.")
   directory = config.get('data_dir') or FASHION_MNIST_DIR
@@ -124,6 +127,11 @@ def fashion_mnist(split: str, config: ml_collections.ConfigDict) -> Source:
           f'--config.data.data_dir to a folder holding the IDX files.') from e
     batch = source.get(np.arange(len(source)))
     images, labels = batch['image'], batch['label']
+  size = config.get('image_size') or images.shape[1]
+  if size != images.shape[1]:
+    # Resized once, at load: e.g. 56 pixels gives Jigsaw tiles big enough to
+    # hold a shape (bilinear, as folders and TFDS images are resized).
+    images = np.stack([_resize_uint8(image, size, 1) for image in images])
   return ArraySource('fashion_mnist', images, labels.astype(np.int32), 10,
                      FASHION_MNIST_MEAN, FASHION_MNIST_STD)
 
