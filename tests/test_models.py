@@ -21,7 +21,9 @@ from ssl_jax.models import layers, regnet
                                                 (1, 1, 6), (1, 2, 7), (1, 2, 8),
                                                 (1, 3, 9), (7, 2, 16), (3, 3, 9),
                                                 (5, 2, 10), (4, 2, 8)])
-def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size):
+def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size,
+                                                  monkeypatch):
+  monkeypatch.setattr(layers, 'SUBPIXEL_MIN_MACS', 0)  # sub-pixel at any size
   # 'xla' is lax's convolution except strided 1x1 (a slice, then 1x1) and,
   # on CPU, the input gradient of strided convs with H, W divisible by the
   # stride (sub-pixel convolutions): (3, 2, 8), (7, 2, 16), (3, 3, 9), ...
@@ -36,6 +38,18 @@ def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size):
   for g_ours, g_lax in zip(jax.grad(loss(ours), (0, 1))(x, k),
                            jax.grad(loss(lax_conv), (0, 1))(x, k)):
     np.testing.assert_allclose(g_ours, g_lax, rtol=1e-4, atol=1e-4)
+
+
+def test_only_large_strided_convs_take_the_subpixel_input_gradient():
+  def lhs_dilated_convs(batch):
+    x = jax.ShapeDtypeStruct((batch, 32, 32, 64), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 64, 128), jnp.float32)
+    grad = jax.grad(lambda x, k: jnp.sum(layers.xla_conv(x, k, 2)))
+    return jax.jit(grad).lower(x, k).as_text().count('lhs_dilate = [2, 2]')
+  # ResNet-18's first stride-2 conv: at batch 512 (9.7 GMACs) the sub-pixel
+  # path; at batch 2 (38 MMACs) XLA's own input gradient.
+  assert lhs_dilated_convs(512) == 0
+  assert lhs_dilated_convs(2) == 1
 
 
 def test_relu_matches_flax_values_gradients_and_nan():

@@ -48,6 +48,12 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jnp.dot(_patches(x, kh, kw, stride), kernel.reshape(kh * kw * cin, cout))
 
 
+# Below this many multiply-adds in the input gradient, XLA's own is as fast,
+# and the stride**2 extra convolutions only cost compile time (a `:smoke`
+# SimCLR run took 31 s instead of 21).
+SUBPIXEL_MIN_MACS = 2**28
+
+
 def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
   return jax.lax.conv_general_dilated(
       x, kernel, (stride, stride), 'SAME',
@@ -128,7 +134,8 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     # batch 512, 48 ms instead of 89 (weight gradient 73 instead of 91).
     x, stride = x[:, ::stride, ::stride], 1
   if (1 < stride < min(kh, kw) and x.shape[1] % stride == 0
-      and x.shape[2] % stride == 0 and jax.default_backend() == 'cpu'):
+      and x.shape[2] % stride == 0 and jax.default_backend() == 'cpu'
+      and x.size * kernel.shape[-1] * kh * kw >= SUBPIXEL_MIN_MACS * stride**2):
     # XLA:CPU's lhs-dilated input gradient multiplies mostly zeros: on
     # ResNet-18's three stride-2 3x3 convs at batch 512, 372/225/161 ms
     # against 203/137/118 as sub-pixel convolutions. GPUs and TPUs keep
