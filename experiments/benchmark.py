@@ -5,12 +5,15 @@ r"""Train-step throughput of ssl_jax against a PyTorch peer, in one run.
   python experiments/benchmark.py --methods=simclr --backbones=resnet18 \
       --batch_sizes=64,256 --dtypes=float32,bfloat16 --out=bench.json
 
-Every row (method x backbone x batch size x dtype) is measured in its own
-subprocess, first ssl_jax's step, then the PyTorch peer's on the same model,
-batch, views and loss (experiments/torch_reference.py), so the ratio compares
-two measurements taken minutes apart on the same machine. Throughput counts
-every view: a SimCLR step on a batch of 256 processes 512 images. Per row:
-steady-state images/s (median of `--steps` timed steps after `--warmup`),
+Every row (method x backbone x batch size x dtype) runs ssl_jax's step and
+the PyTorch peer's on the same model, batch, views and loss
+(experiments/torch_reference.py) in two live worker processes. Each is
+compiled and warmed up while the other waits; then the parent times one step
+at a time in alternating order (ssl_jax, peer, peer, ssl_jax, ...), so a
+slow minute of a shared machine lands on both sides of the ratio instead of
+one. Throughput counts every view: a SimCLR step on a batch of 256 processes
+512 images. Per row: steady-state images/s (median of `--steps` timed steps),
+the ratio of the two medians and the ratio of each round,
 compile time (XLA's, ahead of the first step), peak memory (device peak on an
 accelerator, the process's peak RSS on CPU), XLA's FLOP count of the step,
 and where the device's peak is known, model FLOPs utilisation (MFU).
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -78,7 +82,8 @@ def _step_flops(compiled) -> float:
     return 0.0  # cost analysis is not offered by every backend
 
 
-def measure_jax(args) -> dict:
+def prepare_jax(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
+  """Compiles and warms up ssl_jax's step: (facts, timed_step, peak_memory)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ssl_jax import parallel, train  # pylint: disable=g-import-not-at-top
@@ -94,46 +99,105 @@ def measure_jax(args) -> dict:
   t0 = time.perf_counter()
   step = step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  for _ in range(args.warmup):
+  for _ in range(max(args.warmup, 1)):
     state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
+
+  def timed_step() -> float:
+    nonlocal state
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
   device = jax.local_devices()[0]
-  stats = device.memory_stats() if device.platform != 'cpu' else None
-  return {'compile_s': compile_s, 'step_times_s': times, 'views': views,
-          'flops_per_step': _step_flops(step),
-          'peak_memory_bytes': (stats or {}).get('peak_bytes_in_use') or
-                               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          'device_kind': device.device_kind, 'num_devices': jax.device_count(),
-          'jax': jax.__version__,
-          'projector': dict(config.model.projector),
-          'predictor': dict(config.model.predictor) if config.model.predictor else None,
-          'temperature': config.method.get('temperature', 0.1)}
+
+  def peak_memory_bytes():
+    stats = device.memory_stats() if device.platform != 'cpu' else None
+    return (stats or {}).get('peak_bytes_in_use') or _peak_rss()
+
+  facts = {'compile_s': compile_s, 'views': views,
+           'flops_per_step': _step_flops(step),
+           'device_kind': device.device_kind, 'num_devices': jax.device_count(),
+           'jax': jax.__version__,
+           'projector': dict(config.model.projector),
+           'predictor': dict(config.model.predictor) if config.model.predictor else None,
+           'temperature': config.method.get('temperature', 0.1)}
+  return facts, timed_step, peak_memory_bytes
 
 
-def measure_torch(args) -> dict:
+def prepare_torch(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
+  """Builds and warms up the PyTorch peer's step: (facts, timed_step, peak_memory)."""
   sys.path.insert(0, os.path.join(ROOT, 'experiments'))
   import torch_reference  # pylint: disable=g-import-not-at-top
   spec = json.loads(args.torch_spec)
-  best = None
-  # The peer at its best: both memory layouts, the faster one is the reference.
-  for channels_last in (False, True):
-    r = torch_reference.measure(
-        args.method, args.backbone, args.batch_size, args.image_size,
-        spec['projector'], spec['predictor'] or spec['projector'],
-        spec['temperature'], args.warmup, args.steps, channels_last)
-    r['peak_memory_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if best is None or statistics.median(r['step_times_s']) < statistics.median(
-        best['step_times_s']):
-      best = r
-    if not args.torch_both_layouts:
+  timed_step, facts = torch_reference.make_step(
+      args.method, args.backbone, args.batch_size, args.image_size,
+      spec['projector'], spec['predictor'] or spec['projector'],
+      spec['temperature'], bool(args.channels_last))
+  for _ in range(max(args.warmup, 1)):
+    timed_step()
+  return facts, timed_step, _peak_rss
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _serve(prepare, args) -> None:
+  """A step worker: prepare, say ready, then one timed step per 'step' line."""
+  facts, timed_step, peak_memory_bytes = prepare(args)
+  print(_TAG + json.dumps(facts), flush=True)
+  for line in sys.stdin:
+    if line.strip() == 'step':
+      print(_TAG + json.dumps(timed_step()), flush=True)
+    else:
       break
-  return best
+  print(_TAG + json.dumps({'peak_memory_bytes': peak_memory_bytes()}), flush=True)
+
+
+_TAG = '@@benchmark '  # marks the worker's replies among anything else on stdout
+
+
+class _StepWorker:
+  """One live worker process whose steps the parent times one at a time."""
+
+  def __init__(self, worker: str, extra, args):
+    self.cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}',
+                f'--warmup={args.warmup}', f'--conv_impl={args.conv_impl}'] + extra
+    self._stderr = tempfile.TemporaryFile('w+')
+    self._proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=self._stderr,
+                                  text=True)
+
+  def _reply(self):
+    for line in self._proc.stdout:
+      if line.startswith(_TAG):
+        return json.loads(line[len(_TAG):])
+    self._proc.wait()
+    self._stderr.seek(0)
+    raise RuntimeError(f'{" ".join(self.cmd)} failed:\n{self._stderr.read()[-3000:]}')
+
+  def ready(self) -> dict:
+    return self._reply()
+
+  def step(self) -> float:
+    self._proc.stdin.write('step\n')
+    self._proc.stdin.flush()
+    return self._reply()
+
+  def close(self) -> dict:
+    self._proc.stdin.write('done\n')
+    self._proc.stdin.flush()
+    final = self._reply()
+    self._proc.wait()
+    self._stderr.close()
+    return final
+
+  def kill(self):
+    if self._proc.poll() is None:
+      self._proc.kill()
+      self._proc.wait()
 
 
 def measure_pipeline(args) -> dict:
@@ -176,55 +240,85 @@ def measure_pipeline(args) -> dict:
 
 
 def _subprocess(worker: str, extra, args) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}',
-         f'--warmup={args.warmup}', f'--steps={args.steps}',
-         f'--conv_impl={args.conv_impl}'] + extra
+  cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}'] + extra
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   if out.returncode != 0:
     raise RuntimeError(f'{" ".join(cmd)} failed:\n{out.stderr[-3000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _torch_workers(common, jx, args):
+  """The peer's live workers (one per memory layout), or [] without torch."""
+  spec = json.dumps({k: jx[k] for k in ('projector', 'predictor', 'temperature')})
+  workers = []
+  for channels_last in ((0, 1) if args.torch_both_layouts else (0,)):
+    worker = _StepWorker('torch', common + [f'--torch_spec={spec}',
+                                            f'--channels_last={channels_last}'],
+                         args)
+    try:
+      worker.facts = worker.ready()  # one at a time: nothing else runs meanwhile
+    except RuntimeError as e:
+      for w in workers + [worker]:
+        w.kill()
+      if 'No module named' not in str(e):
+        raise
+      print('torch is not installed: pip install -r '
+            'experiments/requirements-benchmark.txt', file=sys.stderr)
+      args.torch = False
+      return []
+    workers.append(worker)
+  return workers
+
+
 def _row(method, backbone, batch_size, dtype, args):
   common = [f'--_method={method}', f'--_backbone={backbone}',
             f'--_batch_size={batch_size}', f'--_dtype={dtype}',
             f'--image_size={28 if backbone == "convnet" else args.image_size}']
-  jx = _subprocess('jax', common, args)
-  median = statistics.median(jx['step_times_s'])
+  jax_worker = _StepWorker('jax', common, args)
+  workers = [jax_worker]
+  try:
+    jx = jax_worker.ready()
+    if args.torch and method in ('simclr', 'byol') and backbone != 'convnet' \
+        and dtype == 'float32':
+      workers += _torch_workers(common, jx, args)
+    # Interleaved, in alternating order (ABBA...), each process idle while
+    # another steps: every contender sees the same machine state, so a slow
+    # minute of the machine does not land on one side of the ratio.
+    times = [[] for _ in workers]
+    for i in range(args.steps):
+      order = range(len(workers)) if i % 2 == 0 else reversed(range(len(workers)))
+      for w in order:
+        times[w].append(workers[w].step())
+    finals = [w.close() for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  median = statistics.median(times[0])
   row = {'method': method, 'backbone': backbone, 'batch_size': batch_size,
          'dtype': dtype, 'views': jx['views'],
          'images_per_step': jx['views'] * batch_size,
          'jax_images_per_s': jx['views'] * batch_size / median,
-         'jax_step_s_median': median, 'jax_step_times_s': jx['step_times_s'],
+         'jax_step_s_median': median, 'jax_step_times_s': times[0],
          'compile_s': jx['compile_s'],
-         'peak_memory_gb': jx['peak_memory_bytes'] / 2**30,
+         'peak_memory_gb': finals[0]['peak_memory_bytes'] / 2**30,
          'flops_per_step': jx['flops_per_step'],
          'achieved_tflops': jx['flops_per_step'] / median / 1e12,
          'device_kind': jx['device_kind'], 'num_devices': jx['num_devices']}
   peak = PEAK_FLOPS.get(jx['device_kind'], {}).get(dtype)
   if peak and jx['flops_per_step']:
     row['mfu'] = jx['flops_per_step'] / median / (peak * jx['num_devices'])
-  if args.torch and method in ('simclr', 'byol') and backbone != 'convnet' \
-      and dtype == 'float32':
-    spec = json.dumps({k: jx[k] for k in ('projector', 'predictor', 'temperature')})
-    try:
-      th = _subprocess('torch', common + [f'--torch_spec={spec}'] +
-                       (['--torch_both_layouts'] if args.torch_both_layouts else []),
-                       args)
-    except RuntimeError as e:
-      if 'No module named' not in str(e):
-        raise
-      print('torch is not installed: pip install -r '
-            'experiments/requirements-benchmark.txt', file=sys.stderr)
-      args.torch = False
-    else:
-      torch_median = statistics.median(th['step_times_s'])
-      row.update(torch_images_per_s=jx['views'] * batch_size / torch_median,
-                 torch_step_times_s=th['step_times_s'],
-                 torch_version=th['torch'], torch_threads=th['torch_threads'],
-                 torch_channels_last=th['channels_last'],
-                 torch_peak_memory_gb=th['peak_memory_bytes'] / 2**30)
-      row['ratio_vs_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+  if len(workers) > 1:
+    # The peer at its best: with --torch_both_layouts the faster layout.
+    best = min(range(1, len(workers)), key=lambda w: statistics.median(times[w]))
+    torch_median = statistics.median(times[best])
+    row.update(torch_images_per_s=jx['views'] * batch_size / torch_median,
+               torch_step_times_s=times[best],
+               torch_version=workers[best].facts['torch'],
+               torch_threads=workers[best].facts['torch_threads'],
+               torch_channels_last=workers[best].facts['channels_last'],
+               torch_peak_memory_gb=finals[best]['peak_memory_bytes'] / 2**30)
+    row['ratio_vs_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+    row['ratio_per_round'] = [t / j for j, t in zip(times[0], times[best])]
   return row
 
 
@@ -278,15 +372,17 @@ def main() -> int:
   parser.add_argument('--_batch_size', type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument('--_dtype', default='float32', help=argparse.SUPPRESS)
   parser.add_argument('--torch_spec', default='', help=argparse.SUPPRESS)
+  parser.add_argument('--channels_last', type=int, default=0, help=argparse.SUPPRESS)
   parser.add_argument('--pipeline_dataset', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
 
   if args._worker:
     args.method, args.backbone = args._method, args._backbone
     args.batch_size, args.dtype = args._batch_size, args._dtype
-    worker = {'jax': measure_jax, 'torch': measure_torch,
-              'pipeline': measure_pipeline}[args._worker]
-    print(json.dumps(worker(args)))
+    if args._worker == 'pipeline':
+      print(json.dumps(measure_pipeline(args)))
+    else:
+      _serve({'jax': prepare_jax, 'torch': prepare_torch}[args._worker], args)
     return 0
 
   t_start = time.time()

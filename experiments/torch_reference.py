@@ -15,7 +15,7 @@ per parameter, negligible next to the convolutions).
 
 import copy
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -139,27 +139,27 @@ class Step:
     return float(loss)
 
 
-def measure(method: str, backbone: str, batch_size: int, image_size: int,
-            projector: Dict, predictor: Dict, temperature: float,
-            warmup: int, steps: int, channels_last: bool = False,
-            threads: int = 0) -> Dict:
-  """Steady-state seconds per step (median of `steps`) after `warmup` steps."""
+def make_step(method: str, backbone: str, batch_size: int, image_size: int,
+              projector: Dict, predictor: Dict, temperature: float,
+              channels_last: bool = False, threads: int = 0
+              ) -> Tuple[Callable[[], float], Dict]:
+  """A zero-argument callable that runs one train step and returns its seconds.
+
+  The views are random, fixed and pre-augmented; the first call includes
+  PyTorch's one-off costs, so time the calls after a warm-up.
+  """
   if threads:
     torch.set_num_threads(threads)
   torch.manual_seed(0)
   step = Step(method, backbone, projector, predictor, temperature, channels_last)
   v1 = torch.randn(batch_size, 3, image_size, image_size)
   v2 = torch.randn(batch_size, 3, image_size, image_size)
-  t0 = time.perf_counter()
-  step(v1, v2)
-  first = time.perf_counter() - t0
-  for _ in range(warmup - 1):
-    step(v1, v2)
-  times = []
-  for _ in range(steps):
+
+  def timed_step() -> float:
     t0 = time.perf_counter()
-    step(v1, v2)
-    times.append(time.perf_counter() - t0)
-  return {'first_step_s': first, 'step_times_s': times,
-          'torch': torch.__version__, 'torch_threads': torch.get_num_threads(),
-          'channels_last': channels_last}
+    step(v1, v2)  # float(loss) inside waits for the step to finish
+    return time.perf_counter() - t0
+
+  return timed_step, {'torch': torch.__version__,
+                      'torch_threads': torch.get_num_threads(),
+                      'channels_last': channels_last}

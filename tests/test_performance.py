@@ -11,6 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import simclr as simclr_config
 from ssl_jax import data, methods, train
@@ -99,6 +100,27 @@ def test_benchmark_measures_a_folder_pipeline():
   result = benchmark.measure_pipeline(args)
   assert result['source_examples'] == 64
   assert result['examples'] >= 16 and result['examples_per_s'] > 0
+
+
+def test_benchmark_row_times_steps_in_a_live_worker():
+  # The end-to-end protocol: a worker process compiles, says ready, then runs
+  # one timed step per request (torch rows need torch and ResNet; none here).
+  args = type('Args', (), dict(steps=2, warmup=1, conv_impl='auto', torch=1,
+                               torch_both_layouts=False, image_size=28))()
+  row = benchmark._row('simclr', 'convnet', 16, 'float32', args)
+  assert row['views'] == 2 and row['images_per_step'] == 32
+  assert len(row['jax_step_times_s']) == 2 and row['jax_images_per_s'] > 0
+  assert row['compile_s'] > 0 and row['peak_memory_gb'] > 0
+  assert 'ratio_vs_torch' not in row
+
+
+def test_a_failing_benchmark_worker_reports_its_error():
+  args = type('Args', (), dict(warmup=1, conv_impl='auto'))()
+  worker = benchmark._StepWorker('jax', ['--_method=no_such_method',
+                                         '--_backbone=resnet18',
+                                         '--_batch_size=8'], args)
+  with pytest.raises(RuntimeError, match='no_such_method'):
+    worker.ready()
 
 
 def test_benchmark_config_is_the_method_recipe_on_cifar_sized_images():
