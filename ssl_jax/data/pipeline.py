@@ -89,7 +89,9 @@ class TrainBatches:
     return item
 
   def close(self):
+    # Wait for the batch being read: a caller may delete the files next.
     self._stop.set()
+    self._thread.join(timeout=60)
 
 
 def eval_batches(source: Source, batch_size: int, process_index: int = 0,
