@@ -79,7 +79,7 @@ def subpixel_input_gradient(dy: jax.Array, kernel: jax.Array,
   of dy with the taps that reach it; the phases are then interleaved. Needs
   H and W divisible by `stride`.
   """
-  kh, kw, _, cin = kernel.shape[0], kernel.shape[1], kernel.shape[3], kernel.shape[2]
+  kh, kw, cin, _ = kernel.shape
   b, h, w, _ = x_shape
   pad_h = _same_padding(h, kh, stride)[0]
   pad_w = _same_padding(w, kw, stride)[0]
