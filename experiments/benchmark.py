@@ -191,13 +191,13 @@ class _StepWorker:
     self._proc.stdin.flush()
     final = self._reply()
     self._proc.wait()
-    self._stderr.close()
     return final
 
   def kill(self):
     if self._proc.poll() is None:
       self._proc.kill()
       self._proc.wait()
+    self._stderr.close()
 
 
 def measure_pipeline(args) -> dict:
