@@ -424,6 +424,28 @@ def test_smoke_config_trains(smoke_runs, name):
     assert rows[-1]['cma_weight'] == 1.0
 
 
+@pytest.mark.parametrize('name', ['jigsaw', 'relative_position', 'cpc'])
+def test_patch_methods_fit_the_online_probe_on_whole_views(name):
+  # Evaluation embeds whole images; a probe fitted to pooled tile features
+  # would be fitted to other inputs, and with a flattened map to another
+  # width (Jigsaw's fmnist recipe flattens: 128 per tile, 2048 per image).
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  config.model.pooling = 'flatten'
+  s = train.setup(config)
+  view = jax.random.normal(jax.random.PRNGKey(0), s.method.sample_input().shape)
+  _, out = s.method.loss(s.state.params, s.state, [view], {},
+                         jax.random.PRNGKey(1), None)
+  expected, _ = models.get_backbone(config.model).apply(
+      {'params': s.state.params['backbone'],
+       'batch_stats': s.state.batch_stats['backbone']}, view, train=False)
+  assert out.features.shape == (view.shape[0],
+                                s.state.probe['params']['kernel'].shape[0])
+  np.testing.assert_allclose(out.features, expected, rtol=1e-5, atol=1e-6)
+  _, no_probe = s.method.loss(s.state.params, s.state.replace(probe={}),
+                              [view], {}, jax.random.PRNGKey(1), None)
+  assert no_probe.features is None
+
+
 def test_layerwise_probe_script_on_a_smoke_checkpoint(smoke_runs, tmp_path):
   workdir, _ = smoke_runs('rotation')
   sys.path.insert(0, os.path.join(ROOT, 'experiments'))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ssl_jax import parallel
+from ssl_jax import models, parallel
 from ssl_jax.data import augment
 from ssl_jax.evaluation import monitors
 from ssl_jax.registry import Registry
@@ -101,6 +101,26 @@ class Method(abc.ABC):
            batch: Dict[str, jax.Array], rng: jax.Array,
            axis_name: Optional[str]) -> Tuple[jax.Array, StepOutput]:
     """The method's loss on this device's views (global value) and outputs."""
+
+  def whole_view_features(self, params: Any, state: TrainState,
+                          view: jax.Array) -> Optional[jax.Array]:
+    """Eval-mode backbone features [b, D] of whole views, for the online probe.
+
+    Methods that train the backbone on tiles or patches (Jigsaw, relative
+    position, CPC) still have it evaluated on whole images, and so is the
+    online probe (`evaluation.periodic`); a probe fitted to pooled patch
+    features would be fitted to other inputs, and with `pooling='flatten'`
+    to another width. None when the run has no probe, which skips the extra
+    forward pass.
+    """
+    if not state.probe:
+      return None
+    backbone = models.get_backbone(self.config.model)
+    features, _ = backbone.apply(
+        {'params': params['backbone'],
+         'batch_stats': state.batch_stats.get('backbone', {})},
+        view, train=False)
+    return jax.lax.stop_gradient(features)
 
   def after_update(self, params: Any, method_state: Any,
                    step: jax.Array) -> Any:

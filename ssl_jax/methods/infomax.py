@@ -121,10 +121,11 @@ class CPC(Method):
     loss = losses.get_loss('cpc_infonce')(
         out['predictions'], out['embeddings'],
         offsets=tuple(self.config.method.row_offsets), axis_name=axis_name)
-    features = jnp.mean(out['embeddings'], axis=(1, 2))
-    return loss, StepOutput(batch_stats=mutated['batch_stats'],
-                            method_state=state.method_state, metrics={},
-                            features=features, embeddings=features)
+    embeddings = jnp.mean(out['embeddings'], axis=(1, 2))
+    return loss, StepOutput(
+        batch_stats=mutated['batch_stats'], method_state=state.method_state,
+        metrics={}, features=self.whole_view_features(params, state, views[0]),
+        embeddings=embeddings)
 
 
 class DIMNetwork(nn.Module):

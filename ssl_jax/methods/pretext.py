@@ -15,7 +15,8 @@ features of one example and classifies the label with an MLP head:
 The backbone (params['backbone']) is what evaluation probes; on tiles and
 patches it sees smaller inputs than the whole images it is evaluated on,
 as in the papers. The online probe reads the features of the unrotated view
-(rotation) or the mean feature of an example's tiles/patches.
+(rotation) or, for tiles and patches, the eval-mode features of the whole view
+(`Method.whole_view_features`).
 
 Config (configs/rotation.py, jigsaw.py, relative_position.py): model.head
 (the classifier MLP; its output width is set by the task); method.* below.
@@ -79,10 +80,14 @@ class _PretextClassification(Method):
                      ) -> Tuple[jax.Array, jax.Array]:
     """(inputs [b', m, h, w, C], labels [b']) made from one view [b, s, s, C]."""
 
-  def probe_features(self, features: jax.Array, batch_size: int) -> jax.Array:
-    """[b, D] features of the original examples for the online probe."""
-    del batch_size
-    return jnp.mean(features, axis=1)
+  def probe_features(self, params: Any, state: TrainState, view: jax.Array,
+                     features: jax.Array) -> Optional[jax.Array]:
+    """[b, D] features of the original examples for the online probe.
+
+    Tiles and patches are not what evaluation embeds: the whole view is.
+    """
+    del features
+    return self.whole_view_features(params, state, view)
 
   def network(self, axis_name: Optional[str]) -> PretextClassifier:
     dtype = models.compute_dtype(self.config.model.get('dtype', 'float32'))
@@ -117,7 +122,7 @@ class _PretextClassification(Method):
     return loss, StepOutput(
         batch_stats=mutated['batch_stats'], method_state=state.method_state,
         metrics={'pretext_accuracy': accuracy},
-        features=self.probe_features(out['features'], views[0].shape[0]))
+        features=self.probe_features(params, state, views[0], out['features']))
 
 
 @METHODS.register('rotation')
@@ -131,9 +136,10 @@ class Rotation(_PretextClassification):
     rotated, labels = pretext.rotate_images(view)
     return rotated[:, None], labels
 
-  def probe_features(self, features, batch_size):
+  def probe_features(self, params, state, view, features):
     # The unrotated copies come first (rotate_images is rotation-major).
-    return features[:batch_size, 0]
+    del params, state
+    return features[:view.shape[0], 0]
 
 
 @METHODS.register('jigsaw')
