@@ -203,8 +203,9 @@ def small_image_objective(c: ml_collections.ConfigDict, variant: Optional[str], 
   One grayscale view with mild crops and brightness/contrast, AdamW at 2e-3,
   `fmnist_epochs` with a 20-step warm-up, and a (4, 8) ConvNet for smoke.
   `patches`: the backbone sees patches in training and whole images in
-  evaluation, so the features must not depend on the input size (a
-  flattened map would): pool globally.
+  evaluation; pooled globally, a patch and an image give the same kind of
+  vector (Jigsaw flattens instead, see configs/jigsaw.py; either way the
+  online probe is fitted on whole views).
   """
   if not variant:
     return c
