@@ -204,7 +204,7 @@ def small_image_objective(c: ml_collections.ConfigDict, variant: Optional[str], 
   `fmnist_epochs` with a 20-step warm-up, and a (4, 8) ConvNet for smoke.
   `patches`: the backbone sees patches in training and whole images in
   evaluation; pooled globally, a patch and an image give the same kind of
-  vector (Jigsaw flattens instead, see configs/jigsaw.py; either way the
+  vector (Jigsaw and CPC flatten instead, see their configs; either way the
   online probe is fitted on whole views).
   """
   if not variant:
