@@ -27,12 +27,10 @@ import sys
 import time
 from typing import Dict, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from ssl_jax.evaluation import features as feats  # noqa: E402
-from ssl_jax.evaluation import knn, linear, supervised  # noqa: E402
+from ssl_jax.evaluation import features as feats
+from ssl_jax.evaluation import knn, linear, supervised
 
 PROTOCOLS = ('linear', 'knn', 'finetune')
 LINEAR_MODES = ('features', 'augmented')
@@ -78,23 +76,6 @@ def _on_the_fly(protocol, config, variables, train_source, test_source
       eval_batch_size=e.batch_size, seed=config.seed)
 
 
-def _with_eval_defaults(config):
-  """Fills eval fields that configs written before they existed lack.
-
-  Runs on Fashion-MNIST take the `:fmnist` variant's values (minutes on a
-  CPU), others the paper-scale defaults.
-  """
-  from configs import common  # pylint: disable=g-import-not-at-top
-  base = common.base_config(config.method.name)
-  if config.data.get('dataset') == 'fashion_mnist':
-    base = common.apply_variant(base, 'fmnist')
-  with config.unlocked():
-    for key, value in base.eval.items():
-      if key not in config.eval:
-        config.eval[key] = value
-  return config
-
-
 def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   """Runs `protocol` on a checkpoint and writes workdir/eval_<protocol>.json.
 
@@ -109,7 +90,9 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   if protocol not in PROTOCOLS:
     raise ValueError(f'Unknown protocol {protocol!r}; known: {", ".join(PROTOCOLS)}.')
   start = time.time()
-  config = _with_eval_defaults(feats.load_config(workdir))
+  # The run's own config.json holds every eval field (configs.common's
+  # defaults at training time): evaluation needs no config file.
+  config = feats.load_config(workdir)
   baselines = config.eval.get('baselines', True)
   _, s, state = feats.load_run(workdir, step, with_init=baselines)
   mode = config.eval.linear_mode

@@ -24,12 +24,10 @@ import os
 import sys
 from typing import Any, Dict, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import flax.serialization  # noqa: E402
-import flax.traverse_util  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import flax.serialization
+import flax.traverse_util
+import ml_collections
+import numpy as np
 
 MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
 

@@ -5,17 +5,12 @@ r"""Pretrains a self-supervised model.
       --config.optimizer.lr=0.3 --config.batch_size=1024
 """
 
-import os
 import sys
 
-# Config files import `configs.common`: make the repository root importable
-# whatever the working directory.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from ssl_jax import train  # noqa: E402
+from ssl_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
