@@ -26,3 +26,6 @@ import hypothesis  # noqa: E402
 hypothesis.settings.register_profile('ci', max_examples=15, deadline=None)
 hypothesis.settings.register_profile('thorough', max_examples=300, deadline=None)
 hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
+# ssl_jax.testing.check_property sizes its runs by SSL_JAX_EXAMPLES (15 unset).
+if os.environ.get('HYPOTHESIS_PROFILE') == 'thorough':
+  os.environ.setdefault('SSL_JAX_EXAMPLES', '300')

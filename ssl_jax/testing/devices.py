@@ -49,8 +49,10 @@ def device_equivalence(loss_fn: Callable[..., jax.Array],
   kwargs = kwargs or {}
   if num_devices > jax.device_count():
     raise ValueError(f'Need {num_devices} devices, have {jax.device_count()}; '
-                     f'set XLA_FLAGS=--xla_force_host_platform_device_count='
-                     f'{num_devices} before importing JAX.')
+                     f'under pytest, the ssl_jax plugin gives 8 CPU devices '
+                     f'unless turned off (-p no:ssl_jax) or JAX started first; '
+                     f'else set XLA_FLAGS=--xla_force_host_platform_device_'
+                     f'count={num_devices} before JAX starts.')
   sharded = tuple(range(len(args))) if sharded_argnums is None else tuple(sharded_argnums)
   differentiated = sharded if grad_argnums is None else tuple(grad_argnums)
 

@@ -29,6 +29,7 @@ shape and dtype, not once per example.
 
 import dataclasses
 import functools
+import os
 from typing import (Any, Callable, Collection, Dict, FrozenSet, List, Mapping,
                     Optional, Sequence, Tuple, Union)
 
@@ -51,12 +52,39 @@ Swap = Union[Tuple[int, int], Sequence[Tuple[int, int]],
 PROPERTIES = ('finite', 'permutation', 'symmetry', 'scale', 'devices',
               'collapse', 'jit', 'float64', 'bfloat16')
 
-# Share of the profile's `max_examples` given to each property by
-# `check_property`: an op-by-op 'jit' run costs ~100x a compiled example and
-# the 2/4/8-device runs ~10x, and their failures depend on the loss's code
-# more than on the values drawn ('finite' covers the degenerate inputs).
-# CI (15 examples): 2 for 'jit', 5 for 'devices'; thorough (300): 45 and 100.
+# `check_property` draws SSL_JAX_EXAMPLES examples per property (default 15,
+# sized for CI; 300 is a thorough run). Its own setting rather than the
+# Hypothesis profile's `max_examples`: a project's profile is sized for its
+# own tests (Hypothesis's default is 100, with a 200 ms deadline), while every
+# new shape here costs a compile.
+EXAMPLES_ENV = 'SSL_JAX_EXAMPLES'
+DEFAULT_EXAMPLES = 15
+
+# Share of those examples given to each property: an op-by-op 'jit' run costs
+# ~100x a compiled example and the 2/4/8-device runs ~10x, and their failures
+# depend on the loss's code more than on the values drawn ('finite' covers
+# the degenerate inputs). CI (15 examples): 2 for 'jit', 5 for 'devices';
+# thorough (300): 45 and 100.
 EXAMPLE_SHARE = {'jit': 0.15, 'devices': 1 / 3}
+
+
+def example_budget() -> int:
+  """Examples per property: $SSL_JAX_EXAMPLES, or DEFAULT_EXAMPLES if unset.
+
+  Raises:
+    ValueError: the variable is set to something other than a positive integer.
+  """
+  raw = os.environ.get(EXAMPLES_ENV, '').strip()
+  if not raw:
+    return DEFAULT_EXAMPLES
+  try:
+    budget = int(raw)
+  except ValueError:
+    budget = 0
+  if budget < 1:
+    raise ValueError(f'{EXAMPLES_ENV}={raw!r}: give a positive number of '
+                     f'examples per property (default {DEFAULT_EXAMPLES}).')
+  return budget
 
 
 # ---------------------------------------------------------------------------
@@ -823,21 +851,27 @@ def check_property(prop: str, loss_fn: LossFn, case: LossCase, *,
     loss_fn: the loss.
     case: how to call it.
     batch_sizes, dims: shape choices passed to `case.inputs`.
-    max_examples: examples to draw; default: the active Hypothesis profile's
-      `max_examples` times `EXAMPLE_SHARE` of the property (at least 2).
+    max_examples: examples to draw; default: `example_budget()` times
+      `EXAMPLE_SHARE` of the property (at least 2).
 
   Raises:
-    AssertionError: the property fails; Hypothesis reports the smallest
-      failing input it found.
+    AssertionError: "property 'devices' fails: ..." and the check's message;
+      Hypothesis reports the smallest failing input it found.
   """
   if max_examples is None:
-    max_examples = max(2, round(hypothesis.settings.default.max_examples *
-                                EXAMPLE_SHARE.get(prop, 1.0)))
+    max_examples = max(2, round(example_budget() * EXAMPLE_SHARE.get(prop, 1.0)))
 
-  @hypothesis.settings(max_examples=max_examples)
+  # No deadline: the first example of each shape compiles the loss (0.1-1 s),
+  # which Hypothesis's default 200 ms deadline would report as a failure.
+  @hypothesis.settings(max_examples=max_examples, deadline=None)
   @hypothesis.given(args=case.inputs(batch_sizes=tuple(batch_sizes),
                                      dims=tuple(dims)))
   def property_holds(args):
-    run_property(prop, loss_fn, args, case)
+    try:
+      run_property(prop, loss_fn, args, case)
+    except AssertionError as e:
+      # The table's name first: it is what `LossCase.skip`, `tolerances` and
+      # a parameterised test id call the property.
+      raise AssertionError(f'property {prop!r} fails: {e}') from None
 
   property_holds()

@@ -1,0 +1,66 @@
+"""pytest plugin: simulated CPU devices for `ssl_jax.testing`'s `devices` check.
+
+Registered through the `pytest11` entry point `ssl_jax` of the installed
+package, so pytest loads it in any project where ssl_jax is installed, before
+conftest files and test modules import JAX. It adds
+`--xla_force_host_platform_device_count=8` to `XLA_FLAGS`, which XLA reads
+once, when JAX starts its CPU backend: the `devices` property then compares
+2, 4 and 8 devices with one without the user setting anything.
+
+It leaves `XLA_FLAGS` alone when they already give a device count (set your
+own count that way); `pytest -p no:ssl_jax` turns it off. With it on,
+`jax.devices('cpu')` lists 8 devices for the whole test session, which
+matters only to tests that count CPU devices.
+
+This module lives outside `ssl_jax.testing` so that loading it, which every
+pytest run in the environment does, imports neither JAX nor Hypothesis.
+"""
+
+import os
+import sys
+import warnings
+
+import pytest
+
+DEVICE_COUNT = 8
+_FLAG = '--xla_force_host_platform_device_count'
+
+
+def with_host_devices(xla_flags: str, count: int = DEVICE_COUNT) -> str:
+  """`xla_flags` plus a host device count, unless they already give one.
+
+  Args:
+    xla_flags: the current value of XLA_FLAGS.
+    count: the number of simulated CPU devices.
+
+  Returns:
+    The XLA_FLAGS to use.
+  """
+  if _FLAG in xla_flags:
+    return xla_flags
+  return f'{xla_flags} {_FLAG}={count}'.strip()
+
+
+def _backends_started() -> bool:
+  if 'jax' not in sys.modules:
+    return False
+  # Private, but the only way to tell whether XLA_FLAGS can still take effect.
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return xla_bridge.backends_are_initialized()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config, parser, args) -> None:
+  """Sets XLA_FLAGS before conftest files and test modules import JAX."""
+  del early_config, parser, args
+  flags = os.environ.get('XLA_FLAGS', '')
+  wanted = with_host_devices(flags)
+  if wanted == flags:
+    return
+  if _backends_started():
+    warnings.warn(
+        'ssl_jax: JAX started before pytest loaded the ssl_jax plugin, so the '
+        '`devices` property may find one device; set XLA_FLAGS='
+        f'{_FLAG}={DEVICE_COUNT} before running pytest.')
+    return
+  os.environ['XLA_FLAGS'] = wanted
