@@ -1,23 +1,26 @@
-"""README's property-test example works in a user's own project.
+"""ssl_jax as a user installs it: a package whose property checks work anywhere.
 
-The worked example of README's "Writing property tests for your loss" is
-taken from README.md itself (so the two cannot drift), written as the only
-file of a project in a temporary directory outside the repository, and run
-with `python -m pytest` in a fresh virtualenv where this checkout is
-installed with `pip install .`: no conftest of ours, no XLA_FLAGS, no
-PYTHONPATH. It must pass; with the uniformity computed on the local batch
-only (the missing all_gather of a distributed loss) its `devices` property
-must fail, saying what broke. (The other properties see one device, where
-the bug does not show; they are not run again, to save ~10 s.)
-
-Above it, the two things that make this work anywhere: the checks' own
-Hypothesis settings and the pytest plugin's device flag.
-
+`test_installed_package_in_a_user_project` installs this checkout with
+`pip install .` into a fresh virtualenv and, from a directory outside the
+repository with no conftest of ours, no XLA_FLAGS and no PYTHONPATH:
+  * runs `python -m ssl_jax.main` with a config file given by path;
+  * writes README's worked example ("Writing property tests for your loss",
+    read from README.md so that the two cannot drift) as the project's only
+    test file and runs `python -m pytest`: it must pass;
+  * plants a uniformity computed on the local batch only (the missing
+    all_gather of a distributed loss): its `devices` property must fail,
+    saying what broke. (The other properties run on one device, where the
+    bug does not show; they are not run again, to save ~10 s.)
 The virtualenv sees the system's site-packages (JAX, Hypothesis, pytest are
 not downloaded again) and gets the package with --no-deps
 --no-build-isolation, so this needs no network.
+
+The other tests check the pieces that make that work: the checks' own
+Hypothesis settings, the pytest plugin's device flag, no sys.path edits.
 """
 
+import ast
+import glob
 import os
 import re
 import shutil
@@ -89,6 +92,20 @@ def test_plugin_adds_a_device_count_unless_one_is_given():
   assert pytest_plugin.with_host_devices(f'{flag}=2') == f'{flag}=2'
 
 
+def test_no_library_module_edits_sys_path():
+  # The package must import as installed; a sys.path edit would hide a
+  # missing package or import a different checkout.
+  offenders = []
+  for path in glob.glob(os.path.join(ROOT, 'ssl_jax', '**', '*.py'), recursive=True):
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    offenders += [f'{os.path.relpath(path, ROOT)}:{node.lineno}'
+                  for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and node.attr == 'path'
+                  and isinstance(node.value, ast.Name) and node.value.id == 'sys']
+  assert not offenders, f'sys.path used in {offenders}'
+
+
 def readme_example() -> str:
   """The one Python block of README's property-testing section."""
   with open(os.path.join(ROOT, 'README.md')) as f:
@@ -107,10 +124,8 @@ def plant(source: str, replacements) -> str:
   return source
 
 
-@pytest.fixture(scope='module')
-def user_python(tmp_path_factory) -> str:
+def _install_checkout(base) -> str:
   """A fresh virtualenv's python, with this checkout `pip install`ed."""
-  base = tmp_path_factory.mktemp('user')
   src, venv = base / 'src', base / 'venv'
   for name in PACKAGE_FILES:
     path = os.path.join(ROOT, name)
@@ -145,22 +160,36 @@ def _run_project(python: str, project, source: str, *pytest_args: str):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_readme_example_passes_and_catches_a_local_only_uniformity(
-    user_python, tmp_path):
+def test_installed_package_in_a_user_project(tmp_path):
+  # One test, not three: each would install the package again on its own
+  # pytest-xdist worker.
+  python = _install_checkout(tmp_path / 'install')
+  user = tmp_path / 'user'
+  os.makedirs(user)
+
   where = subprocess.run(
-      [user_python, '-c', 'import ssl_jax; print(ssl_jax.__file__)'],
-      cwd=tmp_path, env=_user_env(), capture_output=True, text=True, check=True)
-  venv = os.path.dirname(os.path.dirname(os.path.dirname(user_python)))
-  assert where.stdout.startswith(venv), (
-      f'the user project imported ssl_jax from {where.stdout.strip()}, not the '
-      f'virtualenv {venv}')
+      [python, '-c', 'import ssl_jax; print(ssl_jax.__file__)'],
+      cwd=user, env=_user_env(), capture_output=True, text=True, check=True)
+  assert where.stdout.startswith(str(tmp_path / 'install' / 'venv')), (
+      f'the user project imported ssl_jax from {where.stdout.strip()}')
+
+  # The command line, from another directory, with a config file by path:
+  # it imports configs.common, which the installed package provides; the bad
+  # batch size then stops the run before it compiles anything.
+  run = subprocess.run(
+      [python, '-m', 'ssl_jax.main',
+       f'--config={os.path.join(ROOT, "configs", "simclr.py")}:smoke',
+       f'--workdir={user / "run"}', '--config.batch_size=-3'],
+      cwd=user, env=_user_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0 and 'batch_size' in run.stderr, run.stderr[-3000:]
+  assert 'Traceback' not in run.stderr, run.stderr[-3000:]
 
   example = readme_example()
-  ok = _run_project(user_python, tmp_path / 'ok', example)
+  ok = _run_project(python, user / 'ok', example)
   assert ok.returncode == 0, ok.stdout[-4000:] + ok.stderr[-2000:]
   assert re.search(r'\b9 passed\b', ok.stdout), ok.stdout[-2000:]
 
-  bug = _run_project(user_python, tmp_path / 'bug',
+  bug = _run_project(python, user / 'bug',
                      plant(example, LOCAL_ONLY_UNIFORMITY), '-k', 'devices')
   failed = re.findall(r'^FAILED \S+\[(\w+)\]', bug.stdout, re.M)
   assert bug.returncode == 1 and failed == ['devices'], bug.stdout[-4000:]
