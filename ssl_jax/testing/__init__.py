@@ -5,6 +5,11 @@ reusable property checks (finite, permutation, symmetry, scale, devices,
 collapse, jit, float64, bfloat16), the `LossCase` table entry and
 `check_property`, which runs one property as a Hypothesis test; `strategies`
 holds Hypothesis strategies for embeddings, views and multi-crop stacks.
+
+They need no setup in a user's project: `check_property` sets its own
+Hypothesis settings (no deadline; SSL_JAX_EXAMPLES examples per property,
+default 15), and under pytest the package's plugin (`ssl_jax.pytest_plugin`)
+gives the session 8 simulated CPU devices for the `devices` property.
 """
 
 from ssl_jax.testing import properties, strategies
