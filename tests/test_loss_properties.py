@@ -247,9 +247,10 @@ SWAP_PAIRS = ((0, 1), (2, 3))
 
 LOSS_CASES = {
     # --- contrastive -------------------------------------------------------
-    # Collapse: all 2N - 1 logits of a query are equal, loss = log(2N - 1).
+    # Collapse: all 2N - 1 logits of a query are equal, each query's loss is
+    # log(2N - 1), and an image's loss sums its two queries (official code).
     'nt_xent': LossCase(strategies.view_pairs, hyper={'temperature': 0.2},
-                        collapse_value=lambda z1, z2: np.log(2 * len(z1) - 1),
+                        collapse_value=lambda z1, z2: 2 * np.log(2 * len(z1) - 1),
                         anti_collapse=True),
     # Queries and positive keys per example; the negative queue is shared.
     # Asymmetric roles (queries vs a fixed queue): no 'symmetry'.
@@ -432,7 +433,7 @@ def _nt_xent_with(z1, z2, gather, positive_shift, temperature, axis_name):
   logits = jnp.where(jnp.arange(2 * n)[None] == self_index[:, None], -1e9, logits)
   log_prob = jax.nn.log_softmax(logits)
   local = -jnp.take_along_axis(log_prob, positive_index[:, None], axis=1)
-  return parallel.pmean(jnp.mean(local), axis_name)
+  return parallel.pmean(2 * jnp.mean(local), axis_name)
 
 
 def _gather_local_gradient_only(x, axis_name):
