@@ -5,6 +5,7 @@ and the memory bank as pure updates; jigsaw tiling; a few training steps of
 every method's smoke config.
 """
 
+import functools
 import importlib
 import json
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import data, losses, parallel, train
+from ssl_jax import data, losses, methods, parallel, train
 from ssl_jax.data import jigsaw
 from ssl_jax.losses import instance
 from ssl_jax.methods import memory
@@ -54,7 +55,11 @@ def info_nce_reference(q, k, negatives, temperature):
 
 
 def moco_v3_reference(q1, q2, k1, k2, temperature):
-  """ctr(q1, k2) + ctr(q2, k1), each 2*tau*CE with in-batch negatives."""
+  """ctr(q1, k2) + ctr(q2, k1), each 2*tau*CE with in-batch negatives.
+
+  A port of facebookresearch/moco-v3 at c349e6e24f40d3fedb22d973f92defa4cedf37a7,
+  moco/builder.py lines 63-73 (`contrastive_loss`) and 96 (`forward`).
+  """
   def ctr(q, k):
     q, k = _normalize(q), _normalize(k)
     total = 0.0
@@ -128,6 +133,53 @@ def test_moco_v3_matches_numpy_and_eight_devices():
   # Keys come from the momentum encoder: no gradient reaches them.
   for g in g1[2:] + gn[2:]:
     np.testing.assert_array_equal(g, 0.0)
+
+
+def adjust_moco_momentum(epoch, epochs, moco_m):
+  """facebookresearch/moco-v3 at c349e6e24f40d3fedb22d973f92defa4cedf37a7,
+  main_moco.py lines 431-434."""
+  return 1. - 0.5 * (1. + np.cos(np.pi * epoch / epochs)) * (1. - moco_m)
+
+
+def test_moco_v3_momentum_encoder_follows_the_official_loop():
+  # main_moco.py lines 337-362 and moco/builder.py lines 57-61, 89-94: at
+  # iteration t, m(t) is computed, the momentum encoder moves towards the
+  # current (not yet stepped) parameters theta(t), then keys, loss, SGD step.
+  # Here: the real train step (what base.train_step passes to after_update
+  # included), against that loop fed with the parameters our steps produced.
+  # A base momentum of 0.5 over 3 steps makes m(t) and m(t+1) differ by 0.03
+  # (0.99 over 6 steps: by 7e-4).
+  config = importlib.import_module('configs.mocov3').get_config('smoke')
+  config.method.ema_momentum_base = 0.5
+  config.num_steps = 3
+  config.batch_size = 16
+  config.training.online_probe = False
+  setup = train.setup(config)
+  iters_per_epoch, epochs = setup.total_steps, 1  # one "epoch" of 3 steps
+  batch = setup.source.get(np.arange(16))
+  step = jax.jit(functools.partial(
+      methods.train_step, method=setup.method, tx=setup.tx,
+      lr_schedule=setup.lr_schedule, axis_name=None))
+  # The update on 8 devices: replicated inputs, no collective, equal copies.
+  after_update_8 = parallel.pmap(setup.method.after_update)
+
+  state = setup.state
+  xi = state.method_state['key_params']  # a copy of theta(0), builder.py l. 32-34
+  for t in range(2):
+    previous = state
+    state, _ = step(state, batch)
+    # Iteration t+1 of the official loop, on the parameters of step t.
+    m = adjust_moco_momentum((t + 1) / iters_per_epoch, epochs, 0.5)
+    theta = {k: state.params[k] for k in xi}
+    xi = jax.tree.map(lambda k, q: k * m + q * (1. - m), xi, theta)
+    replicated = parallel.replicate((state.params, previous.method_state,
+                                     previous.step))
+    on_8 = after_update_8(*replicated)['key_params']
+    for run, got in (('1 device', state.method_state['key_params']),
+                     ('8 devices', on_8)):
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(
+          g, np.broadcast_to(w, np.shape(g)), rtol=1e-5, atol=1e-6,
+          err_msg=f'{run}, step {t}'), got, xi)
 
 
 MOCHI = dict(temperature=0.2, num_hard=6, num_mix_negatives=5,
