@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import checkpointing, losses, parallel, train
+from ssl_jax import checkpointing, losses, methods, parallel, train
 from ssl_jax.losses import clustering
 from ssl_jax.testing import device_equivalence
 
@@ -221,6 +221,92 @@ def test_swav_swapped_prediction(with_queue):
   np.testing.assert_allclose(
       value, swav_reference(emb, protos, 0.1, 0.05, 3, 2, queue), rtol=1e-5)
   _assert_param_grads_equal(fn, [emb_bvd], protos, kwargs)
+
+
+# facebookresearch/swav at 06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, ported
+# to jax.numpy so that its gradient can be taken. `replicas` stands for the
+# DDP processes: each holds a slice of the batch, dist.all_reduce is a sum
+# over the slices, and DDP averages the replicas' gradients, so the global
+# loss is the mean of the replicas' losses.
+
+
+def swav_official_normalize_prototypes(weight):
+  """main_swav.py lines 277-281, under torch.no_grad(): the new parameter."""
+  return weight / jnp.linalg.norm(weight, axis=1, keepdims=True)
+
+
+def swav_official_sinkhorn(outs, epsilon, iterations):
+  """main_swav.py lines 353-376 (`distributed_sinkhorn`), one `out` per replica."""
+  qs = [jnp.exp(out / epsilon).T for out in outs]
+  b_total = qs[0].shape[1] * len(qs)
+  k = qs[0].shape[0]
+  sum_q = sum(jnp.sum(q) for q in qs)  # dist.all_reduce(sum_Q)
+  qs = [q / sum_q for q in qs]
+  for _ in range(iterations):
+    sum_of_rows = sum(jnp.sum(q, axis=1, keepdims=True) for q in qs)
+    qs = [q / sum_of_rows / k for q in qs]
+    qs = [q / jnp.sum(q, axis=0, keepdims=True) / b_total for q in qs]
+  return [jax.lax.stop_gradient(q * b_total).T for q in qs]
+
+
+def swav_official_loss(embedding, prototypes_weight, temperature, epsilon,
+                       iterations, crops_for_assign, replicas=1):
+  """main_swav.py lines 283-315, the queue left out; src/resnet50.py lines
+  297-305: L2-normalised embeddings times the prototype matrix as stored."""
+  nmb_crops, batch, _ = embedding.shape
+  bs = batch // replicas
+  x = embedding / jnp.linalg.norm(embedding, axis=-1, keepdims=True)
+  output = x @ prototypes_weight.T  # [crops, batch, K]
+  per_replica = [output[:, r * bs:(r + 1) * bs] for r in range(replicas)]
+  losses_r = [0.0] * replicas
+  for crop_id in crops_for_assign:
+    qs = swav_official_sinkhorn(
+        [jax.lax.stop_gradient(o[crop_id]) for o in per_replica], epsilon,
+        iterations)
+    for r in range(replicas):
+      subloss = 0.0
+      for v in np.delete(np.arange(nmb_crops), crop_id):
+        logits = per_replica[r][v] / temperature
+        subloss -= jnp.mean(jnp.sum(qs[r] * jax.nn.log_softmax(logits, axis=1),
+                                    axis=1))
+      losses_r[r] += subloss / (nmb_crops - 1)
+  return sum(l / len(crops_for_assign) for l in losses_r) / replicas
+
+
+def test_swav_loss_gradient_and_prototype_update_match_official_code():
+  crops, b, d, k = 4, 16, 8, 6
+  emb = _random((crops, b, d), 20)
+  emb[1] = emb[0] + 0.3 * emb[1]
+  # Prototypes as an optimizer update leaves them: off the unit sphere.
+  raw = _random((k, d), 21) * np.linspace(0.5, 2.0, k)[:, None]
+  config = importlib.import_module('configs.swav').get_config('smoke')
+  # The method reads only the dataset's length from `data_info` here.
+  method = methods.get_method(config, range(1024), 10)
+  protos = np.asarray(method.project_params(
+      {'prototypes': jnp.asarray(raw)}, jnp.zeros((), jnp.int32))['prototypes'])
+  np.testing.assert_allclose(
+      protos, swav_official_normalize_prototypes(raw), rtol=1e-6)
+
+  def fn(e_bvd, p, *, axis_name, **kw):
+    return losses.get_loss('swav')(jnp.swapaxes(e_bvd, 0, 1), p,
+                                   axis_name=axis_name, **kw)
+
+  (v1, g1), (vn, gn) = device_equivalence(
+      fn, (np.swapaxes(emb, 0, 1), protos), N_DEV, sharded_argnums=(0,),
+      grad_argnums=(0, 1), kwargs=SWAV_KW)
+  for replicas, value, grads in ((1, v1, g1), (N_DEV, vn, gn)):
+    want, (want_emb, want_protos) = jax.value_and_grad(
+        swav_official_loss, argnums=(0, 1))(
+            emb, protos, 0.1, 0.05, 3, (0, 1), replicas)
+    np.testing.assert_allclose(value, np.broadcast_to(want, np.shape(value)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(grads[0], 0, 1), want_emb,
+                               rtol=1e-4, atol=1e-6)
+    # The radial part of the prototypes' gradient is kept, as in the
+    # official code: it is what normalising inside the loss would remove.
+    np.testing.assert_allclose(grads[1], want_protos, rtol=1e-4, atol=1e-6)
+    radial = np.sum(np.asarray(want_protos) * protos, axis=1)
+    assert np.abs(radial).max() > 1e-2 * np.abs(want_protos).max()
 
 
 def _with_labels(x, labels):

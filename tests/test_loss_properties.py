@@ -97,6 +97,18 @@ def _bank_inputs(draw, extra_rows=24, **shapes):
 
 
 @st.composite
+def _swav_inputs(draw, **shapes):
+  """([crops, b, d] embeddings, [K, d] unit prototypes).
+
+  Unit prototypes: the loss takes them as stored, and SwAV stores them
+  normalised (re-normalised before each step, outside the gradient).
+  """
+  z, prototypes = draw(strategies.multi_crop(2, 2, stacked=True,
+                                             shared_rows=(5,), **shapes))
+  return z, _unit(prototypes).astype(prototypes.dtype)
+
+
+@st.composite
 def _mochi_inputs(draw, queue_rows=24, **shapes):
   """(queries, keys, queue, raw PRNG key shared by every device)."""
   q, k, queue = draw(strategies.views(2, shared_rows=(queue_rows,), **shapes))
@@ -211,6 +223,14 @@ def _dino_collapse(student, teacher, center, *, student_temperature):
   return float(np.log(np.sum(np.exp(s - s.max()))) + s.max() - np.mean(s))
 
 
+def _swav_collapse(z, prototypes, *, temperature):
+  # Identical rows get uniform codes from Sinkhorn; every crop predicts
+  # softmax(s / tau) with s the cosines of the shared row to the prototypes.
+  s = np.asarray(prototypes, np.float64) @ _unit(z[0, 0]).astype(np.float64)
+  s = s / temperature
+  return float(np.log(np.sum(np.exp(s - s.max()))) + s.max() - np.mean(s))
+
+
 def _pretext_collapse(logits, labels):
   # Every row is the same logit vector c: the cross entropy of a constant
   # prediction, averaged over the labels.
@@ -282,13 +302,17 @@ LOSS_CASES = {
                              collapse_value=lambda f, own, bank: np.log(len(bank)),
                              anti_collapse=True, skip=frozenset({'symmetry'})),
     # --- clustering --------------------------------------------------------
-    # [crops, b, d] embeddings and shared prototypes; uniform codes and
-    # predictions at collapse: log K.
-    'swav': LossCase(functools.partial(strategies.multi_crop, 2, 2, stacked=True,
-                                       shared_rows=(5,)),
-                     hyper=SWAV_HYPER, batch_axes=(1, None), swap=swap_crops(0),
-                     collapse_value=lambda z, protos: np.log(len(protos)),
-                     anti_collapse=True),
+    # [crops, b, d] embeddings and shared unit prototypes, used as given (no
+    # 'scale' for them). Only the embeddings collapse: uniform codes, and the
+    # cross entropy of softmax(cosines / tau) against them. No anti-collapse
+    # check: SwAV's defence is the equipartition of the codes, a stop-gradient
+    # target (tests/test_sinkhorn.py); near collapse, with distinct prototypes
+    # held fixed, the gradient is the pull towards the likeliest prototype.
+    'swav': LossCase(_swav_inputs, hyper=SWAV_HYPER, batch_axes=(1, None),
+                     swap=swap_crops(0), scale_argnums=(0,),
+                     collapse_argnums=(0,),
+                     collapse_value=functools.partial(_swav_collapse,
+                                                      temperature=0.1)),
     # Classification of fixed pseudo-labels: no collapse, symmetry or scale.
     'deepcluster': LossCase(_deepcluster_inputs, batch_axes=(0, 0, None),
                             skip=frozenset({'symmetry', 'scale'})),

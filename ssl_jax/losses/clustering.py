@@ -92,8 +92,12 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
   Args:
     embeddings: [V, b, d] embeddings of V crops of this device's b images
       (any scale: they are L2-normalised here).
-    prototypes: [K, d] prototypes (L2-normalised here too, so the scores are
-      cosines whatever the parameter's current norm).
+    prototypes: [K, d] prototypes, used as given. SwAV keeps them on the unit
+      sphere by re-normalising the parameter outside the differentiated
+      function, before each step's forward pass (facebookresearch/swav
+      `main_swav.py`, `with torch.no_grad(): ... prototypes.weight.copy_(w)`),
+      so the gradient flows through the raw matrix, radial part included;
+      normalising here would remove that part and change every update.
     temperature: softmax temperature tau of the predictions (0.1).
     epsilon, sinkhorn_iterations: Sinkhorn-Knopp parameters.
     num_global_crops: how many leading crops codes are computed for.
@@ -112,7 +116,7 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
     raise ValueError(f'SwAV needs >= 2 crops and at most that many global '
                      f'crops; got {num_crops} crops, {num_global_crops} global.')
   z = l2_normalize(embeddings.astype(jnp.float32))
-  c = l2_normalize(prototypes.astype(jnp.float32))
+  c = prototypes.astype(jnp.float32)
   scores = z @ c.T  # [V, b, K]
   b = z.shape[1]
   total = 0.0
@@ -429,7 +433,7 @@ def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
     The scalar loss of the global batch.
   """
   z = l2_normalize(embeddings.astype(jnp.float32))
-  c = l2_normalize(prototypes.astype(jnp.float32))
+  c = prototypes.astype(jnp.float32)
   scores = jnp.einsum('vbd,hkd->hvbk', z, c) / temperature
   log_p = jax.nn.log_softmax(scores, axis=-1)
   targets = jnp.broadcast_to(assignments[:, None, :, None],
