@@ -211,10 +211,13 @@ def _nce_collapse(features, own, noise, *, temperature, normalizer, num_data):
   # Every row is c: v.m = |c| for all rows (v normalised, bank rows not), so
   # the positive and the m noise samples share one logit s (Wu et al. eq. 6-7).
   m = noise.shape[1]
+  # The official criterion's eps (lemniscate.pytorch NCECriterion.py) sits in
+  # both denominators.
   s = np.linalg.norm(np.asarray(own[0], np.float64)) / temperature - np.log(normalizer)
   log_noise = np.log(m / num_data)
-  return (-(s - np.logaddexp(s, log_noise)) -
-          m * (log_noise - np.logaddexp(s, log_noise)))
+  log_noise_eps = np.log(m / num_data + 1e-7)
+  return (-(s - np.logaddexp(s, log_noise_eps)) -
+          m * (log_noise - np.logaddexp(s, log_noise_eps)))
 
 
 def _dino_collapse(student, teacher, center, *, student_temperature):
