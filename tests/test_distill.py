@@ -214,6 +214,56 @@ def test_dino_teacher_temperature_loss_and_center_match_official_code():
       np.testing.assert_allclose(c, want_center, rtol=1e-5, atol=1e-7)
 
 
+def byol_official_target_ema(global_step, base_ema, max_steps):
+  """google-deepmind/deepmind-research at 8457046b2c2ec259158efff7e238d006a9e6a224,
+  byol/utils/schedules.py, target_ema and _cosine_decay."""
+  decay = 0.5 * 1. * (1. + np.cos(np.pi * global_step / max_steps))
+  return 1. - (1. - base_ema) * decay
+
+
+def dino_official_momentum_schedule(momentum_teacher, epochs, niter_per_ep):
+  """facebookresearch/dino at 7c446df5b9f45747937fb0d72314eb9f7b66930a,
+  utils.py lines 187-198 (cosine_scheduler, no warm-up) as called by
+  main_dino.py lines 250-251."""
+  iters = np.arange(epochs * niter_per_ep)
+  return 1 + 0.5 * (momentum_teacher - 1) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+@pytest.mark.parametrize('name', ['byol', 'dino'])
+def test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official(name):
+  # BYOL: byol_experiment.py (deepmind-research at 4822a45504cb05042841a358f
+  # 070bba35c6fbc24), _update_fn: the optimizer update, then
+  # tau = target_ema(global_step), target += (1 - tau) (online - target) with
+  # the updated online parameters. DINO: main_dino.py lines 335-350, the
+  # optimizer step, then m = momentum_schedule[it]. Both: m(t) on theta(t+1),
+  # unlike MoCo v3's m(t+1) (tests/test_contrastive.py). base.train_step
+  # passes t, the index of the step just taken.
+  total_steps, t = 10, 3
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  config.num_epochs, config.num_steps = 1, 0
+  config.method.ema_momentum_base = 0.5  # m(3) and m(4) differ by 0.07
+  method = methods.get_method(config, range(640), total_steps)
+  if name == 'byol':
+    m = byol_official_target_ema(t, 0.5, total_steps)
+    key, online_keys = 'target_params', ('backbone', 'projector')
+  else:
+    m = dino_official_momentum_schedule(0.5, 1, total_steps)[t]
+    key, online_keys = 'teacher_params', ('backbone', 'head')
+  teacher = {k: {'w': _normal(3, 2)} for k in online_keys}
+  online = {k: {'w': _normal(3, 2)} for k in online_keys}
+  if name == 'byol':
+    online['predictor'] = {'w': _normal(3, 2)}  # not mirrored by the target
+  want = {k: {'w': teacher[k]['w'] * m + online[k]['w'] * (1 - m)}
+          for k in online_keys}
+  step = jnp.asarray(t, jnp.int32)
+  one = method.after_update(online, {key: teacher}, step)[key]
+  eight = parallel.pmap(method.after_update)(
+      *parallel.replicate((online, {key: teacher}, step)))[key]
+  for got in (one, jax.tree.map(lambda x: x[5], eight)):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6),
+                 got, want)
+
+
 def test_dino_center_update_across_devices():
   teacher, center = _normal(2, 16, 10), _normal(10)
   expected = 0.9 * center + 0.1 * teacher.reshape(-1, 10).mean(0)
