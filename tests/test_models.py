@@ -179,8 +179,12 @@ def test_simclr_projector_is_the_official_default_head():
       'Dense_2': {'kernel': (2048, 128)},
       'BatchNorm_2': {'scale': (128,)},
   }
-  # No ReLU after the output BN: its outputs take both signs.
-  x = jax.random.normal(jax.random.key(1), (16, 2048))
+  # No ReLU after the output BN: its outputs take both signs. (The same head
+  # at small widths: initialising 2048-wide layers would only cost time.)
+  small = config.model.projector.copy_and_resolve_references()
+  small.update(hidden_dims=(16, 16), output_dim=8)
+  head = models.get_mlp(small)
+  x = jax.random.normal(jax.random.key(1), (16, 32))
   variables = head.init(jax.random.key(0), x)
   out, _ = head.apply(variables, x, mutable=['batch_stats'])
   assert float(jnp.min(out)) < 0 < float(jnp.max(out))
