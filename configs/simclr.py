@@ -10,7 +10,13 @@ from configs import common
 def get_config(variant=None):
   c = common.base_config('simclr')
   c.method.temperature = 0.1
-  c.model.projector = common.mlp((2048,), 128)
+  # The official default head (google-research/simclr tf2/run.py:
+  # proj_head_mode='nonlinear', num_proj_layers=3, proj_out_dim=128;
+  # tf2/model.py ProjectionHead): two hidden layers as wide as the backbone
+  # output (2048 for ResNet-50), BN on all three, the output BN learning a
+  # scale but no shift and followed by no ReLU.
+  c.model.projector = common.mlp((2048, 2048), 128, last_bn=True)
+  c.model.projector.last_bn_scale = True
   c.augment.views = common.simclr_views(224, blur=True)
   c.batch_size = 4096
   c.num_epochs = 100

@@ -81,7 +81,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float):
   logits = (z @ z.t()) / temperature
   logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float('-inf'))
   targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-  return F.cross_entropy(logits, targets)
+  # Summed over the two views of an image, as ssl_jax and the official code.
+  return 2 * F.cross_entropy(logits, targets)
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor):

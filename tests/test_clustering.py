@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import checkpointing, losses, parallel, train
+from ssl_jax import checkpointing, losses, methods, parallel, train
 from ssl_jax.losses import clustering
 from ssl_jax.testing import device_equivalence
 
@@ -223,6 +223,92 @@ def test_swav_swapped_prediction(with_queue):
   _assert_param_grads_equal(fn, [emb_bvd], protos, kwargs)
 
 
+# facebookresearch/swav at 06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, ported
+# to jax.numpy so that its gradient can be taken. `replicas` stands for the
+# DDP processes: each holds a slice of the batch, dist.all_reduce is a sum
+# over the slices, and DDP averages the replicas' gradients, so the global
+# loss is the mean of the replicas' losses.
+
+
+def swav_official_normalize_prototypes(weight):
+  """main_swav.py lines 277-281, under torch.no_grad(): the new parameter."""
+  return weight / jnp.linalg.norm(weight, axis=1, keepdims=True)
+
+
+def swav_official_sinkhorn(outs, epsilon, iterations):
+  """main_swav.py lines 353-376 (`distributed_sinkhorn`), one `out` per replica."""
+  qs = [jnp.exp(out / epsilon).T for out in outs]
+  b_total = qs[0].shape[1] * len(qs)
+  k = qs[0].shape[0]
+  sum_q = sum(jnp.sum(q) for q in qs)  # dist.all_reduce(sum_Q)
+  qs = [q / sum_q for q in qs]
+  for _ in range(iterations):
+    sum_of_rows = sum(jnp.sum(q, axis=1, keepdims=True) for q in qs)
+    qs = [q / sum_of_rows / k for q in qs]
+    qs = [q / jnp.sum(q, axis=0, keepdims=True) / b_total for q in qs]
+  return [jax.lax.stop_gradient(q * b_total).T for q in qs]
+
+
+def swav_official_loss(embedding, prototypes_weight, temperature, epsilon,
+                       iterations, crops_for_assign, replicas=1):
+  """main_swav.py lines 283-315, the queue left out; src/resnet50.py lines
+  297-305: L2-normalised embeddings times the prototype matrix as stored."""
+  nmb_crops, batch, _ = embedding.shape
+  bs = batch // replicas
+  x = embedding / jnp.linalg.norm(embedding, axis=-1, keepdims=True)
+  output = x @ prototypes_weight.T  # [crops, batch, K]
+  per_replica = [output[:, r * bs:(r + 1) * bs] for r in range(replicas)]
+  losses_r = [0.0] * replicas
+  for crop_id in crops_for_assign:
+    qs = swav_official_sinkhorn(
+        [jax.lax.stop_gradient(o[crop_id]) for o in per_replica], epsilon,
+        iterations)
+    for r in range(replicas):
+      subloss = 0.0
+      for v in np.delete(np.arange(nmb_crops), crop_id):
+        logits = per_replica[r][v] / temperature
+        subloss -= jnp.mean(jnp.sum(qs[r] * jax.nn.log_softmax(logits, axis=1),
+                                    axis=1))
+      losses_r[r] += subloss / (nmb_crops - 1)
+  return sum(l / len(crops_for_assign) for l in losses_r) / replicas
+
+
+def test_swav_loss_gradient_and_prototype_update_match_official_code():
+  crops, b, d, k = 4, 16, 8, 6
+  emb = _random((crops, b, d), 20)
+  emb[1] = emb[0] + 0.3 * emb[1]
+  # Prototypes as an optimizer update leaves them: off the unit sphere.
+  raw = _random((k, d), 21) * np.linspace(0.5, 2.0, k)[:, None]
+  config = importlib.import_module('configs.swav').get_config('smoke')
+  # The method reads only the dataset's length from `data_info` here.
+  method = methods.get_method(config, range(1024), 10)
+  protos = np.asarray(method.project_params(
+      {'prototypes': jnp.asarray(raw)}, jnp.zeros((), jnp.int32))['prototypes'])
+  np.testing.assert_allclose(
+      protos, swav_official_normalize_prototypes(raw), rtol=1e-6)
+
+  def fn(e_bvd, p, *, axis_name, **kw):
+    return losses.get_loss('swav')(jnp.swapaxes(e_bvd, 0, 1), p,
+                                   axis_name=axis_name, **kw)
+
+  (v1, g1), (vn, gn) = device_equivalence(
+      fn, (np.swapaxes(emb, 0, 1), protos), N_DEV, sharded_argnums=(0,),
+      grad_argnums=(0, 1), kwargs=SWAV_KW)
+  for replicas, value, grads in ((1, v1, g1), (N_DEV, vn, gn)):
+    want, (want_emb, want_protos) = jax.value_and_grad(
+        swav_official_loss, argnums=(0, 1))(
+            emb, protos, 0.1, 0.05, 3, (0, 1), replicas)
+    np.testing.assert_allclose(value, np.broadcast_to(want, np.shape(value)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(grads[0], 0, 1), want_emb,
+                               rtol=1e-4, atol=1e-6)
+    # The radial part of the prototypes' gradient is kept, as in the
+    # official code: it is what normalising inside the loss would remove.
+    np.testing.assert_allclose(grads[1], want_protos, rtol=1e-4, atol=1e-6)
+    radial = np.sum(np.asarray(want_protos) * protos, axis=1)
+    assert np.abs(radial).max() > 1e-2 * np.abs(want_protos).max()
+
+
 def _with_labels(x, labels):
   """Integer labels ride along as a last float column, so that they are split
   over devices with the batch (device_equivalence differentiates every split
@@ -345,6 +431,55 @@ def test_no_empty_cluster_survives_a_planted_one():
   assert np.abs(c1).max() < 10.0  # padding at 50 moved no centroid
 
 
+def deepclusterv2_official_kmeans(local_memories, centroids, nmb_kmeans_iters):
+  """facebookresearch/swav at 06b1b7cbaf6ba2a792300d79c7299db98b93b7f9,
+  main_deepclusterv2.py lines 360-387 (`cluster_memory`'s k-means loop), in
+  NumPy: one local memory per process, dist.all_reduce a sum over them, the
+  initial centroids given (rank 0's random rows, lines 352-358)."""
+  centroids = np.array(centroids, np.float64)
+  K = len(centroids)
+  for n_iter in range(nmb_kmeans_iters + 1):
+    # E step
+    local_assignments = [np.argmax(m @ centroids.T, axis=1)
+                         for m in local_memories]
+    if n_iter == nmb_kmeans_iters:
+      break
+    # M step
+    counts = np.zeros(K, np.int64)
+    emb_sums = np.zeros_like(centroids)
+    for m, a in zip(local_memories, local_assignments):
+      for k in range(K):
+        if np.any(a == k):
+          emb_sums[k] += m[a == k].sum(axis=0)
+          counts[k] += np.sum(a == k)
+    mask = counts > 0
+    centroids[mask] = emb_sums[mask] / counts[mask][:, None]
+    # normalize centroids
+    centroids = centroids / np.linalg.norm(centroids, axis=1, keepdims=True)
+  return centroids, local_assignments
+
+
+def test_deepclusterv2_kmeans_matches_official_code_empty_cluster_kept():
+  # Three blobs, four centroids, one planted on the far side of the sphere:
+  # it never wins a point, and the official loop leaves it where it is
+  # (DeepCluster's split would move it into a blob).
+  x, truth = _blobs(3, 16, 4, seed=13)
+  x = _unit(x).astype(np.float32)
+  centres = _unit(np.stack([x[truth == c].mean(0) for c in range(3)]))
+  planted = np.concatenate([centres, -_unit(centres.sum(0))[None]])
+  planted = (planted + 0.05 * _random(planted.shape, 14)).astype(np.float32)
+  (c1, l1), (c8, l8) = _kmeans_1_and_8(
+      x, 4, jax.random.PRNGKey(0), num_iters=3, spherical=True,
+      init_centroids=planted, empty_clusters='keep')
+  for devices, (centroids, labels) in ((1, (c1, l1[None])), (N_DEV, (c8[0], l8))):
+    want_c, want_l = deepclusterv2_official_kmeans(
+        np.split(x.astype(np.float64), devices), _unit(planted), 3)
+    np.testing.assert_allclose(centroids, want_c, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels, np.stack(want_l))
+  assert np.sum(l1 == 3) == 0
+  np.testing.assert_allclose(c1[3], _unit(planted[3]), rtol=1e-5, atol=1e-6)
+
+
 def test_split_empty_clusters_halves_the_largest():
   centroids = _random((4, 3), 14)
   counts = jnp.asarray([0.0, 10.0, 3.0, 0.0])
@@ -430,9 +565,10 @@ def test_smoke_config_trains(tmp_path, name):
                                ms['cluster_weights'][0] * counts[0], rtol=1e-5)
 
   if m.name == 'deepclusterv2':
+    # Empty clusters may stay empty (the reference keeps their centroids).
     assert ms['assignments'].shape == (m.num_heads, 1024)
-    for head in ms['assignments']:
-      assert np.all(np.bincount(head, minlength=m.num_clusters) > 0)
+    assert ms['assignments'].min() >= 0
+    assert ms['assignments'].max() < m.num_clusters
     # Prototypes = the epoch's normalised centroids, frozen (the reference's
     # freeze_prototypes_niters outlasts the run).
     after_clustering = _restore(str(tmp_path), train.setup(config).state, 1)

@@ -5,6 +5,7 @@ and the memory bank as pure updates; jigsaw tiling; a few training steps of
 every method's smoke config.
 """
 
+import functools
 import importlib
 import json
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import data, losses, parallel, train
+from ssl_jax import data, losses, methods, parallel, train
 from ssl_jax.data import jigsaw
 from ssl_jax.losses import instance
 from ssl_jax.methods import memory
@@ -54,7 +55,11 @@ def info_nce_reference(q, k, negatives, temperature):
 
 
 def moco_v3_reference(q1, q2, k1, k2, temperature):
-  """ctr(q1, k2) + ctr(q2, k1), each 2*tau*CE with in-batch negatives."""
+  """ctr(q1, k2) + ctr(q2, k1), each 2*tau*CE with in-batch negatives.
+
+  A port of facebookresearch/moco-v3 at c349e6e24f40d3fedb22d973f92defa4cedf37a7,
+  moco/builder.py lines 63-73 (`contrastive_loss`) and 96 (`forward`).
+  """
   def ctr(q, k):
     q, k = _normalize(q), _normalize(k)
     total = 0.0
@@ -76,19 +81,52 @@ def mochi_reference(q, k, queue, synthetic, temperature):
   return total / len(q)
 
 
-def nce_reference(v, positive_rows, negative_rows, temperature, z, n):
-  """Wu et al. 2018, eq. 6-7: -log h(i, v) - sum_noise log(1 - h(j, v))."""
+def nce_reference(v, positive_rows, negative_rows, temperature, z, n,
+                  eps=1e-7):
+  """Wu et al. 2018, eq. 6-7: -log h(i, v) - sum_noise log(1 - h(j, v)),
+  with the official criterion's eps in h's denominator."""
   v = _normalize(v)
   m = negative_rows.shape[1]
   total = 0.0
   for i in range(len(v)):
     p = np.exp(v[i] @ positive_rows[i] / temperature) / z
-    loss = -np.log(p / (p + m / n))
+    loss = -np.log(p / (p + m / n + eps))
     for j in range(m):
       p_noise = np.exp(v[i] @ negative_rows[i, j] / temperature) / z
-      loss -= np.log(1 - p_noise / (p_noise + m / n))
+      loss -= np.log((m / n) / (p_noise + m / n + eps))
     total += loss
   return total / len(v)
+
+
+# zhirongw/lemniscate.pytorch at f7cfe298357cb2b169cd59eb540aca24bed1f9b8,
+# ported to jax.numpy: lib/NCEAverage.py lines 9-40 (NCEFunction.forward; its
+# hand-written backward, lines 43-60, is the gradient of exp(w.x/T)/Z with Z
+# a constant, which jax.grad gives with Z stop-gradient) and lines 62-68
+# (the memory update), lib/NCECriterion.py lines 12-37. The features arrive
+# L2-normalised (models/resnet.py: `self.l2norm = Normalize(2)`). One process
+# (DataParallel): the batch is the global batch.
+def lemniscate_nce(features, memory, y, noise_idx, T, nce_eps=1e-7):
+  x = features / jnp.linalg.norm(features, axis=1, keepdims=True)
+  idx = jnp.concatenate([y[:, None], noise_idx], axis=1)  # idx[:, 0] = y
+  output_size = memory.shape[0]
+  weight = memory[idx]  # [batchSize, K+1, inputSize]
+  out = jnp.exp(jnp.einsum('bkd,bd->bk', weight, x) / T)
+  Z = jax.lax.stop_gradient(jnp.mean(out)) * output_size  # params[2] < 0
+  out = out / Z
+  batch_size, K = out.shape[0], out.shape[1] - 1
+  Pnt = Pns = 1 / float(output_size)
+  Pmt = out[:, 0]
+  lnPmt = jnp.log(Pmt / (Pmt + K * Pnt + nce_eps))
+  lnPon = jnp.log((K * Pns) / (out[:, 1:] + K * Pns + nce_eps))
+  return -(jnp.sum(lnPmt) + jnp.sum(lnPon)) / batch_size, Z
+
+
+def lemniscate_memory_update(memory, x, y, momentum):
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  weight_pos = memory[y] * momentum + x * (1 - momentum)
+  memory = np.array(memory)
+  memory[y] = weight_pos / np.linalg.norm(weight_pos, axis=1, keepdims=True)
+  return memory
 
 
 def bank_softmax_reference(v, indices, bank, temperature):
@@ -128,6 +166,53 @@ def test_moco_v3_matches_numpy_and_eight_devices():
   # Keys come from the momentum encoder: no gradient reaches them.
   for g in g1[2:] + gn[2:]:
     np.testing.assert_array_equal(g, 0.0)
+
+
+def adjust_moco_momentum(epoch, epochs, moco_m):
+  """facebookresearch/moco-v3 at c349e6e24f40d3fedb22d973f92defa4cedf37a7,
+  main_moco.py lines 431-434."""
+  return 1. - 0.5 * (1. + np.cos(np.pi * epoch / epochs)) * (1. - moco_m)
+
+
+def test_moco_v3_momentum_encoder_follows_the_official_loop():
+  # main_moco.py lines 337-362 and moco/builder.py lines 57-61, 89-94: at
+  # iteration t, m(t) is computed, the momentum encoder moves towards the
+  # current (not yet stepped) parameters theta(t), then keys, loss, SGD step.
+  # Here: the real train step (what base.train_step passes to after_update
+  # included), against that loop fed with the parameters our steps produced.
+  # A base momentum of 0.5 over 3 steps makes m(t) and m(t+1) differ by 0.03
+  # (0.99 over 6 steps: by 7e-4).
+  config = importlib.import_module('configs.mocov3').get_config('smoke')
+  config.method.ema_momentum_base = 0.5
+  config.num_steps = 3
+  config.batch_size = 16
+  config.training.online_probe = False
+  setup = train.setup(config)
+  iters_per_epoch, epochs = setup.total_steps, 1  # one "epoch" of 3 steps
+  batch = setup.source.get(np.arange(16))
+  step = jax.jit(functools.partial(
+      methods.train_step, method=setup.method, tx=setup.tx,
+      lr_schedule=setup.lr_schedule, axis_name=None))
+  # The update on 8 devices: replicated inputs, no collective, equal copies.
+  after_update_8 = parallel.pmap(setup.method.after_update)
+
+  state = setup.state
+  xi = state.method_state['key_params']  # a copy of theta(0), builder.py l. 32-34
+  for t in range(2):
+    previous = state
+    state, _ = step(state, batch)
+    # Iteration t+1 of the official loop, on the parameters of step t.
+    m = adjust_moco_momentum((t + 1) / iters_per_epoch, epochs, 0.5)
+    theta = {k: state.params[k] for k in xi}
+    xi = jax.tree.map(lambda k, q: k * m + q * (1. - m), xi, theta)
+    replicated = parallel.replicate((state.params, previous.method_state,
+                                     previous.step))
+    on_8 = after_update_8(*replicated)['key_params']
+    for run, got in (('1 device', state.method_state['key_params']),
+                     ('8 devices', on_8)):
+      jax.tree.map(lambda g, w: np.testing.assert_allclose(
+          g, np.broadcast_to(w, np.shape(g)), rtol=1e-5, atol=1e-6,
+          err_msg=f'{run}, step {t}'), got, xi)
 
 
 MOCHI = dict(temperature=0.2, num_hard=6, num_mix_negatives=5,
@@ -185,11 +270,8 @@ def test_nce_matches_numpy_and_eight_devices():
   indices = rng.permutation(50)[:16]
   noise = rng.integers(0, 50, size=(16, 7))
   positive_rows, negative_rows = bank[indices], bank[noise]
-  z = float(instance.estimate_normalizer(v, negative_rows, temperature=0.07,
-                                         num_data=50))
-  np.testing.assert_allclose(
-      z, 50 * np.mean(np.exp(np.einsum('bd,bmd->bm', _normalize(v),
-                                       negative_rows) / 0.07)), rtol=1e-5)
+  z = float(instance.estimate_normalizer(v, positive_rows, negative_rows,
+                                         temperature=0.07, num_data=50))
   kwargs = dict(temperature=0.07, normalizer=z, num_data=50)
   np.testing.assert_allclose(
       losses.get_loss('nce')(v, positive_rows, negative_rows, **kwargs),
@@ -197,6 +279,47 @@ def test_nce_matches_numpy_and_eight_devices():
   _assert_devices_equal_one(losses.get_loss('nce'),
                             (v, positive_rows, negative_rows), (0, 1, 2),
                             kwargs)
+
+
+def test_instdisc_nce_normalizer_and_bank_match_official_code():
+  n, b, k, d = 200, 16, 7, 8
+  v = _random((b, d), 30)
+  # NCEAverage's initial memory: uniform in [-stdv, stdv], rows not unit.
+  stdv = 1. / np.sqrt(d / 3)
+  bank = np.random.default_rng(31).uniform(-stdv, stdv, (n, d)).astype(np.float32)
+  rng = np.random.default_rng(32)
+  y = rng.permutation(n)[:b]
+  noise = rng.integers(0, n, size=(b, k))
+  want, want_z = lemniscate_nce(v, bank, y, noise, 0.07)
+  want_grad = jax.grad(lambda f: lemniscate_nce(f, bank, y, noise, 0.07)[0])(v)
+
+  def first_step_loss(v, positive_rows, negative_rows, *, axis_name):
+    # InstDisc's first step: Z estimated on this batch, then the NCE loss.
+    z = instance.estimate_normalizer(v, positive_rows, negative_rows,
+                                     temperature=0.07, num_data=n,
+                                     axis_name=axis_name)
+    return losses.get_loss('nce')(v, positive_rows, negative_rows,
+                                  temperature=0.07, normalizer=z, num_data=n,
+                                  axis_name=axis_name)
+
+  z = instance.estimate_normalizer(v, bank[y], bank[noise], temperature=0.07,
+                                   num_data=n)
+  np.testing.assert_allclose(z, want_z, rtol=1e-5)
+  (v1, g1), (vn, gn) = device_equivalence(
+      first_step_loss, (v, bank[y], bank[noise]), 8, grad_argnums=(0,))
+  np.testing.assert_allclose(v1, want, rtol=1e-5)
+  np.testing.assert_allclose(vn, np.full(8, want), rtol=1e-5)
+  for grads in (g1, gn):
+    np.testing.assert_allclose(grads[0], want_grad, rtol=1e-4, atol=1e-6)
+  # The memory update, on 1 and 8 devices.
+  expected = lemniscate_memory_update(bank, v, y, 0.5)
+  one = memory.update_bank(jnp.asarray(bank), y, v, 0.5)
+  eight = jax.pmap(lambda i, e: memory.update_bank(jnp.asarray(bank), i, e, 0.5,
+                                                   parallel.AXIS),
+                   axis_name=parallel.AXIS)(y.reshape(8, -1),
+                                            v.reshape(8, -1, d))
+  for got in (one, *eight):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_bank_softmax_matches_numpy_and_eight_devices():

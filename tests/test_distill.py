@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import losses, parallel, train
+from ssl_jax import losses, methods, parallel, train
 from ssl_jax.losses.teacher_student import data2vec_targets, dino_center_update
 from ssl_jax.testing import device_equivalence
 
@@ -124,6 +124,144 @@ def test_dino_matches_reference_and_devices():
   np.testing.assert_allclose(vn, np.full(8, v1), rtol=1e-5)
   np.testing.assert_allclose(gn[0], g1[0], rtol=1e-4, atol=1e-7)
   assert np.all(g1[1] == 0)  # the teacher is not differentiated
+
+
+# facebookresearch/dino at 7c446df5b9f45747937fb0d72314eb9f7b66930a,
+# main_dino.py lines 363-416 (DINOLoss), ported to jax.numpy. `replicas`
+# stands for the DDP processes: each holds a slice of every crop's batch,
+# dist.all_reduce is a sum over them and DDP averages their gradients.
+
+
+def dino_official_temp_schedule(warmup_teacher_temp, teacher_temp,
+                                warmup_teacher_temp_epochs, nepochs):
+  """main_dino.py lines 374-378."""
+  return np.concatenate((
+      np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+      np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+
+
+def dino_official_forward(student_output, teacher_output, center, temp,
+                          ncrops, student_temp=0.1):
+  """main_dino.py lines 380-402 on one process: [crops * b, K] inputs."""
+  student_out = jnp.split(student_output / student_temp, ncrops)
+  teacher_out = jax.nn.softmax((teacher_output - center) / temp, axis=-1)
+  teacher_out = jnp.split(jax.lax.stop_gradient(teacher_out), 2)
+  total_loss, n_loss_terms = 0.0, 0
+  for iq, q in enumerate(teacher_out):
+    for v in range(len(student_out)):
+      if v == iq:
+        continue
+      loss = jnp.sum(-q * jax.nn.log_softmax(student_out[v], axis=-1), axis=-1)
+      total_loss += loss.mean()
+      n_loss_terms += 1
+  return total_loss / n_loss_terms
+
+
+def dino_official_update_center(center, teacher_outputs, center_momentum=0.9):
+  """main_dino.py lines 406-416, one [2 * b_r, K] teacher output per process."""
+  batch_center = sum(np.sum(t, axis=0, keepdims=True) for t in teacher_outputs)
+  batch_center = batch_center / (len(teacher_outputs[0]) * len(teacher_outputs))
+  return center * center_momentum + batch_center * (1 - center_momentum)
+
+
+def test_dino_teacher_temperature_loss_and_center_match_official_code():
+  config = importlib.import_module('configs.dino').get_config('smoke')
+  config.num_epochs, config.num_steps = 6, 0
+  config.method.update(teacher_temperature_start=0.04, teacher_temperature=0.07,
+                       teacher_temperature_warmup_epochs=4)
+  epoch_steps, total_steps = 16, 96
+  method = methods.get_method(config, range(1024), total_steps)
+  official = dino_official_temp_schedule(0.04, 0.07, 4, 6)
+  steps = np.arange(total_steps)
+  ours = np.asarray(jax.vmap(method.teacher_temperature)(steps))
+  # Once per epoch: schedule[epoch] for every step of the epoch.
+  np.testing.assert_allclose(ours, official[steps // epoch_steps], rtol=1e-6)
+
+  step = 37  # epoch 2
+  temp = float(method.teacher_temperature(step))
+  crops, b, k = 4, 16, 10
+  student, teacher, center = _normal(crops, b, k), _normal(2, b, k), _normal(k)
+  kwargs = dict(student_temperature=0.1, teacher_temperature=temp)
+  (v1, g1), (vn, gn) = device_equivalence(
+      _dino_batch_first, (np.swapaxes(student, 0, 1),
+                          np.swapaxes(teacher, 0, 1), center), 8,
+      sharded_argnums=(0, 1), kwargs=kwargs)
+  for replicas, value, grad in ((1, v1, g1[0]), (8, vn, gn[0])):
+    def official_loss(s):
+      per = b // replicas
+      return sum(dino_official_forward(
+          s[:, r * per:(r + 1) * per].reshape(-1, k),
+          teacher[:, r * per:(r + 1) * per].reshape(-1, k), center,
+          official[step // epoch_steps], crops)
+                 for r in range(replicas)) / replicas
+    want, want_grad = jax.value_and_grad(official_loss)(student)
+    np.testing.assert_allclose(value, np.broadcast_to(want, np.shape(value)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.swapaxes(grad, 0, 1), want_grad, rtol=1e-4,
+                               atol=1e-7)
+    per = b // replicas
+    want_center = dino_official_update_center(
+        center[None], [teacher[:, r * per:(r + 1) * per].reshape(-1, k)
+                       for r in range(replicas)])[0]
+    if replicas == 1:
+      got = [dino_center_update(center, teacher, momentum=0.9)]
+    else:
+      got = jax.pmap(lambda t: dino_center_update(
+          center, t, momentum=0.9, axis_name=parallel.AXIS),
+                     axis_name=parallel.AXIS)(
+          np.swapaxes(teacher.reshape(2, 8, per, k), 0, 1))
+    for c in got:
+      np.testing.assert_allclose(c, want_center, rtol=1e-5, atol=1e-7)
+
+
+def byol_official_target_ema(global_step, base_ema, max_steps):
+  """google-deepmind/deepmind-research at 8457046b2c2ec259158efff7e238d006a9e6a224,
+  byol/utils/schedules.py, target_ema and _cosine_decay."""
+  decay = 0.5 * 1. * (1. + np.cos(np.pi * global_step / max_steps))
+  return 1. - (1. - base_ema) * decay
+
+
+def dino_official_momentum_schedule(momentum_teacher, epochs, niter_per_ep):
+  """facebookresearch/dino at 7c446df5b9f45747937fb0d72314eb9f7b66930a,
+  utils.py lines 187-198 (cosine_scheduler, no warm-up) as called by
+  main_dino.py lines 250-251."""
+  iters = np.arange(epochs * niter_per_ep)
+  return 1 + 0.5 * (momentum_teacher - 1) * (1 + np.cos(np.pi * iters / len(iters)))
+
+
+@pytest.mark.parametrize('name', ['byol', 'dino'])
+def test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official(name):
+  # BYOL: byol_experiment.py (deepmind-research at 4822a45504cb05042841a358f
+  # 070bba35c6fbc24), _update_fn: the optimizer update, then
+  # tau = target_ema(global_step), target += (1 - tau) (online - target) with
+  # the updated online parameters. DINO: main_dino.py lines 335-350, the
+  # optimizer step, then m = momentum_schedule[it]. Both: m(t) on theta(t+1),
+  # unlike MoCo v3's m(t+1) (tests/test_contrastive.py). base.train_step
+  # passes t, the index of the step just taken.
+  total_steps, t = 10, 3
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  config.num_epochs, config.num_steps = 1, 0
+  config.method.ema_momentum_base = 0.5  # m(3) and m(4) differ by 0.07
+  method = methods.get_method(config, range(640), total_steps)
+  if name == 'byol':
+    m = byol_official_target_ema(t, 0.5, total_steps)
+    key, online_keys = 'target_params', ('backbone', 'projector')
+  else:
+    m = dino_official_momentum_schedule(0.5, 1, total_steps)[t]
+    key, online_keys = 'teacher_params', ('backbone', 'head')
+  teacher = {k: {'w': _normal(3, 2)} for k in online_keys}
+  online = {k: {'w': _normal(3, 2)} for k in online_keys}
+  if name == 'byol':
+    online['predictor'] = {'w': _normal(3, 2)}  # not mirrored by the target
+  want = {k: {'w': teacher[k]['w'] * m + online[k]['w'] * (1 - m)}
+          for k in online_keys}
+  step = jnp.asarray(t, jnp.int32)
+  one = method.after_update(online, {key: teacher}, step)[key]
+  eight = parallel.pmap(method.after_update)(
+      *parallel.replicate((online, {key: teacher}, step)))[key]
+  for got in (one, jax.tree.map(lambda x: x[5], eight)):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6),
+                 got, want)
 
 
 def test_dino_center_update_across_devices():

@@ -97,6 +97,18 @@ def _bank_inputs(draw, extra_rows=24, **shapes):
 
 
 @st.composite
+def _swav_inputs(draw, **shapes):
+  """([crops, b, d] embeddings, [K, d] unit prototypes).
+
+  Unit prototypes: the loss takes them as stored, and SwAV stores them
+  normalised (re-normalised before each step, outside the gradient).
+  """
+  z, prototypes = draw(strategies.multi_crop(2, 2, stacked=True,
+                                             shared_rows=(5,), **shapes))
+  return z, _unit(prototypes).astype(prototypes.dtype)
+
+
+@st.composite
 def _mochi_inputs(draw, queue_rows=24, **shapes):
   """(queries, keys, queue, raw PRNG key shared by every device)."""
   q, k, queue = draw(strategies.views(2, shared_rows=(queue_rows,), **shapes))
@@ -199,15 +211,26 @@ def _nce_collapse(features, own, noise, *, temperature, normalizer, num_data):
   # Every row is c: v.m = |c| for all rows (v normalised, bank rows not), so
   # the positive and the m noise samples share one logit s (Wu et al. eq. 6-7).
   m = noise.shape[1]
+  # The official criterion's eps (lemniscate.pytorch NCECriterion.py) sits in
+  # both denominators.
   s = np.linalg.norm(np.asarray(own[0], np.float64)) / temperature - np.log(normalizer)
   log_noise = np.log(m / num_data)
-  return (-(s - np.logaddexp(s, log_noise)) -
-          m * (log_noise - np.logaddexp(s, log_noise)))
+  log_noise_eps = np.log(m / num_data + 1e-7)
+  return (-(s - np.logaddexp(s, log_noise_eps)) -
+          m * (log_noise - np.logaddexp(s, log_noise_eps)))
 
 
 def _dino_collapse(student, teacher, center, *, student_temperature):
   # Centred teacher = 0: a uniform target; the student is softmax(c / tau_s).
   s = np.asarray(student[0, 0], np.float64) / student_temperature
+  return float(np.log(np.sum(np.exp(s - s.max()))) + s.max() - np.mean(s))
+
+
+def _swav_collapse(z, prototypes, *, temperature):
+  # Identical rows get uniform codes from Sinkhorn; every crop predicts
+  # softmax(s / tau) with s the cosines of the shared row to the prototypes.
+  s = np.asarray(prototypes, np.float64) @ _unit(z[0, 0]).astype(np.float64)
+  s = s / temperature
   return float(np.log(np.sum(np.exp(s - s.max()))) + s.max() - np.mean(s))
 
 
@@ -247,9 +270,10 @@ SWAP_PAIRS = ((0, 1), (2, 3))
 
 LOSS_CASES = {
     # --- contrastive -------------------------------------------------------
-    # Collapse: all 2N - 1 logits of a query are equal, loss = log(2N - 1).
+    # Collapse: all 2N - 1 logits of a query are equal, each query's loss is
+    # log(2N - 1), and an image's loss sums its two queries (official code).
     'nt_xent': LossCase(strategies.view_pairs, hyper={'temperature': 0.2},
-                        collapse_value=lambda z1, z2: np.log(2 * len(z1) - 1),
+                        collapse_value=lambda z1, z2: 2 * np.log(2 * len(z1) - 1),
                         anti_collapse=True),
     # Queries and positive keys per example; the negative queue is shared.
     # Asymmetric roles (queries vs a fixed queue): no 'symmetry'.
@@ -281,13 +305,17 @@ LOSS_CASES = {
                              collapse_value=lambda f, own, bank: np.log(len(bank)),
                              anti_collapse=True, skip=frozenset({'symmetry'})),
     # --- clustering --------------------------------------------------------
-    # [crops, b, d] embeddings and shared prototypes; uniform codes and
-    # predictions at collapse: log K.
-    'swav': LossCase(functools.partial(strategies.multi_crop, 2, 2, stacked=True,
-                                       shared_rows=(5,)),
-                     hyper=SWAV_HYPER, batch_axes=(1, None), swap=swap_crops(0),
-                     collapse_value=lambda z, protos: np.log(len(protos)),
-                     anti_collapse=True),
+    # [crops, b, d] embeddings and shared unit prototypes, used as given (no
+    # 'scale' for them). Only the embeddings collapse: uniform codes, and the
+    # cross entropy of softmax(cosines / tau) against them. No anti-collapse
+    # check: SwAV's defence is the equipartition of the codes, a stop-gradient
+    # target (tests/test_sinkhorn.py); near collapse, with distinct prototypes
+    # held fixed, the gradient is the pull towards the likeliest prototype.
+    'swav': LossCase(_swav_inputs, hyper=SWAV_HYPER, batch_axes=(1, None),
+                     swap=swap_crops(0), scale_argnums=(0,),
+                     collapse_argnums=(0,),
+                     collapse_value=functools.partial(_swav_collapse,
+                                                      temperature=0.1)),
     # Classification of fixed pseudo-labels: no collapse, symmetry or scale.
     'deepcluster': LossCase(_deepcluster_inputs, batch_axes=(0, 0, None),
                             skip=frozenset({'symmetry', 'scale'})),
@@ -432,7 +460,7 @@ def _nt_xent_with(z1, z2, gather, positive_shift, temperature, axis_name):
   logits = jnp.where(jnp.arange(2 * n)[None] == self_index[:, None], -1e9, logits)
   log_prob = jax.nn.log_softmax(logits)
   local = -jnp.take_along_axis(log_prob, positive_index[:, None], axis=1)
-  return parallel.pmean(jnp.mean(local), axis_name)
+  return parallel.pmean(2 * jnp.mean(local), axis_name)
 
 
 def _gather_local_gradient_only(x, axis_name):

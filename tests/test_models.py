@@ -1,6 +1,7 @@
 """Backbones: our convolutions and ReLU equal lax's and flax's, CPU backward
 passes stay free of recomputation, every backbone builds."""
 
+import importlib
 import os
 import subprocess
 import sys
@@ -158,3 +159,32 @@ def test_backbone_builds_and_reports_stages(name):
 def test_unknown_backbone_lists_known_ones():
   with pytest.raises(ValueError, match='Known backbones: convnet, .*resnet18, resnet34, resnet50'):
     models.get_backbone(ml_collections.ConfigDict(dict(backbone='resnet81')))
+
+
+def test_simclr_projector_is_the_official_default_head():
+  # google-research/simclr at 383d4143fd8cf7879ae10f1046a9baeb753ff438:
+  # tf2/run.py lines 192-202 (nonlinear, 3 layers, 128 out) and tf2/model.py
+  # lines 119-186: Dense without bias, then BN on every layer; the hidden BNs
+  # have scale and shift (center=use_bias=True), the output BN only a scale.
+  config = importlib.import_module('configs.simclr').get_config()
+  head = models.get_mlp(config.model.projector)
+  params = jax.eval_shape(head.init, jax.random.key(0),
+                          jnp.zeros((2, 2048)))['params']
+  shapes = jax.tree_util.tree_map(lambda p: p.shape, params)
+  assert shapes == {
+      'Dense_0': {'kernel': (2048, 2048)},
+      'BatchNorm_0': {'scale': (2048,), 'bias': (2048,)},
+      'Dense_1': {'kernel': (2048, 2048)},
+      'BatchNorm_1': {'scale': (2048,), 'bias': (2048,)},
+      'Dense_2': {'kernel': (2048, 128)},
+      'BatchNorm_2': {'scale': (128,)},
+  }
+  # No ReLU after the output BN: its outputs take both signs. (The same head
+  # at small widths: initialising 2048-wide layers would only cost time.)
+  small = config.model.projector.copy_and_resolve_references()
+  small.update(hidden_dims=(16, 16), output_dim=8)
+  head = models.get_mlp(small)
+  x = jax.random.normal(jax.random.key(1), (16, 32))
+  variables = head.init(jax.random.key(0), x)
+  out, _ = head.apply(variables, x, mutable=['batch_stats'])
+  assert float(jnp.min(out)) < 0 < float(jnp.max(out))

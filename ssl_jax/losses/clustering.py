@@ -92,8 +92,12 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
   Args:
     embeddings: [V, b, d] embeddings of V crops of this device's b images
       (any scale: they are L2-normalised here).
-    prototypes: [K, d] prototypes (L2-normalised here too, so the scores are
-      cosines whatever the parameter's current norm).
+    prototypes: [K, d] prototypes, used as given. SwAV keeps them on the unit
+      sphere by re-normalising the parameter outside the differentiated
+      function, before each step's forward pass (facebookresearch/swav
+      `main_swav.py`, `with torch.no_grad(): ... prototypes.weight.copy_(w)`),
+      so the gradient flows through the raw matrix, radial part included;
+      normalising here would remove that part and change every update.
     temperature: softmax temperature tau of the predictions (0.1).
     epsilon, sinkhorn_iterations: Sinkhorn-Knopp parameters.
     num_global_crops: how many leading crops codes are computed for.
@@ -112,7 +116,7 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
     raise ValueError(f'SwAV needs >= 2 crops and at most that many global '
                      f'crops; got {num_crops} crops, {num_global_crops} global.')
   z = l2_normalize(embeddings.astype(jnp.float32))
-  c = l2_normalize(prototypes.astype(jnp.float32))
+  c = prototypes.astype(jnp.float32)
   scores = z @ c.T  # [V, b, K]
   b = z.shape[1]
   total = 0.0
@@ -288,16 +292,21 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
            init: str = 'kmeans++', max_split_rounds: int = 10,
            mask: Optional[jax.Array] = None,
            init_centroids: Optional[jax.Array] = None,
+           empty_clusters: str = 'split',
            axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
-  """Lloyd's k-means over the global set of points, with empty-cluster splits.
+  """Lloyd's k-means over the global set of points.
 
   The assignment step is local to each device; centroid sums and counts are
   `psum`-ed, so every device holds the same centroids. Initial centroids come
   from k-means++ seeding or are `num_clusters` distinct points drawn
   uniformly (as DeepCluster's faiss and DeepCluster-v2's reference do), with
-  `key` (the same on every device). Empty clusters are split off the largest
-  one after every iteration (DeepCluster); after the last one, rounds of
-  `split_empty_clusters` + reassignment run until no cluster is empty.
+  `key` (the same on every device). Empty clusters, with
+  `empty_clusters='split'` (DeepCluster: faiss splits them), are split off the
+  largest one after every iteration, and after the last one rounds of
+  `split_empty_clusters` + reassignment run until no cluster is empty; with
+  'keep' (DeepCluster-v2: facebookresearch/swav `main_deepclusterv2.py`,
+  `cluster_memory`, `centroids[mask] = emb_sums[mask] / counts[mask]`), an
+  empty cluster keeps its previous centroid and may stay empty.
 
   Args:
     x: [n, d] this device's points (every device the same n).
@@ -312,6 +321,7 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
       move a centroid nor be drawn as one (the last batch of a dataset split
       evenly over devices).
     init_centroids: optional [K, d] starting centroids instead of `init`.
+    empty_clusters: 'split' or 'keep', see above.
     axis_name: None or the pmap axis.
 
   Returns:
@@ -328,6 +338,10 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
                      f'many points, got {total}.')
   if init not in ('kmeans++', 'random'):
     raise ValueError(f"Unknown k-means init {init!r}; known: kmeans++, random.")
+  if empty_clusters not in ('split', 'keep'):
+    raise ValueError(f'Unknown k-means empty_clusters {empty_clusters!r}; '
+                     f'known: split, keep.')
+  split = empty_clusters == 'split'
   init_key, split_key = jax.random.split(key)
   ones = jnp.ones(x.shape[:1], jnp.float32) if weights is None else weights
   if init_centroids is not None:
@@ -348,7 +362,8 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
                                  weights)
     new = jnp.where(counts[:, None] > 0,
                     sums / jnp.maximum(counts, 1.0)[:, None], centroids)
-    new = split_empty_clusters(new, counts, jax.random.fold_in(split_key, i))
+    if split:
+      new = split_empty_clusters(new, counts, jax.random.fold_in(split_key, i))
     # A split moves two centroids off the sphere; cosine assignments need them
     # back on it to compare like with like.
     return l2_normalize(new) if spherical else new
@@ -373,7 +388,8 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
       centroids = l2_normalize(centroids)
     return centroids, rounds + 1
 
-  centroids, _ = jax.lax.while_loop(has_empty, split_round, (centroids, 0))
+  if split:
+    centroids, _ = jax.lax.while_loop(has_empty, split_round, (centroids, 0))
   return centroids, _assign(x, centroids, spherical).astype(jnp.int32)
 
 
@@ -429,7 +445,7 @@ def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
     The scalar loss of the global batch.
   """
   z = l2_normalize(embeddings.astype(jnp.float32))
-  c = l2_normalize(prototypes.astype(jnp.float32))
+  c = prototypes.astype(jnp.float32)
   scores = jnp.einsum('vbd,hkd->hvbk', z, c) / temperature
   log_p = jax.nn.log_softmax(scores, axis=-1)
   targets = jnp.broadcast_to(assignments[:, None, :, None],

@@ -23,7 +23,12 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
 
   Each of the 2N views of the global batch is a query; its positive is the other
   view of the same image and its 2N-2 negatives are every other view, gathered
-  from all devices. The loss is the mean over all 2N queries.
+  from all devices. As in the official code (google-research/simclr
+  `tf2/objective.py`, `add_contrastive_loss`: `reduce_mean(loss_a + loss_b)`),
+  the loss of an image is the sum of its two queries' losses, averaged over the
+  N images: twice the mean over the 2N queries. The factor matters: with LARS
+  and weight decay, the loss scale sets how strongly the gradient weighs against
+  the decay.
 
   Args:
     z1: [b, d] projections of the first view on this device.
@@ -53,7 +58,8 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
       jnp.arange(2 * n)[None, :] == self_index[:, None], -1e9, logits)
   log_prob = jax.nn.log_softmax(logits, axis=-1)
   local = -jnp.take_along_axis(log_prob, positive_index[:, None], axis=1)
-  return parallel.pmean(jnp.mean(local), axis_name)
+  # sum over the 2 views / b images == 2 * mean over the 2b queries.
+  return parallel.pmean(2.0 * jnp.mean(local), axis_name)
 
 
 @LOSSES.register('info_nce')

@@ -155,6 +155,10 @@ def mochi(queries: jax.Array, positive_keys: jax.Array, queue: jax.Array,
   return parallel.pmean(jnp.mean(local), axis_name)
 
 
+# lemniscate.pytorch lib/NCECriterion.py line 4.
+NCE_EPS = 1e-7
+
+
 @LOSSES.register('nce')
 def nce(features: jax.Array, positive_rows: jax.Array,
         negative_rows: jax.Array, *, temperature: float = 0.07,
@@ -166,7 +170,9 @@ def nce(features: jax.Array, positive_rows: jax.Array,
   P(i|v) = exp(v.m_i / tau) / Z, and each of the m noise samples is drawn
   uniformly, P_n = 1/n. With h(i, v) = P(i|v) / (P(i|v) + m P_n) the loss is
   -log h(positive) - sum over noise samples of log(1 - h(noise)) (eq. 6-7),
-  summed per example and averaged over the global batch. PIRL (Misra & van der
+  summed per example and averaged over the global batch. As in the official
+  code (zhirongw/lemniscate.pytorch `lib/NCECriterion.py`), both
+  denominators carry eps = 1e-7: P / (P + m P_n + eps). PIRL (Misra & van der
   Maaten 2020, eq. 3-4) uses the same estimator with its own features.
 
   Args:
@@ -188,11 +194,12 @@ def nce(features: jax.Array, positive_rows: jax.Array,
   # log P = s/tau - log Z; log h = log P - log(P + m Pn), computed with
   # logaddexp so that exp(s/tau) (up to e^14 at tau=0.07) cannot overflow.
   log_noise = jnp.log(noise_mass)
+  log_noise_eps = jnp.log(noise_mass + NCE_EPS)
   log_z = jnp.log(normalizer)
   pos = jnp.sum(v * positive_rows, axis=-1) / temperature - log_z
   neg = jnp.einsum('bd,bmd->bm', v, negative_rows) / temperature - log_z
-  log_h_pos = pos - jnp.logaddexp(pos, log_noise)
-  log_1m_h_neg = log_noise - jnp.logaddexp(neg, log_noise)
+  log_h_pos = pos - jnp.logaddexp(pos, log_noise_eps)
+  log_1m_h_neg = log_noise - jnp.logaddexp(neg, log_noise_eps)
   local = -(log_h_pos + jnp.sum(log_1m_h_neg, axis=-1))
   return parallel.pmean(jnp.mean(local), axis_name)
 
@@ -223,16 +230,21 @@ def bank_softmax(features: jax.Array, positive_rows: jax.Array,
   return parallel.pmean(jnp.mean(local), axis_name)
 
 
-def estimate_normalizer(features: jax.Array, negative_rows: jax.Array, *,
-                        temperature: float, num_data: int,
+def estimate_normalizer(features: jax.Array, positive_rows: jax.Array,
+                        negative_rows: jax.Array, *, temperature: float,
+                        num_data: int,
                         axis_name: Optional[str] = None) -> jax.Array:
-  """Z ~ n * mean(exp(v.m/tau)) over the global batch's noise samples.
+  """Z ~ n * mean(exp(v.m/tau)) over all m + 1 bank rows of the global batch.
 
   Wu et al. (2018, sec. 3.2) estimate Z once, from the first iterations, and
-  keep it constant; the NPID and PIRL reference code fix it on the first batch.
+  keep it constant. The official code (zhirongw/lemniscate.pytorch
+  `lib/NCEAverage.py`, `params[2] = out.mean() * outputSize`) fixes it on the
+  first batch, averaging over every column of `out`: the positive (column 0)
+  and the m noise samples alike.
 
   Args:
     features: [b, d] embeddings.
+    positive_rows: [b, d] each example's own bank row.
     negative_rows: [b, m, d] bank rows of the noise samples.
     temperature: tau.
     num_data: n.
@@ -242,5 +254,7 @@ def estimate_normalizer(features: jax.Array, negative_rows: jax.Array, *,
     The scalar Z, the same on every device, stop-gradient.
   """
   v = l2_normalize(jax.lax.stop_gradient(features).astype(jnp.float32))
-  s = jnp.einsum('bd,bmd->bm', v, jax.lax.stop_gradient(negative_rows))
+  rows = jax.lax.stop_gradient(
+      jnp.concatenate([positive_rows[:, None], negative_rows], axis=1))
+  s = jnp.einsum('bd,bmd->bm', v, rows)
   return parallel.pmean(jnp.mean(jnp.exp(s / temperature)), axis_name) * num_data

@@ -124,7 +124,18 @@ class Method(abc.ABC):
 
   def after_update(self, params: Any, method_state: Any,
                    step: jax.Array) -> Any:
-    """Updates method state from the new parameters (default: unchanged)."""
+    """Updates method state from the new parameters (default: unchanged).
+
+    Args:
+      params: the parameters after this step's optimizer update, theta(t+1).
+      method_state: the state the loss returned.
+      step: t, the 0-based index of the step that produced `params`. Official
+        codes differ in which momentum they pair with theta(t+1): BYOL and
+        DINO use m(t), MoCo v3 m(t+1); each method picks its own.
+
+    Returns:
+      The new method state.
+    """
     del params, step
     return method_state
 

@@ -96,7 +96,7 @@ class _DeepClusterBase(Method):
               x, k, key, num_iters=self.config.method.kmeans_iterations,
               spherical=self.spherical,
               init=self.config.method.get('kmeans_init', 'kmeans++'), mask=m,
-              axis_name=parallel.AXIS),
+              empty_clusters=self.empty_clusters, axis_name=parallel.AXIS),
               in_axes=(0, None, 0), axis_name=None),
           axis_name=parallel.AXIS, in_axes=(0, 0, None))
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
@@ -145,6 +145,9 @@ class DeepCluster(_DeepClusterBase):
   """Backbone + projector + a classifier re-initialised every epoch."""
 
   spherical = False
+  # faiss (facebookresearch/deepcluster clustering.py, run_kmeans) splits
+  # empty clusters off large ones.
+  empty_clusters = 'split'
 
   def extraction_views(self, rng, images):
     del rng
@@ -216,6 +219,8 @@ class DeepClusterV2(_DeepClusterBase):
   """
 
   spherical = True
+  # The reference's cluster_memory keeps an empty cluster's old centroid.
+  empty_clusters = 'keep'
 
   def __init__(self, config, data_info, total_steps):
     super().__init__(config, data_info, total_steps)

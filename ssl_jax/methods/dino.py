@@ -4,7 +4,8 @@ A student (backbone + DINO head) matches the sharpened, centred output of an
 EMA teacher across multi-crop views. The teacher sees the global crops only;
 pairs where student and teacher see the same crop are skipped. The center
 (`method_state['center']`) is an EMA (momentum 0.9) of the teacher outputs of
-the global batch; the teacher temperature warms up linearly from 0.04 to 0.07;
+the global batch; the teacher temperature warms up linearly from 0.04 to 0.07,
+stepped once per epoch as in the official code;
 the head's weight-normalised last layer can be frozen during the first epoch.
 
 Config (configs/dino.py): method.{num_global_crops, num_prototypes,
@@ -38,14 +39,42 @@ def steps_per_epoch(config: ml_collections.ConfigDict, total_steps: int) -> floa
   return float(max(total_steps, 1))
 
 
-def linear_warmup(start: float, end: float, warmup_steps: float):
-  """start -> end linearly over `warmup_steps`, then constant (DINO's tau_t)."""
+def teacher_temperature_schedule(start: float, end: float, warmup_epochs: int,
+                                 epoch_steps: float):
+  """DINO's teacher temperature tau_t, a function of the step.
+
+  As the official code (facebookresearch/dino `main_dino.py`, `DINOLoss`):
+  `np.concatenate((np.linspace(start, end, warmup_epochs),
+  np.ones(nepochs - warmup_epochs) * end))[epoch]`, i.e. constant within an
+  epoch, stepping once per epoch, `end` already in the last warm-up epoch
+  (linspace includes both ends) and from then on.
+
+  Args:
+    start: tau_t in the first epoch (`warmup_teacher_temp`, 0.04).
+    end: tau_t after the warm-up (`teacher_temp`).
+    warmup_epochs: `warmup_teacher_temp_epochs`, a whole number of epochs.
+    epoch_steps: steps in one epoch.
+
+  Returns:
+    schedule(step) -> tau_t.
+
+  Raises:
+    ValueError: a warm-up that is not a whole number of epochs.
+  """
+  if warmup_epochs < 0 or warmup_epochs != int(warmup_epochs):
+    raise ValueError(f'config.method.teacher_temperature_warmup_epochs must be '
+                     f'a whole number of epochs >= 0 (DINO steps the teacher '
+                     f'temperature once per epoch), got {warmup_epochs}.')
+  warmup_epochs = int(warmup_epochs)
 
   def schedule(step):
-    if warmup_steps <= 0:
+    epoch = jnp.floor(step / epoch_steps)
+    if warmup_epochs == 0:
       return jnp.asarray(end, jnp.float32)
-    frac = jnp.clip(step / warmup_steps, 0.0, 1.0)
-    return start + (end - start) * frac
+    # np.linspace(start, end, W)[e] = start + (end - start) * e / (W - 1).
+    frac = epoch / max(warmup_epochs - 1, 1)
+    warm = start + (end - start) * jnp.minimum(frac, 1.0)
+    return jnp.where(epoch < warmup_epochs, warm, end).astype(jnp.float32)
 
   return schedule
 
@@ -158,9 +187,9 @@ class DINO(Method):
     epoch = steps_per_epoch(config, total_steps)
     self.ema_momentum = optim.ema_momentum_schedule(m.ema_momentum_base,
                                                     total_steps)
-    self.teacher_temperature = linear_warmup(
+    self.teacher_temperature = teacher_temperature_schedule(
         m.teacher_temperature_start, m.teacher_temperature,
-        m.teacher_temperature_warmup_epochs * epoch)
+        m.teacher_temperature_warmup_epochs, epoch)
     self.freeze_last_layer_steps = m.freeze_last_layer_epochs * epoch
 
   def init(self, rng):

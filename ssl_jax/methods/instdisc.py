@@ -88,7 +88,7 @@ class _BankLoss:
     # Z is estimated on the first step (stored as 0 until then) and kept.
     z = jnp.where(
         normalizer > 0, normalizer,
-        instance.estimate_normalizer(embeddings, negative_rows,
+        instance.estimate_normalizer(embeddings, positive_rows, negative_rows,
                                      temperature=m.temperature,
                                      num_data=self.num_data,
                                      axis_name=axis_name))

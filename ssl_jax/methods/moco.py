@@ -176,7 +176,14 @@ class MoCoV3(Method):
 
   def after_update(self, params: Any, method_state: Any,
                    step: jax.Array) -> Any:
+    # The official loop (facebookresearch/moco-v3 main_moco.py, train():
+    # `moco_m = adjust_moco_momentum(epoch + i / iters_per_epoch)`, then
+    # builder.py forward(): `_update_momentum_encoder(m)` before the keys)
+    # moves the momentum encoder at the start of step t+1 with m(t+1) towards
+    # theta(t+1). Doing it here, at the end of step t, with m(step + 1) is the
+    # same update; m(step) would be one step late. (BYOL and DINO update after
+    # the optimizer with the momentum of the step just taken: m(step).)
     keys = common.ema_update(method_state['key_params'],
                              common.teacher_subset(params),
-                             self.ema_momentum(step))
+                             self.ema_momentum(step + 1))
     return dict(method_state, key_params=keys)

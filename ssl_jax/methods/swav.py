@@ -1,8 +1,13 @@
 """SwAV (Caron et al. 2020): swapped prediction of Sinkhorn codes, multi-crop.
 
-The prototypes are a [K, d] parameter kept on the unit sphere (re-normalised
-after every optimizer update in `project_params`) and frozen for the first
-`method.freeze_prototypes_steps` steps. Codes are computed with Sinkhorn-Knopp
+The prototypes are a [K, d] parameter kept on the unit sphere and frozen for
+the first `method.freeze_prototypes_steps` steps. As in the official code
+(facebookresearch/swav `main_swav.py`, "normalize the prototypes" under
+`torch.no_grad()` at the start of every iteration), the normalisation is a
+state transform outside the differentiated function: `project_params` applies
+it after every optimizer update, i.e. before the next step's forward pass
+(initial prototypes are unit-norm), and the loss uses the matrix as stored, so
+its gradient keeps the radial part the official update sees. Codes are computed with Sinkhorn-Knopp
 over the global batch for the global crops only; every crop predicts the codes
 of every other global crop. An optional queue of past global-crop embeddings
 (method_state['queue'], filled from epoch `method.queue_start_epoch`) joins

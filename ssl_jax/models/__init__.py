@@ -90,6 +90,7 @@ def get_mlp(head_config: Optional[ml_collections.ConfigDict],
              output_dim=head_config.output_dim,
              use_bn=head_config.get('use_bn', True),
              last_bn=head_config.get('last_bn', False),
+             last_bn_scale=head_config.get('last_bn_scale', False),
              axis_name=axis_name, dtype=dtype)
 
 

@@ -562,7 +562,7 @@ def check_collapse(loss_fn: LossFn, args: Args, *,
     args: example inputs (their shapes, dtypes and scale are used).
     collapse_value: the expected loss at collapse, or a function of the
       collapsed inputs (in the loss's own layout) returning it, e.g.
-      log(2N - 1) for NT-Xent.
+      2 log(2N - 1) for NT-Xent (two queries per image).
     hyper: keyword hyper-parameters.
     anti_collapse: also check the direction of the gradient near collapse.
     collapse_argnums: the arguments to collapse (default: every float one).
