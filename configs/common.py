@@ -92,7 +92,15 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='lars', lr=0.3, lr_scaling='linear', weight_decay=1e-6,
       momentum=0.9, trust_coefficient=0.001, clip_grad_norm=0.0,
-      final_lr_fraction=0.0))
+      final_lr_fraction=0.0,
+      # Which parameters get weight decay / LARS adaptation: 'no_bias_norm'
+      # or 'all' (torch's SGD over model.parameters(), SwAV's LARC).
+      weight_decay_mask='no_bias_norm', trust_ratio_mask='no_bias_norm',
+      # 'cosine': weight_decay -> weight_decay_end over the run (DINO).
+      weight_decay_schedule='constant', weight_decay_end=0.0,
+      # > 0: biases and norm parameters' lr, in the units of `lr` (Barlow
+      # Twins' 0.0048); absolute lr at the first warm-up step (SwAV's 0.3).
+      bias_norm_lr=0.0, warmup_start_lr=0.0))
 
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
