@@ -109,7 +109,9 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       weight_decay_schedule='constant', weight_decay_end=0.0,
       # > 0: biases and norm parameters' lr, in the units of `lr` (Barlow
       # Twins' 0.0048); absolute lr at the first warm-up step (SwAV's 0.3).
-      bias_norm_lr=0.0, warmup_start_lr=0.0))
+      bias_norm_lr=0.0, warmup_start_lr=0.0,
+      # 'global' or 'per_parameter' (DINO's utils.clip_gradients).
+      clip_grad_mode='global'))
 
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
@@ -183,7 +185,7 @@ def fmnist(c: ml_collections.ConfigDict, *, num_epochs: float = 1,
   c.optimizer.update(weight_decay_mask='no_bias_norm',
                      trust_ratio_mask='no_bias_norm',
                      weight_decay_schedule='constant', bias_norm_lr=0.0,
-                     warmup_start_lr=0.0)
+                     warmup_start_lr=0.0, clip_grad_mode='global')
   # The periodic evaluation embeds 3000 images: a few seconds every 200 steps.
   c.training.update(log_every=20, checkpoint_every=500, eval_every=200)
   c.eval.update(max_train_examples=10000, max_test_examples=10000,
@@ -327,7 +329,8 @@ def cifar10(c: ml_collections.ConfigDict, *, optimizer: str = 'lars',
                      trust_coefficient=0.02, weight_decay_mask='all',
                      trust_ratio_mask='no_bias_norm', final_lr_fraction=0.0,
                      warmup_start_lr=3e-5, clip_grad_norm=0.0,
-                     weight_decay_schedule='constant', bias_norm_lr=0.0)
+                     weight_decay_schedule='constant', bias_norm_lr=0.0,
+                     clip_grad_mode='global')
   # k-NN and online probe once per epoch (195 steps of 256), on 10000 train
   # and the 10000 test images.
   c.training.update(log_every=50, checkpoint_every=1950, eval_every=195)

@@ -141,6 +141,24 @@ def _lars(opt, lr, weight_decay=None):
       momentum=opt.get('momentum', 0.9))
 
 
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """Clips every parameter's gradient to L2 norm `max_norm` on its own.
+
+  DINO's `utils.clip_gradients` (facebookresearch/dino utils.py L132-L141):
+  g * min(1, max_norm / (||g|| + 1e-6)), leaf by leaf, unlike
+  `optax.clip_by_global_norm`, which scales all leaves by one factor.
+  """
+
+  def clip(updates, state, params=None):
+    del params
+    def one(g):
+      coef = max_norm / (jnp.linalg.norm(g) + 1e-6)
+      return jnp.where(coef < 1.0, g * coef, g)
+    return jax.tree.map(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
 def _scaled(schedule: Schedule, factor: float) -> Schedule:
   return lambda step: factor * schedule(step)
 
@@ -156,7 +174,8 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
       weight_decay_end, see `weight_decay_schedule`); bias_norm_lr (> 0: the
       biases and normalisation parameters follow the schedule scaled by
       bias_norm_lr / lr, Barlow Twins' `--learning-rate-biases`);
-      clip_grad_norm (> 0: clip the global gradient norm first).
+      clip_grad_norm (> 0: clip the gradient norm first, of all parameters
+      together or, clip_grad_mode='per_parameter', of each on its own).
     lr: the learning-rate schedule of the weights.
     total_steps: the run's length, for a weight-decay schedule.
 
@@ -175,5 +194,13 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
     bias_tx = build(opt, bias_lr, weight_decay=weight_decay)
     tx = optax.multi_transform({'weights': tx, 'bias_norm': bias_tx}, labels)
   if opt.get('clip_grad_norm', 0.0):
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad_norm), tx)
+    mode = opt.get('clip_grad_mode', 'global')
+    if mode == 'global':
+      clip = optax.clip_by_global_norm(opt.clip_grad_norm)
+    elif mode == 'per_parameter':
+      clip = clip_each_by_norm(opt.clip_grad_norm)
+    else:
+      raise ValueError(f"Unknown optimizer.clip_grad_mode {mode!r}; known: "
+                       f"global, per_parameter.")
+    tx = optax.chain(clip, tx)
   return tx

@@ -45,6 +45,13 @@ def test_config_variants_build(name, variant):
     assert config.num_steps <= 10 and config.batch_size <= 64
 
 
+@pytest.mark.parametrize('name,variant', [('dino', 'resnet'), ('mocov3', 'vit')])
+def test_other_official_recipes_build(name, variant):
+  config = importlib.import_module(f'configs.{name}').get_config(variant)
+  assert config.method.name == name
+  assert config.data.tfds_name == 'imagenet2012'
+
+
 def test_unknown_variant_lists_known_ones():
   with pytest.raises(ValueError, match='known: smoke, fmnist, cifar10'):
     importlib.import_module('configs.simclr').get_config('tiny')

@@ -135,3 +135,28 @@ def test_warmup_starts_at_swav_start_warmup():
   np.testing.assert_allclose(float(schedule(0)), 0.3, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 4.8, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(1000)), 0.0048, rtol=1e-5)
+
+
+def _dino_clip_gradients(grads, clip):
+  """dino utils.py `clip_gradients` (L132-L141), on NumPy arrays."""
+  out = []
+  for g in grads:
+    clip_coef = clip / (np.linalg.norm(g) + 1e-6)
+    out.append(g * clip_coef if clip_coef < 1 else g)
+  return out
+
+
+def test_per_parameter_clip_matches_dino():
+  grads = {'a': jnp.full((3, 2), 4.0), 'b': jnp.full((2,), 0.5)}
+  opt = _opt(name='sgd', lr=1.0, weight_decay=0.0, momentum=0.0,
+             clip_grad_norm=3.0, clip_grad_mode='per_parameter')
+  tx = optim.get_optimizer(opt, 1.0)
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  expected = _dino_clip_gradients([np.asarray(g) for g in jax.tree.leaves(grads)], 3.0)
+  for u, e in zip(jax.tree.leaves(updates), expected):
+    np.testing.assert_allclose(-np.asarray(u), e, rtol=1e-6)
+  # The global clip scales the small leaf too: the two modes differ here.
+  glob, _ = optim.get_optimizer(_opt(name='sgd', lr=1.0, weight_decay=0.0,
+                                     momentum=0.0, clip_grad_norm=3.0),
+                                1.0).update(grads, tx.init(grads), grads)
+  assert not np.allclose(glob['b'], updates['b'])
