@@ -11,6 +11,8 @@ SGD lr 0.1 * B/256, weight decay 1e-4, batch 256, 100 epochs.
       --config.method.teacher_workdir=runs/simclr --workdir=runs/distill
   python -m ssl_jax.main --config=configs/distill.py:fmnist --workdir=runs/distill_fmnist
       (after README command (a), whose runs/simclr_fmnist is the teacher)
+  python -m ssl_jax.main --config=configs/distill.py:cifar10 --workdir=runs/distill_cifar10
+      (after configs/simclr.py:cifar10 trained runs/simclr_cifar10, the teacher)
 
 Self-distillation: give the student the teacher's `config.model`.
 

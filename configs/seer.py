@@ -31,6 +31,7 @@ Run it multi-host with the engine's distributed flags:
   python -m ssl_jax.main --config=configs/seer.py --workdir=gs://bucket/seer \
       --config.distributed.enabled=True --config.data.tfds_name=...
   python -m ssl_jax.main --config=configs/seer.py:smoke --workdir=/tmp/seer_smoke
+  python -m ssl_jax.main --config=configs/seer.py:cifar10 --workdir=runs/seer_cifar10
 """
 
 from configs import common

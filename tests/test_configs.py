@@ -54,6 +54,17 @@ def test_other_official_recipes_build(name, variant):
   assert config.data.tfds_name == 'imagenet2012'
 
 
+@pytest.mark.parametrize('name', CONFIG_NAMES)
+def test_docstring_tables_the_official_recipe(name):
+  """Each paper config tables itself against the official code (or says why
+  there is none) and states what its cifar10 variant follows."""
+  doc = importlib.import_module(f'configs.{name}').__doc__
+  header = [line for line in doc.splitlines()
+            if line.split('|')[0].strip() == 'field']
+  assert header and '| ours' in header[0] and '| official' in header[0], name
+  assert 'The `cifar10` variant' in doc and ':cifar10' in doc, name
+
+
 def test_unknown_variant_lists_known_ones():
   with pytest.raises(ValueError, match='known: smoke, fmnist, cifar10'):
     importlib.import_module('configs.simclr').get_config('tiny')
