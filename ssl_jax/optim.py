@@ -89,7 +89,8 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, global_batch: int,
   """
   peak = peak_learning_rate(opt, global_batch)
   return optax.warmup_cosine_decay_schedule(
-      init_value=opt.get('warmup_start_lr', 0.0), peak_value=peak, warmup_steps=max(warmup_steps, 0),
+      init_value=opt.get('warmup_start_lr', 0.0), peak_value=peak,
+      warmup_steps=max(warmup_steps, 0),
       decay_steps=max(total_steps, warmup_steps + 1),
       end_value=peak * opt.get('final_lr_fraction', 0.0))
 
