@@ -1,19 +1,28 @@
 """Config pieces shared by every method: data, model, optimizer, training, eval.
 
 Each `configs/<method>.py` builds its paper recipe from these pieces and
-accepts two variants (big_vision style, `--config=configs/simclr.py:smoke`):
+accepts these variants (big_vision style, `--config=configs/simclr.py:smoke`):
 
   smoke   a tiny model on 1024 Fashion-MNIST images for a handful of steps:
           under 2 minutes on a 2-core CPU, used by the tests;
   fmnist  a Fashion-MNIST recipe for a 2-core CPU (minutes, not hours) that
-          learns features a linear probe can see.
+          learns features a linear probe can see;
+  cifar10 a ResNet-18 CIFAR-10 recipe for an accelerator (TFDS `cifar10`):
+          solo-learn's `scripts/pretrain/cifar/<method>.yaml` where it has
+          one, else the closest published CIFAR recipe (see each docstring).
+
+Each method's docstring tables its paper recipe against the official code:
+field | ours | official (repository, file, line).
 """
 
 from typing import Optional, Sequence
 
 import ml_collections
 
-VARIANTS = ('smoke', 'fmnist')
+VARIANTS = ('smoke', 'fmnist', 'cifar10')
+
+# solo-learn at the commit whose CIFAR recipes the `cifar10` variants follow.
+SOLO_LEARN = 'vturrisi/solo-learn@9187ea3'
 
 
 def view(size: int, *, count: int = 1, crop_scale=(0.08, 1.0),
@@ -92,7 +101,17 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.optimizer = ml_collections.ConfigDict(dict(
       name='lars', lr=0.3, lr_scaling='linear', weight_decay=1e-6,
       momentum=0.9, trust_coefficient=0.001, clip_grad_norm=0.0,
-      final_lr_fraction=0.0))
+      final_lr_fraction=0.0,
+      # Which parameters get weight decay / LARS adaptation: 'no_bias_norm'
+      # or 'all' (torch's SGD over model.parameters(), SwAV's LARC).
+      weight_decay_mask='no_bias_norm', trust_ratio_mask='no_bias_norm',
+      # 'cosine': weight_decay -> weight_decay_end over the run (DINO).
+      weight_decay_schedule='constant', weight_decay_end=0.0,
+      # > 0: biases and norm parameters' lr, in the units of `lr` (Barlow
+      # Twins' 0.0048); absolute lr at the first warm-up step (SwAV's 0.3).
+      bias_norm_lr=0.0, warmup_start_lr=0.0,
+      # 'global' or 'per_parameter' (DINO's utils.clip_gradients).
+      clip_grad_mode='global'))
 
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
@@ -162,6 +181,11 @@ def fmnist(c: ml_collections.ConfigDict, *, num_epochs: float = 1,
   c.warmup_epochs = min(1, num_epochs / 5)
   c.optimizer.update(name='lars', lr=1.0, lr_scaling='linear',
                      weight_decay=1e-5)
+  # The CPU recipes keep the library's defaults, whatever the paper's are.
+  c.optimizer.update(weight_decay_mask='no_bias_norm',
+                     trust_ratio_mask='no_bias_norm',
+                     weight_decay_schedule='constant', bias_norm_lr=0.0,
+                     warmup_start_lr=0.0, clip_grad_mode='global')
   # The periodic evaluation embeds 3000 images: a few seconds every 200 steps.
   c.training.update(log_every=20, checkpoint_every=500, eval_every=200)
   c.eval.update(max_train_examples=10000, max_test_examples=10000,
@@ -251,12 +275,82 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
+def solo_cifar_views(kind: str) -> ml_collections.ConfigDict:
+  """solo-learn's CIFAR augmentations, scripts/pretrain/cifar/augmentations/.
+
+  'symmetric' (symmetric.yaml): SimCLR's strong jitter (0.8, 0.8, 0.8, 0.2),
+  blur p=0.5; 'symmetric_weak' (symmetric_weak.yaml): MoCo v2's jitter
+  (0.4, 0.4, 0.4, 0.1), blur p=0.5; 'asymmetric' (asymmetric.yaml): BYOL's
+  jitter (0.4, 0.4, 0.2, 0.1), no blur, solarize p=0.2 on the second view.
+  All: 32-pixel crops of scale (0.08, 1), grayscale p=0.2, flip p=0.5.
+  """
+  if kind == 'symmetric':
+    return ml_collections.ConfigDict({'global_crops': view(
+        32, count=2, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
+        blur_prob=0.5)})
+  if kind == 'symmetric_weak':
+    return ml_collections.ConfigDict({'global_crops': view(
+        32, count=2, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
+        blur_prob=0.5)})
+  if kind == 'asymmetric':
+    return ml_collections.ConfigDict({
+        'view1': view(32, brightness=0.4, contrast=0.4, saturation=0.2,
+                      hue=0.1),
+        'view2': view(32, brightness=0.4, contrast=0.4, saturation=0.2,
+                      hue=0.1, solarize_prob=0.2)})
+  raise ValueError(f'Unknown solo-learn augmentation {kind!r}; known: '
+                   f'symmetric, symmetric_weak, asymmetric.')
+
+
+def cifar10(c: ml_collections.ConfigDict, *, optimizer: str = 'lars',
+            lr: float = 0.3, weight_decay: float = 1e-4,
+            views: str = 'symmetric', num_epochs: int = 1000,
+            batch_size: int = 256) -> ml_collections.ConfigDict:
+  """solo-learn's CIFAR-10 setting (ResNet-18, batch 256, 1000 epochs).
+
+  solo-learn (solo/methods/base.py, solo/args/pretrain.py): the ResNet-18's
+  first conv is 3x3/1 and its max-pool removed (our 'cifar' stem); lr x B/256;
+  warm-up of 10 epochs from 3e-5, cosine to 0 per step; LARS with eta 0.02
+  that skips biases and norms (`exclude_bias_n_norm`), weight decay on every
+  parameter (`exclude_bias_n_norm_wd` False). Not expressible here: LARS's
+  `clip_lr` (the adapted rate capped at the global one) and fp16.
+  """
+  c.data.update(dataset='tfds', tfds_name='cifar10', image_size=32,
+                channels=3, train_split='train', eval_split='test',
+                max_train_examples=0)
+  c.model.update(backbone='resnet18', stem='cifar', pooling='avg')
+  c.augment.views = solo_cifar_views(views)
+  c.batch_size = batch_size
+  c.num_epochs = num_epochs
+  c.num_steps = 0
+  c.warmup_epochs = 10
+  c.optimizer.update(name=optimizer, lr=lr, lr_scaling='linear',
+                     weight_decay=weight_decay, momentum=0.9,
+                     trust_coefficient=0.02, weight_decay_mask='all',
+                     trust_ratio_mask='no_bias_norm', final_lr_fraction=0.0,
+                     warmup_start_lr=3e-5, clip_grad_norm=0.0,
+                     weight_decay_schedule='constant', bias_norm_lr=0.0,
+                     clip_grad_mode='global')
+  # k-NN and online probe once per epoch (195 steps of 256), on 10000 train
+  # and the 10000 test images.
+  c.training.update(log_every=50, checkpoint_every=1950, eval_every=195)
+  c.eval.update(periodic_train_examples=10000, periodic_test_examples=10000,
+                batch_size=1000, linear_aug_crop_scale=(0.08, 1.0))
+  return c
+
+
 def apply_variant(c: ml_collections.ConfigDict,
                   variant: Optional[str]) -> ml_collections.ConfigDict:
-  """Applies 'smoke' or 'fmnist' (None/'' keeps the paper recipe)."""
+  """Applies 'smoke' or 'fmnist' (None/'' keeps the paper recipe).
+
+  'cifar10' is each method's own (its config calls `cifar10` with the
+  recipe's values before this); here it only has its name checked.
+  """
   if not variant:
     return c
   if variant not in VARIANTS:
     raise ValueError(f'Unknown config variant {variant!r}; known: '
                      f'{", ".join(VARIANTS)}.')
+  if variant == 'cifar10':
+    return c
   return {'smoke': smoke, 'fmnist': fmnist}[variant](c)

@@ -8,8 +8,22 @@ below, each scored by InfoNCE against every other patch embedding of the
 global batch. Henaff et al. use a LayerNorm ResNet and patch augmentations;
 the BatchNorm backbone, optimizer and length here are this config's choices.
 
+  field            | ours                   | official
+  patches          | 64 px, stride 32 on 256 (7x7) | Henaff et al. 2019 sec. 3 (no official image CPC code is released)
+  predictions      | rows 2..5 below        | paper (up to 5 rows)
+  context          | row-causal, 3 layers   | PixelCNN-style context network (paper)
+  network, optimiser | BN ResNet-50, AdamW 2e-4 | LayerNorm ResNet, this config's choice
+Deliberate: BatchNorm instead of LayerNorm and no patch augmentations.
+
+The `cifar10` variant: no CIFAR recipe of image CPC is published. On
+solo-learn's CIFAR ResNet-18: 8-pixel patches every 4 pixels of a 32-pixel
+view (a 7x7 grid), predictions 2 and 3 rows below, a 2-layer 256-d context,
+AdamW lr 2e-4 (not batch-scaled), wd 1e-4, batch 256, 200
+epochs. No published top-1 to compare with.
+
   python -m ssl_jax.main --config=configs/cpc.py --workdir=runs/cpc
   python -m ssl_jax.main --config=configs/cpc.py:fmnist --workdir=runs/cpc_fmnist
+  python -m ssl_jax.main --config=configs/cpc.py:cifar10 --workdir=runs/cpc_cifar10
 """
 
 import ml_collections
@@ -32,6 +46,16 @@ def get_config(variant=None):
   c.warmup_epochs = 1
   c.optimizer.update(name='adamw', lr=2e-4, lr_scaling='none',
                      weight_decay=1e-4)
+  if variant == 'cifar10':
+    common.cifar10(c, optimizer='adamw', lr=2e-4, weight_decay=1e-4,
+                   num_epochs=200)
+    c.optimizer.update(lr_scaling='none', warmup_start_lr=0.0,
+                       weight_decay_mask='no_bias_norm')
+    c.augment.views = ml_collections.ConfigDict({'image': common.view(
+        32, crop_scale=(0.3, 1.0), jitter_prob=0.0, grayscale_prob=0.0)})
+    c.method.update(patch_size=8, patch_stride=4, row_offsets=(2, 3),
+                    context_dim=256, context_layers=2)
+    return c
   common.apply_variant(c, variant)
   common.small_image_objective(c, variant, fmnist_epochs=1, smoke_batch=16,
                                patches=True)

@@ -1,7 +1,30 @@
 r"""SwAV (Caron et al. 2020), ImageNet ResNet-50 recipe (800 epochs, multi-crop).
 
+Against facebookresearch/swav@06b1b7c (`scripts/swav_800ep_pretrain.sh`,
+`main_swav.py`), 75.3% linear top-1 (the README's 800-epoch model):
+
+  field            | ours                     | official
+  crops            | 2x224 (0.14, 1) + 6x96 (0.05, 0.14) | swav_800ep_pretrain.sh L28-L31
+  T, eps, iters    | 0.1, 0.05, 3             | L33-L35
+  prototypes, dim  | 3000, 2048-128           | L36-L37
+  queue            | none                     | --queue_length 0 (L38)
+  epochs, batch    | 800, 4096                | 800, 64 x 64 GPUs (L39-L40, L10)
+  lr               | 0.3 x B/256 = 4.8 -> 0.0048 | --base_lr 4.8, --final_lr 0.0048 (L41-L42)
+  warm-up          | 10 epochs from 0.3       | --warmup_epochs 10, --start_warmup 0.3 (L45-L46; main_swav.py L178)
+  prototypes frozen| 313 steps                | --freeze_prototypes_niters 313 (L43)
+  weight decay     | 1e-6 on every param.     | --wd 1e-6 (L44); SGD(model.parameters(), weight_decay) (main_swav.py L171-L176)
+  LARS             | every parameter          | LARC over all parameters, clip=False (L177)
+Deliberate: optax's LARS divides by ||g + wd p||, apex's LARC by
+||g|| + wd ||p||; fp16 and apex SyncBN are not reproduced.
+
+The `cifar10` variant is solo-learn's scripts/pretrain/cifar/swav.yaml
+(ResNet-18, 2048-128 projector, 3000 prototypes, queue 3840 from epoch 50,
+prototypes frozen 2 epochs, T 0.1, LARS lr 0.6, wd 1e-6, two symmetric
+crops, 1000 epochs): 89.17% top-1 on CIFAR-10 (solo-learn README).
+
   python -m ssl_jax.main --config=configs/swav.py --workdir=runs/swav
   python -m ssl_jax.main --config=configs/swav.py:fmnist --workdir=runs/swav_fmnist
+  python -m ssl_jax.main --config=configs/swav.py:cifar10 --workdir=runs/swav_cifar10
 """
 
 import ml_collections
@@ -44,12 +67,23 @@ def get_config(variant=None):
   c.model.projector = common.mlp((2048,), 128)
   c.augment.views = multicrop_views(224, 96, 6)
   # LARS, batch 4096, 800 epochs, lr 4.8 = 0.3 * 4096/256, final lr 0.0048,
-  # weight decay 1e-6, 10 warm-up epochs.
+  # weight decay 1e-6, 10 warm-up epochs from 0.3; apex's LARC over SGD
+  # adapts and decays every parameter, biases and BN included.
   c.batch_size = 4096
   c.num_epochs = 800
   c.warmup_epochs = 10
   c.optimizer.update(name='lars', lr=0.3, lr_scaling='linear',
-                     weight_decay=1e-6, final_lr_fraction=0.001)
+                     weight_decay=1e-6, final_lr_fraction=0.001,
+                     warmup_start_lr=0.3, weight_decay_mask='all',
+                     trust_ratio_mask='all')
+  if variant == 'cifar10':
+    common.cifar10(c, lr=0.6, weight_decay=1e-6, views='symmetric')
+    c.model.projector = common.mlp((2048,), 128)
+    c.method.update(num_prototypes=3000, temperature=0.1, epsilon=0.05,
+                    sinkhorn_iterations=3, queue_length=3840,
+                    queue_start_epoch=50,
+                    freeze_prototypes_steps=2 * (50000 // c.batch_size))
+    return c
   common.apply_variant(c, variant)
   if variant:
     # Multi-crop: local crops give a smaller last map, so the features must

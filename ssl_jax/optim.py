@@ -14,6 +14,9 @@ OPTIMIZERS = Registry('optimizer')
 Schedule = Callable[[jax.Array], jax.Array]
 
 
+MASKS = ('no_bias_norm', 'all')
+
+
 def decay_mask(params: Any) -> Any:
   """True for weights that get weight decay and LARS adaptation.
 
@@ -21,6 +24,48 @@ def decay_mask(params: Any) -> Any:
   SimCLR, BYOL and Barlow Twins.
   """
   return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def parameter_mask(opt: ml_collections.ConfigDict, field: str) -> Any:
+  """The mask that `opt.<field>` names, in the form optax takes.
+
+  'no_bias_norm' (the default): `decay_mask`, biases and normalisation
+  parameters left out (SimCLR, BYOL, Barlow Twins, DINO). 'all': every
+  parameter, as torch's `SGD(model.parameters(), weight_decay=...)` in the
+  official MoCo, SimSiam, NPID and DeepCluster code, and apex's LARC over
+  SGD in SwAV's `main_swav.py`.
+  """
+  kind = opt.get(field, 'no_bias_norm')
+  if kind == 'no_bias_norm':
+    return decay_mask
+  if kind == 'all':
+    return True
+  raise ValueError(f'Unknown optimizer.{field} {kind!r}; known: '
+                   f'{", ".join(MASKS)}.')
+
+
+def weight_decay_schedule(opt: ml_collections.ConfigDict,
+                          total_steps: int) -> Any:
+  """`opt.weight_decay`, constant or cosine-moved to `opt.weight_decay_end`.
+
+  'cosine' is DINO's `utils.cosine_scheduler(weight_decay, weight_decay_end,
+  epochs, niter_per_ep)`: wd(t) = end + (start - end) (1 + cos(pi t / T)) / 2
+  over all T steps, no warm-up (facebookresearch/dino main_dino.py).
+  """
+  kind = opt.get('weight_decay_schedule', 'constant')
+  if kind == 'constant':
+    return opt.weight_decay
+  if kind != 'cosine':
+    raise ValueError(f"Unknown optimizer.weight_decay_schedule {kind!r}; "
+                     f"known: constant, cosine.")
+  start, end = opt.weight_decay, opt.weight_decay_end
+  steps = max(total_steps, 1)
+
+  def schedule(step):
+    progress = jnp.clip(step / steps, 0.0, 1.0)
+    return end + (start - end) * (1.0 + jnp.cos(jnp.pi * progress)) / 2.0
+
+  return schedule
 
 
 def peak_learning_rate(opt: ml_collections.ConfigDict, global_batch: int) -> float:
@@ -37,10 +82,15 @@ def peak_learning_rate(opt: ml_collections.ConfigDict, global_batch: int) -> flo
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, global_batch: int,
                            total_steps: int, warmup_steps: int) -> Schedule:
-  """Linear warm-up from 0, then cosine decay to `final_lr_fraction * peak`."""
+  """Linear warm-up, then cosine decay to `final_lr_fraction * peak`.
+
+  The warm-up starts at `opt.warmup_start_lr` (absolute, not batch-scaled;
+  SwAV's `--start_warmup`, 0.3 in its 800-epoch script), by default 0.
+  """
   peak = peak_learning_rate(opt, global_batch)
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=max(warmup_steps, 0),
+      init_value=opt.get('warmup_start_lr', 0.0), peak_value=peak,
+      warmup_steps=max(warmup_steps, 0),
       decay_steps=max(total_steps, warmup_steps + 1),
       end_value=peak * opt.get('final_lr_fraction', 0.0))
 
@@ -58,34 +108,100 @@ def ema_momentum_schedule(base: float, total_steps: int,
   return schedule
 
 
+# Each optimizer is built as `build(opt, lr, weight_decay=None)`: `lr` and
+# `weight_decay` are numbers or schedules of the step; None reads
+# `opt.weight_decay`.
 @OPTIMIZERS.register('sgd')
-def _sgd(opt, lr):
+def _sgd(opt, lr, weight_decay=None):
+  weight_decay = opt.weight_decay if weight_decay is None else weight_decay
   return optax.chain(
-      optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+      optax.add_decayed_weights(weight_decay,
+                                mask=parameter_mask(opt, 'weight_decay_mask')),
       optax.sgd(lr, momentum=opt.get('momentum', 0.9),
                 nesterov=opt.get('nesterov', False)))
 
 
 @OPTIMIZERS.register('adamw')
-def _adamw(opt, lr):
+def _adamw(opt, lr, weight_decay=None):
+  weight_decay = opt.weight_decay if weight_decay is None else weight_decay
   return optax.adamw(lr, b1=opt.get('b1', 0.9), b2=opt.get('b2', 0.999),
-                     weight_decay=opt.weight_decay, mask=decay_mask)
+                     weight_decay=weight_decay,
+                     mask=parameter_mask(opt, 'weight_decay_mask'))
 
 
 @OPTIMIZERS.register('lars')
-def _lars(opt, lr):
-  # You et al. 2017 as used by SimCLR/BYOL: trust ratio and weight decay skip
-  # biases and BN parameters.
-  return optax.lars(lr, weight_decay=opt.weight_decay,
-                    weight_decay_mask=decay_mask, trust_ratio_mask=decay_mask,
-                    trust_coefficient=opt.get('trust_coefficient', 0.001),
-                    momentum=opt.get('momentum', 0.9))
+def _lars(opt, lr, weight_decay=None):
+  # You et al. 2017 as used by SimCLR/BYOL: by default the trust ratio and
+  # weight decay skip biases and BN parameters; SwAV's LARC covers them all.
+  weight_decay = opt.weight_decay if weight_decay is None else weight_decay
+  return optax.lars(
+      lr, weight_decay=weight_decay,
+      weight_decay_mask=parameter_mask(opt, 'weight_decay_mask'),
+      trust_ratio_mask=parameter_mask(opt, 'trust_ratio_mask'),
+      trust_coefficient=opt.get('trust_coefficient', 0.001),
+      momentum=opt.get('momentum', 0.9))
 
 
-def get_optimizer(opt: ml_collections.ConfigDict,
-                  lr: Schedule) -> optax.GradientTransformation:
-  """The optimizer named `opt.name`, with optional global-norm clipping."""
-  tx = OPTIMIZERS.get(opt.name)(opt, lr)
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+  """Clips every parameter's gradient to L2 norm `max_norm` on its own.
+
+  DINO's `utils.clip_gradients` (facebookresearch/dino utils.py L132-L141):
+  g * min(1, max_norm / (||g|| + 1e-6)), leaf by leaf, unlike
+  `optax.clip_by_global_norm`, which scales all leaves by one factor.
+  """
+
+  def clip(updates, state, params=None):
+    del params
+    def one(g):
+      coef = max_norm / (jnp.linalg.norm(g) + 1e-6)
+      return jnp.where(coef < 1.0, g * coef, g)
+    return jax.tree.map(one, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
+
+
+def _scaled(schedule: Schedule, factor: float) -> Schedule:
+  return lambda step: factor * schedule(step)
+
+
+def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
+                  total_steps: int = 0) -> optax.GradientTransformation:
+  """The optimizer named `opt.name`, with optional global-norm clipping.
+
+  Args:
+    opt: `config.optimizer`. Beyond the optimizer's own fields:
+      weight_decay_mask / trust_ratio_mask ('no_bias_norm' or 'all', see
+      `parameter_mask`); weight_decay_schedule ('constant' or 'cosine' to
+      weight_decay_end, see `weight_decay_schedule`); bias_norm_lr (> 0: the
+      biases and normalisation parameters follow the schedule scaled by
+      bias_norm_lr / lr, Barlow Twins' `--learning-rate-biases`);
+      clip_grad_norm (> 0: clip the gradient norm first, of all parameters
+      together or, clip_grad_mode='per_parameter', of each on its own).
+    lr: the learning-rate schedule of the weights.
+    total_steps: the run's length, for a weight-decay schedule.
+
+  Returns:
+    The optax transformation.
+  """
+  build = OPTIMIZERS.get(opt.name)
+  weight_decay = weight_decay_schedule(opt, total_steps)
+  tx = build(opt, lr, weight_decay=weight_decay)
+  if opt.get('bias_norm_lr', 0.0):
+    # Two parameter groups, as barlowtwins main.py's `param_weights` and
+    # `param_biases`: the same schedule, another peak.
+    bias_lr = _scaled(lr, opt.bias_norm_lr / opt.lr)
+    labels = lambda params: jax.tree.map(
+        lambda p: 'weights' if p.ndim > 1 else 'bias_norm', params)
+    bias_tx = build(opt, bias_lr, weight_decay=weight_decay)
+    tx = optax.multi_transform({'weights': tx, 'bias_norm': bias_tx}, labels)
   if opt.get('clip_grad_norm', 0.0):
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_grad_norm), tx)
+    mode = opt.get('clip_grad_mode', 'global')
+    if mode == 'global':
+      clip = optax.clip_by_global_norm(opt.clip_grad_norm)
+    elif mode == 'per_parameter':
+      clip = clip_each_by_norm(opt.clip_grad_norm)
+    else:
+      raise ValueError(f"Unknown optimizer.clip_grad_mode {mode!r}; known: "
+                       f"global, per_parameter.")
+    tx = optax.chain(clip, tx)
   return tx

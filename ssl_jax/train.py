@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import ml_collections
@@ -60,17 +60,30 @@ def steps_from_epochs(config, steps_per_epoch: int):
 def feature_dim(config, method, params, batch_stats) -> int:
   from ssl_jax import models  # pylint: disable=g-import-not-at-top
   backbone = models.get_backbone(config.model)
+  # Arguments, not a closure: they may be ShapeDtypeStructs (abstract setup).
   out = jax.eval_shape(
-      lambda: backbone.apply({'params': params['backbone'],
-                              'batch_stats': batch_stats.get('backbone', {})},
-                             method.sample_input(), train=False))
+      lambda p, s: backbone.apply({'params': p, 'batch_stats': s},
+                                  method.sample_input(), train=False),
+      params['backbone'], batch_stats.get('backbone', {}))
   return out[0].shape[-1]
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-  """Builds data source, method, optimizer and an initial state (host)."""
-  source = data.get_source(config.data, config.data.train_split,
-                           config.data.get('max_train_examples', 0))
+def setup(config: ml_collections.ConfigDict,
+          source: Optional[data.Source] = None,
+          abstract: bool = False) -> Setup:
+  """Builds data source, method, optimizer and an initial state (host).
+
+  Args:
+    config: the run's config.
+    source: the training source; None reads `config.data` (tests pass a
+      stand-in that only describes the images, to check a recipe without
+      its dataset).
+    abstract: if True, the state is `jax.ShapeDtypeStruct`s (jax.eval_shape
+      of the initialisation): nothing is computed or compiled.
+  """
+  if source is None:
+    source = data.get_source(config.data, config.data.train_split,
+                             config.data.get('max_train_examples', 0))
   validation.validate_data(config, source)
   steps_per_epoch = len(source) // config.batch_size
   if steps_per_epoch == 0:
@@ -81,21 +94,32 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   lr_schedule = optim.learning_rate_schedule(config.optimizer,
                                              config.batch_size, total_steps,
                                              warmup_steps)
-  tx = optim.get_optimizer(config.optimizer, lr_schedule)
+  tx = optim.get_optimizer(config.optimizer, lr_schedule, total_steps)
   method = methods.get_method(config, source, total_steps)
 
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
-  params, batch_stats, method_state = jax.jit(method.init)(init_rng)
+  if abstract:
+    params, batch_stats, method_state = jax.eval_shape(method.init, init_rng)
+  else:
+    params, batch_stats, method_state = jax.jit(method.init)(init_rng)
   probe = {}
   if config.training.get('online_probe', False) and source.num_classes > 0:
     probe = init_probe(feature_dim(config, method, params, batch_stats),
                        source.num_classes)
-  state = TrainState.create(params=params, batch_stats=batch_stats,
-                            opt_state=tx.init(params), rng=train_rng,
-                            method_state=method_state, probe=probe)
+
+  def create(params, batch_stats, method_state, probe):
+    return TrainState.create(params=params, batch_stats=batch_stats,
+                             opt_state=tx.init(params), rng=train_rng,
+                             method_state=method_state, probe=probe)
+
+  if abstract:
+    state = jax.eval_shape(create, params, batch_stats, method_state, probe)
+  else:
+    state = jax.device_get(create(params, batch_stats, method_state,
+                                  probe))
   return Setup(config, source, method, tx, lr_schedule, total_steps,
-               steps_per_epoch, jax.device_get(state))
+               steps_per_epoch, state)
 
 
 def make_train_step(s: Setup):

@@ -459,3 +459,19 @@ def test_smoke_config_trains(tmp_path, name):
     changed = np.nonzero(np.any(ms['bank'] != setup.state.method_state['bank'],
                                 axis=1))[0]
     np.testing.assert_array_equal(changed, np.sort(seen))
+
+
+def test_mocov2_key_momentum_constant_or_cosine():
+  """MoCo v2's m is constant (facebookresearch/moco main_moco.py --moco-m);
+  solo-learn's CIFAR recipe raises it by a cosine (mocov2plus.yaml L23-L25,
+  base_tau 0.99 -> final_tau 0.999)."""
+  from ssl_jax.methods import moco  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module('configs.mocov2').get_config('smoke')
+  constant = moco.MoCoV2(config, None, 100)
+  assert [float(constant.ema_momentum(t)) for t in (0, 50, 100)] == [
+      np.float32(0.99)] * 3
+  config.method.ema_momentum_final = 0.999
+  cosine = moco.MoCoV2(config, None, 100)
+  np.testing.assert_allclose(
+      [float(cosine.ema_momentum(t)) for t in (0, 50, 100)],
+      [0.99, 0.9945, 0.999], rtol=1e-6)

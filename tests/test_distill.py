@@ -71,6 +71,17 @@ def data2vec_targets_reference(blocks, top_k, eps=1e-5):
   return out / top_k
 
 
+def data2vec_official_targets(blocks, top_k, eps=1e-5):
+  """facebookresearch/data2vec_vision@af9a363 beit/engine_for_cyclical.py
+  L70-L95 with the ViT-B run's flags (beit/README.md L27, L37): the top-K
+  layer results, F.layer_norm(val, (fsz,)) each (target_layer_norm_last),
+  averaged, F.layer_norm again (post_target_layer_norm)."""
+  def layer_norm(x):
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps)
+  layer_vals = [layer_norm(y[:, 1:].astype(np.float64)) for y in blocks[-top_k:]]
+  return layer_norm(sum(layer_vals) / top_k)
+
+
 def data2vec_reference(pred, target, mask, beta):
   total, count = 0.0, 0
   for i in range(pred.shape[0]):
@@ -302,7 +313,7 @@ def test_dino_loss_is_teacher_entropy_for_identical_crops():
 
 def test_data2vec_targets_and_loss_match_reference_and_devices():
   blocks = [_normal(4, 6, 5) for _ in range(3)]
-  targets = data2vec_targets(blocks, top_k=2, norm='instance')
+  targets = data2vec_targets(blocks, top_k=2, norm='instance', post_norm='none')
   np.testing.assert_allclose(targets, data2vec_targets_reference(blocks, 2),
                              rtol=1e-4, atol=1e-5)
   pred, target = _normal(16, 6, 5, scale=2.0), _normal(16, 6, 5)
@@ -323,6 +334,16 @@ def test_data2vec_targets_and_loss_match_reference_and_devices():
   np.testing.assert_allclose(gn[0], g1[0], rtol=1e-4, atol=1e-7)
   # Unmasked positions get no gradient.
   assert np.all(g1[0][~mask] == 0)
+
+
+def test_data2vec_default_targets_are_the_official_ones():
+  blocks = [_normal(4, 7, 6, scale=3.0) for _ in range(4)]
+  np.testing.assert_allclose(data2vec_targets(blocks, top_k=3),
+                             data2vec_official_targets(blocks, 3),
+                             rtol=1e-4, atol=1e-5)
+  # Without the second layer norm the targets differ: the test can tell.
+  assert not np.allclose(data2vec_targets(blocks, top_k=3, post_norm='none'),
+                         data2vec_official_targets(blocks, 3), atol=1e-3)
 
 
 def test_kd_and_feature_losses_match_references_and_devices():

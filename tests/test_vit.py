@@ -93,3 +93,73 @@ def test_masking_in_the_encoder():
   assert aux['patch_tokens'].shape == (2, 5, 16)
   with pytest.raises(ValueError):
     vit.random_patch_mask(rng, 2, 4, 5)
+
+
+def _beit_masking_generator(uniforms, grid, num_masking_patches, min_num_patches,
+                            max_num_patches, min_aspect=0.3):
+  """facebookresearch/data2vec_vision@af9a363 beit/masking_generator.py
+  `MaskingGenerator` (L29-L92), with `random.uniform(a, b)` read as
+  a + (b - a) u and `random.randint(0, n)` as floor(u (n + 1)) from the same
+  uniforms [num_masking_patches, 10, 4] the JAX version is given."""
+  import math  # pylint: disable=g-import-not-at-top
+  log_aspect_ratio = (math.log(min_aspect), math.log(1 / min_aspect))
+  mask = np.zeros((grid, grid), int)
+  mask_count, block = 0, 0
+  while mask_count < num_masking_patches:
+    max_mask_patches = min(num_masking_patches - mask_count, max_num_patches)
+    delta = 0
+    for attempt in range(10):
+      u = uniforms[block, attempt]
+      target_area = min_num_patches + (max_mask_patches - min_num_patches) * u[0]
+      aspect_ratio = math.exp(log_aspect_ratio[0] + (
+          log_aspect_ratio[1] - log_aspect_ratio[0]) * u[1])
+      h = int(round(math.sqrt(target_area * aspect_ratio)))
+      w = int(round(math.sqrt(target_area / aspect_ratio)))
+      if w < grid and h < grid:
+        top = min(int(math.floor(u[2] * (grid - h + 1))), grid - h)
+        left = min(int(math.floor(u[3] * (grid - w + 1))), grid - w)
+        num_masked = mask[top: top + h, left: left + w].sum()
+        if 0 < h * w - num_masked <= max_mask_patches:
+          for i in range(top, top + h):
+            for j in range(left, left + w):
+              if mask[i, j] == 0:
+                mask[i, j] = 1
+                delta += 1
+        if delta > 0:
+          break
+    block += 1
+    if delta == 0:
+      break
+    mask_count += delta
+  return mask.reshape(-1).astype(bool)
+
+
+@pytest.mark.parametrize('grid,num_masked,min_block,max_block', [
+    (14, 120, 16, 196),   # data2vec ViT-B (beit/README.md L24, L33)
+    (14, 75, 16, None),   # BEiT's defaults: max_num_patches = num_masking
+    (4, 6, 2, None)])
+def test_block_mask_matches_beit_masking_generator(grid, num_masked, min_block,
+                                                   max_block):
+  uniforms = jax.random.uniform(jax.random.PRNGKey(grid + num_masked),
+                                (24, num_masked, vit.BLOCK_MASK_ATTEMPTS, 4))
+  ours = jax.jit(jax.vmap(lambda u: vit.block_mask_from_uniforms(
+      u, grid, num_masked, min_block=min_block, max_block=max_block)))(uniforms)
+  for u, mask in zip(np.asarray(uniforms, np.float64), np.asarray(ours)):
+    ref = _beit_masking_generator(u, grid, num_masked, min_block,
+                                  max_block or num_masked)
+    np.testing.assert_array_equal(mask, ref)
+  counts = np.asarray(ours).sum(1)
+  assert counts.max() <= num_masked and counts.mean() > 0.8 * num_masked
+
+
+def test_block_mask_is_blocks_not_scatter():
+  # Block masks leave more masked neighbours per masked patch than uniform
+  # masks of the same size: what separates BEiT masking from random masking.
+  def neighbours(masks, grid):
+    m = np.asarray(masks).reshape(-1, grid, grid)
+    right = (m[:, :, 1:] & m[:, :, :-1]).sum()
+    down = (m[:, 1:, :] & m[:, :-1, :]).sum()
+    return (right + down) / m.sum()
+  block = vit.block_patch_mask(jax.random.PRNGKey(0), 16, 14, 118)
+  scatter = vit.random_patch_mask(jax.random.PRNGKey(0), 16, 196, 118)
+  assert neighbours(block, 14) > neighbours(scatter, 14) + 0.2

@@ -98,8 +98,16 @@ def make_audio(images: np.ndarray, labels: np.ndarray, *, num_classes: int,
 @sources.DATASETS.register('synthetic_pairs')
 def synthetic_pairs(split: str, config: ml_collections.ConfigDict
                     ) -> PairedSource:
-  """Fashion-MNIST images paired with synthetic audio (AVID+CMA tests, recipes)."""
-  images = sources.fashion_mnist(split, config)
+  """Images paired with synthetic audio (AVID+CMA tests, recipes).
+
+  The images are Fashion-MNIST's, or those of the dataset named by
+  `config.pairs_images` (e.g. 'tfds' with `tfds_name='cifar10'`).
+  """
+  base = config.get('pairs_images', 'fashion_mnist')
+  if base == 'synthetic_pairs':
+    raise ValueError("data.pairs_images names the images' dataset; it cannot "
+                     "be 'synthetic_pairs' itself.")
+  images = sources.DATASETS.get(base)(split, config)
   batch = images.get(np.arange(len(images)))
   seed = config.get('pairs_seed', 0)
   audio = make_audio(

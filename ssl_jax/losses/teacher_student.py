@@ -103,20 +103,40 @@ def dino_center_update(center: jax.Array, teacher_logits: jax.Array, *,
   return momentum * center + (1.0 - momentum) * batch_center
 
 
+def _normalise(y: jax.Array, norm: str, eps: float) -> jax.Array:
+  """Affine-free instance norm (over tokens) or layer norm (over channels)."""
+  if norm == 'none':
+    return y
+  if norm == 'instance':
+    axis = 1
+  elif norm == 'layer':
+    axis = -1
+  else:
+    raise ValueError(f"Unknown norm {norm!r}; known: instance, layer, none.")
+  mean = jnp.mean(y, axis=axis, keepdims=True)
+  var = jnp.var(y, axis=axis, keepdims=True)
+  return (y - mean) * jax.lax.rsqrt(var + eps)
+
+
 def data2vec_targets(block_outputs: Sequence[jax.Array], *, top_k: int,
-                     norm: str = 'instance', eps: float = 1e-5) -> jax.Array:
+                     norm: str = 'layer', post_norm: str = 'layer',
+                     eps: float = 1e-5) -> jax.Array:
   """data2vec's regression targets from the teacher's top-K blocks.
 
   Each of the last `top_k` block outputs (patch tokens only) is normalised on
-  its own (instance norm over the tokens of each channel, as data2vec vision
-  does, or layer norm over the channels of each token) and the results are
-  averaged (Baevski et al. 2022, sec. 3.3).
+  its own (`norm`: layer norm over the channels of each token, or instance
+  norm over the tokens of each channel), the results are averaged, and the
+  average is normalised again (`post_norm`). The defaults are the official
+  ViT-B run: facebookresearch/data2vec_vision beit/engine_for_cyclical.py
+  L84-L95 (`target_layer_norm_last`, then `--post_target_layer_norm`,
+  beit/README.md L37).
 
   Args:
     block_outputs: the teacher's block outputs in order, each [b, 1 + N, D]
       with the class token first.
     top_k: how many of the last blocks to average.
-    norm: 'instance', 'layer' or 'none'.
+    norm: per-block 'layer', 'instance' or 'none'.
+    post_norm: after averaging, 'layer', 'instance' or 'none'.
     eps: normalisation epsilon (PyTorch's default 1e-5).
 
   Returns:
@@ -125,22 +145,9 @@ def data2vec_targets(block_outputs: Sequence[jax.Array], *, top_k: int,
   if not 0 < top_k <= len(block_outputs):
     raise ValueError(f'top_k={top_k} but the teacher has {len(block_outputs)} '
                      f'blocks.')
-  targets = []
-  for y in block_outputs[-top_k:]:
-    y = jax.lax.stop_gradient(y[:, 1:]).astype(jnp.float32)
-    if norm == 'instance':
-      axis = 1
-    elif norm == 'layer':
-      axis = -1
-    elif norm == 'none':
-      targets.append(y)
-      continue
-    else:
-      raise ValueError(f"Unknown norm {norm!r}; known: instance, layer, none.")
-    mean = jnp.mean(y, axis=axis, keepdims=True)
-    var = jnp.var(y, axis=axis, keepdims=True)
-    targets.append((y - mean) * jax.lax.rsqrt(var + eps))
-  return sum(targets) / len(targets)
+  targets = [_normalise(jax.lax.stop_gradient(y[:, 1:]).astype(jnp.float32),
+                        norm, eps) for y in block_outputs[-top_k:]]
+  return _normalise(sum(targets) / len(targets), post_norm, eps)
 
 
 @LOSSES.register('data2vec')

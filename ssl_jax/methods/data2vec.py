@@ -1,13 +1,16 @@
 """data2vec for images (Baevski et al. 2022): regress an EMA teacher's layers.
 
-The student ViT sees the image with a random subset of patches replaced by a
-learned mask token; the teacher (an EMA of the student backbone, in
-`method_state`) sees the whole image; the student's regression head predicts,
-at the masked positions, the average of the teacher's top-K block outputs,
-each instance-normalised. Loss: smooth L1 (beta) or L2 on masked positions.
+The student ViT sees the image with blocks of patches (BEiT's block-wise
+masking, or a uniform subset) replaced by a learned mask token; the teacher
+(an EMA of the student backbone, in `method_state`) sees the whole image; the
+student's regression head predicts, at the masked positions, the average of
+the teacher's top-K block outputs, each layer-normalised, the average
+layer-normalised again. Loss: smooth L1 (beta) or L2 on masked positions.
 
-Config (configs/data2vec.py): method.{mask_ratio, top_k, target_norm,
-loss_type, loss_beta, ema_momentum_base, ema_momentum_final}.
+Config (configs/data2vec.py): method.{mask_ratio, mask_type ('block' or
+'random'), min_mask_patches_per_block, max_mask_patches_per_block, top_k,
+target_norm, post_target_norm, loss_type, loss_beta, ema_momentum_base,
+ema_momentum_final}.
 """
 
 from typing import Any, Dict, Tuple
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 from ssl_jax import losses, models, optim
 from ssl_jax.losses.teacher_student import data2vec_targets
 from ssl_jax.methods.base import METHODS, Method, StepOutput
-from ssl_jax.models.vit import ViT, random_patch_mask
+from ssl_jax.models.vit import ViT, block_patch_mask, random_patch_mask
 
 
 def _block_outputs(aux: Dict[str, jax.Array]):
@@ -69,7 +72,17 @@ class Data2Vec(Method):
     x = views[0]
     backbone = self._backbone(axis_name)
     n, num_masked = self._num_masked(x.shape[1])
-    mask = random_patch_mask(rng, x.shape[0], n, num_masked)
+    mask_type = m.get('mask_type', 'random')
+    if mask_type == 'block':
+      mask = block_patch_mask(
+          rng, x.shape[0], backbone.patch_grid(x.shape[1]), num_masked,
+          min_block=m.get('min_mask_patches_per_block', 16),
+          max_block=m.get('max_mask_patches_per_block') or None)
+    elif mask_type == 'random':
+      mask = random_patch_mask(rng, x.shape[0], n, num_masked)
+    else:
+      raise ValueError(f"Unknown method.mask_type {mask_type!r}; known: "
+                       f"block, random.")
     features, aux = backbone.apply({'params': params['backbone']}, x,
                                    train=True, mask=mask)
     predictions = nn.Dense(backbone.width).apply({'params': params['head']},
@@ -77,7 +90,8 @@ class Data2Vec(Method):
     _, teacher_aux = backbone.apply(
         {'params': state.method_state['teacher_params']}, x, train=True)
     targets = data2vec_targets(_block_outputs(teacher_aux), top_k=m.top_k,
-                               norm=m.target_norm)
+                               norm=m.target_norm,
+                               post_norm=m.get('post_target_norm', 'none'))
     loss = losses.get_loss('data2vec')(predictions, targets, mask,
                                        loss_type=m.loss_type, beta=m.loss_beta,
                                        axis_name=axis_name)

@@ -205,9 +205,12 @@ class DINO(Method):
     del batch, rng
     m = self.config.method
     num_global = m.num_global_crops
-    if len(views) <= num_global or num_global < 1:
-      raise ValueError(f'DINO needs {num_global} global crops and at least one '
-                       f'more crop; the config makes {len(views)}.')
+    # Two global crops and no local ones is a valid DINO run (main_dino.py
+    # with --local_crops_number 0; solo-learn's CIFAR recipe): each global
+    # crop's student output against the other's teacher output.
+    if len(views) < max(num_global, 2) or num_global < 1:
+      raise ValueError(f'DINO needs {num_global} global crops and two crops '
+                       f'at least; the config makes {len(views)}.')
     network = get_dino_network(self.config, axis_name)
     freeze = state.step < self.freeze_last_layer_steps
     student, batch_stats = apply_by_resolution(

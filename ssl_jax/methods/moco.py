@@ -58,6 +58,11 @@ class MoCoV2(Method):
                total_steps: int):
     super().__init__(config, data_info, total_steps)
     memory.check_queue_size(config.method.queue_size, config.batch_size)
+    # Constant by default (MoCo v2); solo-learn's CIFAR recipe raises it by a
+    # cosine to method.ema_momentum_final.
+    m = config.method
+    self.ema_momentum = optim.ema_momentum_schedule(
+        m.ema_momentum, total_steps, m.get('ema_momentum_final', m.ema_momentum))
 
   @property
   def embedding_dim(self) -> int:
@@ -110,10 +115,9 @@ class MoCoV2(Method):
 
   def after_update(self, params: Any, method_state: Any,
                    step: jax.Array) -> Any:
-    del step
     keys = common.ema_update(method_state['key_params'],
                              common.teacher_subset(params),
-                             self.config.method.ema_momentum)
+                             self.ema_momentum(step))
     return dict(method_state, key_params=keys)
 
 

@@ -3,7 +3,8 @@
 Both train a backbone + a wide projector on two views with a loss on the
 statistics of the global batch; neither needs negatives, a teacher or a
 predictor. Config (configs/barlow_twins.py, configs/vicreg.py):
-model.projector and the loss weights in `method`.
+model.projector and the loss weights in `method` (and `loss_scale`, a
+factor on the loss, 1 by default).
 """
 
 from ssl_jax import losses, models
@@ -36,6 +37,9 @@ class _TwoViewStatistics(Method):
     z = out['projection']
     loss = losses.get_loss(self.loss_name)(z[0], z[1], axis_name=axis_name,
                                            **self.loss_kwargs())
+    # solo-learn's `scale_loss` (0.1 in its Barlow Twins CIFAR recipe): with
+    # LARS it changes the step of the parameters LARS does not adapt.
+    loss = loss * self.config.method.get('loss_scale', 1.0)
     return loss, StepOutput(batch_stats=batch_stats,
                             method_state=state.method_state, metrics={},
                             features=out['features'][0], embeddings=z[0])

@@ -17,14 +17,16 @@ from ssl_jax.methods.base import METHODS, Method, StepOutput
 
 
 @optim.OPTIMIZERS.register('sgd_fixed_predictor')
-def sgd_fixed_predictor(opt, lr) -> optax.GradientTransformation:
+def sgd_fixed_predictor(opt, lr, weight_decay=None
+                        ) -> optax.GradientTransformation:
   """SGD with `lr` (the schedule) everywhere but a constant `opt.predictor_lr`
   for the parameters under 'predictor' (SimSiam sec. 4.2)."""
   sgd = optim.OPTIMIZERS.get('sgd')
   labels = lambda params: {k: 'fixed' if k == 'predictor' else 'scheduled'
                            for k in params}
   return optax.multi_transform(
-      {'fixed': sgd(opt, opt.predictor_lr), 'scheduled': sgd(opt, lr)}, labels)
+      {'fixed': sgd(opt, opt.predictor_lr, weight_decay),
+       'scheduled': sgd(opt, lr, weight_decay)}, labels)
 
 
 @METHODS.register('simsiam')

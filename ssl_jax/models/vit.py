@@ -10,10 +10,12 @@ The position embeddings are learned for a `pos_embed_size` x `pos_embed_size`
 image and interpolated bicubically for other resolutions, as DINO does for its
 96-pixel local crops. Masking is given per call: `mask` [B, N] replaces masked
 patch tokens with a learned mask token (data2vec, BEiT), `keep_ids` [B, k]
-keeps only the listed patch tokens (MAE-style token dropping); both are made by
-the pure functions `random_patch_mask` and `random_keep_ids`.
+keeps only the listed patch tokens (MAE-style token dropping); they are made by
+the pure functions `random_patch_mask`, `block_patch_mask` (BEiT's block-wise
+masking) and `random_keep_ids`.
 """
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -68,6 +70,94 @@ def random_patch_mask(rng: jax.Array, batch: int, num_patches: int,
   noise = jax.random.uniform(rng, (batch, num_patches))
   ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
   return ranks < num_masked
+
+
+# BEiT's block-wise masking, 10 attempts per block (masking_generator.py).
+BLOCK_MASK_ATTEMPTS = 10
+
+
+def block_mask_from_uniforms(uniforms: jax.Array, grid: int, num_masked: int,
+                             *, min_block: int = 16,
+                             max_block: Optional[int] = None,
+                             min_aspect: float = 0.3) -> jax.Array:
+  """BEiT's block-wise mask [grid * grid] of one image, from its random draws.
+
+  facebookresearch/data2vec_vision beit/masking_generator.py
+  (`MaskingGenerator`, L29-L92): rectangles of `min_block` to `max_block`
+  patches and aspect ratio in [min_aspect, 1 / min_aspect] are added, each
+  from up to 10 attempts, while fewer than `num_masked` patches are masked
+  and a rectangle still adds some; a rectangle is kept only if it adds at
+  most the patches still missing. So at most `num_masked` are masked, and a
+  little fewer when no attempt fits.
+
+  Args:
+    uniforms: [num_masked, 10, 4] draws in [0, 1): per block and attempt, the
+      area, the log aspect ratio, the top and the left edge (in that order,
+      as `random.uniform`/`random.randint` in the official code).
+    grid: patches per side.
+    num_masked: the patches to mask (`--num_mask_patches`).
+    min_block, max_block: rectangle size bounds in patches
+      (`--min_mask_patches_per_block`, `--max_mask_patches_per_block`; None:
+      num_masked).
+    min_aspect: the smallest aspect ratio (the largest is its inverse).
+
+  Returns:
+    bool [grid * grid], row-major like the patch tokens.
+  """
+  max_block = num_masked if max_block is None else max_block
+  log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+  rows = jnp.arange(grid)[:, None]
+  cols = jnp.arange(grid)[None, :]
+
+  def attempt(carry, u):
+    mask, delta, max_patches = carry
+    area = min_block + (max_patches - min_block) * u[0]
+    aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[1])
+    h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (w < grid) & (h < grid)
+    # random.randint(0, n) is inclusive: n + 1 outcomes.
+    top = jnp.minimum(jnp.floor(u[2] * (grid - h + 1)).astype(jnp.int32),
+                      grid - h)
+    left = jnp.minimum(jnp.floor(u[3] * (grid - w + 1)).astype(jnp.int32),
+                       grid - w)
+    box = ((rows >= top) & (rows < top + h) & (cols >= left) &
+           (cols < left + w))
+    new = jnp.sum(box & ~mask)
+    take = fits & (delta == 0) & (new > 0) & (new <= max_patches)
+    mask = jnp.where(take, mask | box, mask)
+    return (mask, delta + jnp.where(take, new, 0), max_patches), None
+
+  def cond(state):
+    i, _, count, stopped = state
+    return (i < num_masked) & (count < num_masked) & ~stopped
+
+  def body(state):
+    i, mask, count, _ = state
+    max_patches = jnp.minimum(num_masked - count, max_block)
+    (mask, delta, _), _ = jax.lax.scan(attempt, (mask, 0, max_patches),
+                                       uniforms[i])
+    return i + 1, mask, count + delta, delta == 0
+
+  start = (0, jnp.zeros((grid, grid), bool), 0, False)
+  _, mask, _, _ = jax.lax.while_loop(cond, body, start)
+  return mask.reshape(grid * grid)
+
+
+def block_patch_mask(rng: jax.Array, batch: int, grid: int, num_masked: int,
+                     *, min_block: int = 16, max_block: Optional[int] = None,
+                     min_aspect: float = 0.3) -> jax.Array:
+  """BEiT/data2vec block-wise masks [batch, grid * grid], one per image.
+
+  See `block_mask_from_uniforms`; each image draws its own uniforms.
+  """
+  if not 0 <= num_masked <= grid * grid:
+    raise ValueError(f'Cannot mask {num_masked} of {grid * grid} patches.')
+  uniforms = jax.random.uniform(
+      rng, (batch, max(num_masked, 1), BLOCK_MASK_ATTEMPTS, 4))
+  return jax.vmap(lambda u: block_mask_from_uniforms(
+      u, grid, num_masked, min_block=min_block, max_block=max_block,
+      min_aspect=min_aspect))(uniforms)
 
 
 def random_keep_ids(rng: jax.Array, batch: int, num_patches: int,
