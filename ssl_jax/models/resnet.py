@@ -74,7 +74,7 @@ class ResNet(nn.Module):
       'symmetric' (torchvision's), see `layers.PADDINGS`. With 'symmetric'
       and the 'imagenet' stem the network is torchvision's ResNet-18/34/50
       (v1.5: the stride on the 3x3 conv of a bottleneck) and its weights
-      carry over with equal outputs (`ssl_jax.torch_convert`).
+      carry over with equal outputs (`ssl_jax.interop`).
   """
   stage_sizes: Sequence[int]
   block: str = 'basic'
