@@ -78,16 +78,19 @@ def test_torchvision_resnet_to_ours_and_back(backbone, stem, size, tmp_path):
   variables = interop.load_backbone_variables(
       config, _template(module, size), str(tmp_path / 'tv.pt'))
   _assert_same_features(_features(module, variables, x), expected)
-  # XLA's SAME padding shifts every strided layer: the option is what makes
-  # the outputs equal.
-  shifted = _features(module.clone(padding='same'), variables, x)
-  assert np.abs(shifted - expected).max() > 1e-2 * np.abs(expected).max()
+  if stem == 'imagenet':
+    # XLA's SAME padding shifts every strided layer: the option is what makes
+    # the outputs equal.
+    shifted = _features(module.clone(padding='same'), variables, x)
+    assert np.abs(shifted - expected).max() > 1e-2 * np.abs(expected).max()
 
-  out = str(tmp_path / 'back.safetensors')
+  # Both file kinds: torch.save's and safetensors'.
+  out = str(tmp_path / ('back.pt' if stem == 'imagenet' else 'back.safetensors'))
   export.save_torch_backbone(out, variables, config.to_dict(), size, 3,
                              (0.5,) * 3, (0.25,) * 3)
   fresh = interop.torch_model(config)
-  fresh.load_state_dict(safetensors_torch.load_file(out), strict=True)
+  fresh.load_state_dict(torch.load(out) if out.endswith('.pt') else
+                        safetensors_torch.load_file(out), strict=True)
   for name, tensor in net.state_dict().items():
     if not name.endswith('num_batches_tracked'):
       np.testing.assert_array_equal(fresh.state_dict()[name].numpy(),
