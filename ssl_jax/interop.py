@@ -240,6 +240,15 @@ def _flat(variables: Dict[str, Any]) -> Dict[Path, Any]:
       flax.serialization.to_state_dict(variables))
 
 
+def _check_covered(tensors: List[_Tensor], leaves: Dict[Path, Any]) -> None:
+  # A layer the mapping does not know would otherwise be dropped (export) or
+  # left at its initial value (import) without a word.
+  covered = {s for t in tensors for s in t.sources}
+  left = [k for k in leaves if k not in covered and k[-1] not in OURS_ONLY]
+  if left:
+    raise ValueError(f'No PyTorch name for {"/".join(left[0])}.')
+
+
 def to_torch_state_dict(model_config: ml_collections.ConfigDict,
                         variables: Dict[str, Any]) -> Dict[str, np.ndarray]:
   """Our backbone's variables as the state_dict of its PyTorch counterpart.
@@ -258,10 +267,7 @@ def to_torch_state_dict(model_config: ml_collections.ConfigDict,
   module = _backbone(model_config)
   leaves = {k: np.asarray(v) for k, v in _flat(variables).items()}
   tensors = _tensors(module, leaves)
-  covered = {s for t in tensors for s in t.sources}
-  left = [k for k in leaves if k not in covered and k[-1] not in OURS_ONLY]
-  if left:  # a layer the mapping does not know would be dropped silently
-    raise ValueError(f'No PyTorch name for {"/".join(left[0])}.')
+  _check_covered(tensors, leaves)
   out = {}
   for t in tensors:
     out[t.name] = np.ascontiguousarray(t.to_torch([leaves[s] for s in t.sources]))
@@ -296,6 +302,7 @@ def from_torch_state_dict(model_config: ml_collections.ConfigDict,
   module = _backbone(model_config)
   leaves = _flat(template)
   tensors = _tensors(module, leaves)
+  _check_covered(tensors, leaves)
   fail = lambda detail: ValueError(
       f'{source} does not fit model.backbone={model_config.backbone!r}: '
       f'{detail}.')

@@ -163,6 +163,12 @@ def test_files_that_do_not_fit_name_the_first_tensor(tmp_path):
                    _template(models.get_backbone(_config(backbone='resnet50')), 32)))
   assert "'layer1.0.conv1.weight' has shape (64, 64, 1, 1), expected (64, 64, 3, 3)" in error(r50)
 
+  # A layer the mapping does not know is an error, not left at its init.
+  extra = dict(template, params=dict(template['params'], Extra_0={
+      'kernel': jax.ShapeDtypeStruct((3,), np.float32)}))
+  with pytest.raises(ValueError, match='No PyTorch name for params/Extra_0/kernel'):
+    interop.from_torch_state_dict(config, good, extra)
+
   # A .pt file through the loader names the file.
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in missing.items()},
              tmp_path / 'r18.pt')
