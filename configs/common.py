@@ -86,6 +86,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       backbone='resnet50', stem='imagenet', width=64, widths=(16, 32, 64),
       pooling='avg',
+      # ResNets pad strided convs as torchvision does, so that their weights
+      # carry over to and from PyTorch with equal outputs ('same': XLA's).
+      padding='symmetric',
+      # A backbone to start from: a torchvision/timm state_dict (.pt,
+      # .safetensors), an `ssl_jax.export` folder or .msgpack ('' = random).
+      init_from='',
       conv_impl='auto', dtype='float32'))
   c.model.projector = mlp((2048,), 128)
   c.model.predictor = None

@@ -41,7 +41,11 @@ from configs import common
 
 def get_config(variant=None):
   c = common.base_config('distill')
-  c.method.update(teacher_workdir='', teacher_head=True,
+  # The teacher: a run's --workdir, or weights (teacher_init_from: a
+  # torchvision/timm state_dict or an ssl_jax export) of the architecture
+  # teacher_backbone ('' = the student's).
+  c.method.update(teacher_workdir='', teacher_init_from='', teacher_backbone='',
+                  teacher_head=True,
                   teacher_head_examples=50000, temperature=4.0, kd_weight=0.9,
                   label_weight=0.1, feature_weight=1.0, feature_loss='cosine')
   c.model.update(backbone='resnet18')

@@ -1,13 +1,22 @@
 r"""Exports a run's pretrained backbone for use outside ssl_jax's training code.
 
   python -m ssl_jax.export --workdir=runs/simclr [--step=N] --out=runs/simclr/export
+  python -m ssl_jax.export --workdir=runs/simclr --format=torch --out=r50.safetensors
 
-writes to `--out`:
+writes to `--out` (format 'flax', the default):
   backbone.msgpack  {'params', 'batch_stats'} as `flax.serialization.to_bytes`;
   backbone.npz      the same arrays, flattened to '/'-joined keys
-                    ('params/Conv_0/kernel', ...), for NumPy/PyTorch users;
+                    ('params/Conv_0/kernel', ...), for NumPy users;
   config.json       what rebuilds the module: the model config, the input
                     size, channels and the normalisation mean/std.
+
+With `--format=torch`, `--out` is one file: the state_dict of the backbone's
+PyTorch counterpart (torchvision ResNet with `fc = Identity()`, timm ViT with
+`num_classes=0`; see ssl_jax/interop.py), as `.safetensors` (needs only the
+safetensors package) or any other name via `torch.save` (needs torch), and
+next to it FILE.json with config.json's fields plus `torch_module`, what
+to build in PyTorch. It loads with `load_state_dict(..., strict=True)` and
+gives our features (eval mode) on the same normalised images, [B, C, H, W].
 
 Downstream:
 
@@ -30,6 +39,7 @@ import ml_collections
 import numpy as np
 
 MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
+FORMATS = ('flax', 'torch')
 
 
 def save_backbone(out: str, variables: Dict[str, Any],
@@ -58,6 +68,31 @@ def save_backbone(out: str, variables: Dict[str, Any],
               channels=int(channels), mean=[float(m) for m in mean],
               std=[float(s) for s in std])
   with open(os.path.join(out, CONFIG), 'w') as f:
+    json.dump(info, f, indent=2)
+
+
+def save_torch_backbone(out: str, variables: Dict[str, Any],
+                        model_config: Dict[str, Any], image_size: int,
+                        channels: int, mean, std,
+                        meta: Optional[Dict[str, Any]] = None) -> None:
+  """Writes a backbone as a PyTorch state_dict file and FILE.json.
+
+  Args: as `save_backbone`, but `out` is the file (.safetensors, .pt, ...).
+
+  Raises:
+    ValueError: the backbone has no PyTorch counterpart (ssl_jax/interop.py).
+  """
+  from ssl_jax import interop  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(model_config))
+  state_dict = interop.to_torch_state_dict(config, variables)
+  if os.path.dirname(out):
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+  interop.save_state_dict(state_dict, out)
+  info = dict(meta or {}, model=dict(model_config), image_size=int(image_size),
+              channels=int(channels), mean=[float(m) for m in mean],
+              std=[float(s) for s in std],
+              torch_module=interop.torch_module_description(config, channels))
+  with open(out + '.json', 'w') as f:
     json.dump(info, f, indent=2)
 
 
@@ -96,22 +131,27 @@ def load_backbone(path: str, fmt: str = 'msgpack') -> Tuple[Any, Dict[str, Any]]
   return module, variables
 
 
-def export(workdir: str, out: str, step: Optional[int] = None) -> str:
+def export(workdir: str, out: str, step: Optional[int] = None,
+           fmt: str = 'flax') -> str:
   """Exports the backbone of `workdir`'s checkpoint (default: newest).
 
   Args:
     workdir: the --workdir of a training run.
-    out: output folder.
+    out: output folder ('flax') or file ('torch').
     step: checkpoint step.
+    fmt: 'flax' (msgpack, npz, config.json) or 'torch' (a state_dict file).
 
   Returns:
     `out`.
   """
+  if fmt not in FORMATS:
+    raise ValueError(f'Unknown export format {fmt!r}; known: {", ".join(FORMATS)}.')
   from ssl_jax import data  # pylint: disable=g-import-not-at-top
   from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
   config, _, state = feats.load_run(workdir, step, with_init=False)
   source = data.get_source(config.data, config.data.eval_split, 1)
-  save_backbone(out, feats.backbone_variables(state), config.model.to_dict(),
+  save = save_torch_backbone if fmt == 'torch' else save_backbone
+  save(out, feats.backbone_variables(state), config.model.to_dict(),
                 feats.view_size(config), source.image_shape[-1], source.mean,
                 source.std, meta={'workdir': os.path.abspath(workdir),
                                   'step': int(state.step)})
@@ -125,7 +165,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    out = export(f.workdir, f.out or os.path.join(f.workdir, 'export'), f.step)
+    default = ('backbone.safetensors' if f.format == 'torch' else 'export')
+    out = export(f.workdir, f.out or os.path.join(f.workdir, default), f.step,
+                 f.format)
   except (ValueError, FileNotFoundError) as e:
     sys.stderr.write(f'error: {e}\n')
     sys.exit(2)
@@ -135,7 +177,10 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
-  flags.DEFINE_string('out', None, 'Output folder (default: WORKDIR/export).')
+  flags.DEFINE_string('out', None, 'Output folder (flax; default WORKDIR/export) '
+                      'or file (torch; default WORKDIR/backbone.safetensors).')
+  flags.DEFINE_enum('format', 'flax', FORMATS, "'flax': msgpack + npz + "
+                    "config.json; 'torch': a torchvision/timm state_dict.")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.mark_flags_as_required(['workdir'])
   app.run(main)

@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import checkpointing, data, methods, metric_writers, optim, parallel
+from ssl_jax import (checkpointing, data, interop, methods, metric_writers,
+                     optim, parallel)
 from ssl_jax.methods.base import init_probe
 from ssl_jax.train_state import TrainState
 from ssl_jax import validation
@@ -103,6 +104,10 @@ def setup(config: ml_collections.ConfigDict,
     params, batch_stats, method_state = jax.eval_shape(method.init, init_rng)
   else:
     params, batch_stats, method_state = jax.jit(method.init)(init_rng)
+    if config.model.get('init_from'):
+      # Read before the first step, so a file that does not fit fails now.
+      params, batch_stats, method_state = interop.init_backbone(
+          config.model, params, batch_stats, method_state)
   probe = {}
   if config.training.get('online_probe', False) and source.num_classes > 0:
     probe = init_probe(feature_dim(config, method, params, batch_stats),

@@ -41,6 +41,32 @@ def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size,
     np.testing.assert_allclose(g_ours, g_lax, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('impl', sorted(layers.CONV_FNS))
+@pytest.mark.parametrize('kernel,stride,size', [(3, 2, 8), (3, 2, 9), (7, 2, 16),
+                                                (1, 2, 8), (3, 1, 8)])
+def test_symmetric_padding_is_pytorchs(impl, kernel, stride, size, monkeypatch):
+  # PyTorch's Conv2d(padding=k//2): k//2 pixels on both sides, whatever the
+  # size; for even sizes and stride 2 this differs from 'SAME' (asserted, so
+  # the test cannot pass by both being SAME).
+  monkeypatch.setattr(layers, 'SUBPIXEL_MIN_MACS', 0)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
+  p = kernel // 2
+  torch_conv = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (stride, stride), [(p, p), (p, p)],
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, k: layers.CONV_FNS[impl](x, k, stride, 'symmetric')
+  np.testing.assert_allclose(ours(x, k), torch_conv(x, k), rtol=1e-5, atol=1e-5)
+  loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
+  for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, k),
+                           jax.grad(loss(torch_conv), (0, 1))(x, k)):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
+  same = layers.CONV_FNS[impl](x, k, stride, 'same')
+  assert (stride > 1 and kernel > 1 and size % 2 == 0) == (
+      not np.allclose(same, torch_conv(x, k), atol=1e-4))
+
+
 def test_only_large_strided_convs_take_the_subpixel_input_gradient():
   def lhs_dilated_convs(batch):
     x = jax.ShapeDtypeStruct((batch, 32, 32, 64), jnp.float32)

@@ -40,14 +40,19 @@ def load_run(workdir: str, step: Optional[int] = None, *,
   """
   from ssl_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
+  # The checkpoint supersedes the weights the run started from, which need
+  # not exist any more; `setup.state` is then the random initialisation.
+  init_config = ml_collections.ConfigDict(config.to_dict())
+  if init_config.model.get('init_from'):
+    init_config.model.init_from = ''
   if with_init:
-    s = train.setup(config)
+    s = train.setup(init_config)
     template = s.state
   else:
     s = None
     # Tracing setup (no compilation) gives the state's shapes and dtypes,
     # which is all a restore needs.
-    template = jax.eval_shape(lambda: train.setup(config).state)
+    template = jax.eval_shape(lambda: train.setup(init_config).state)
   state, _ = checkpointing.Checkpointer(workdir).restore(template, step)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train '

@@ -1,8 +1,10 @@
 """Knowledge distillation (Hinton et al. 2015) from a trained run's encoder.
 
 The teacher is the backbone of any run's checkpoint (`method.teacher_workdir`,
-loaded with `ssl_jax.evaluation.features.load_run`), frozen and run in eval
-mode on the student's view. Two signals, mixed by weights:
+loaded with `ssl_jax.evaluation.features.load_run`) or of a weights file
+(`method.teacher_init_from`: a torchvision/timm state_dict or an ssl_jax
+export, as `model.init_from`; architecture `method.teacher_backbone`), frozen
+and run in eval mode on the student's view. Two signals, mixed by weights:
 
   * logits: with `method.teacher_head`, a linear classifier is fitted to the
     teacher's features of labelled training images once, before training; the
@@ -16,16 +18,18 @@ teacher's variables (and head) live in `method_state`, constant during training.
 """
 
 import functools
+import json
 import logging
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import losses, models, parallel
+from ssl_jax import interop, losses, models, parallel
 from ssl_jax.methods import common
 from ssl_jax.methods.base import METHODS, Method, StepOutput
 
@@ -90,17 +94,52 @@ def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
   return {'kernel': w.astype(np.float32), 'bias': b.astype(np.float32)}
 
 
+def teacher_from_file(config: ml_collections.ConfigDict
+                      ) -> ml_collections.ConfigDict:
+  """The run config of a teacher given as weights (`method.teacher_init_from`).
+
+  Its backbone is `method.teacher_backbone` (default: the student's), built
+  from the student's `config.model` fields (stem, padding, patch size, ...)
+  and loaded from the file; it sees the student's data and views.
+  """
+  teacher = ml_collections.ConfigDict(config.to_dict())
+  teacher.model.backbone = config.method.get('teacher_backbone') or config.model.backbone
+  teacher.model.init_from = config.method.teacher_init_from
+  return teacher
+
+
+def _teacher_run(workdir: str, teacher_json: str):
+  """(config, backbone variables) of a trained run or of a weights file."""
+  from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
+  if not teacher_json:
+    config, _, state = feats.load_run(workdir)
+    return config, jax.device_get(feats.backbone_variables(state))
+  config = ml_collections.ConfigDict(json.loads(teacher_json))
+  backbone = models.get_backbone(config.model)
+  size = feats.view_size(config)
+  template = jax.eval_shape(lambda: backbone.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, config.data.channels)),
+      train=False))
+  return config, interop.load_backbone_variables(config.model, template)
+
+
 @functools.lru_cache(maxsize=4)
-def load_teacher(workdir: str, head: bool, head_examples: int
+def load_teacher(workdir: str, head: bool, head_examples: int,
+                 teacher_json: str = ''
                  ) -> Tuple[Any, Dict[str, Any], Optional[Dict[str, Any]], int]:
-  """The frozen teacher of `workdir`: (model config, variables, head, dim).
+  """The frozen teacher: (model config, variables, head, dim).
+
+  Args:
+    workdir: a trained run's --workdir, or '' with `teacher_json`.
+    head, head_examples: fit a linear head on this many labelled features.
+    teacher_json: the JSON of `teacher_from_file(config)`, for a teacher
+      given as weights.
 
   Cached, because the method is built again by evaluation and by tests.
   """
   from ssl_jax import data  # pylint: disable=g-import-not-at-top
   from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
-  config, _, state = feats.load_run(workdir)
-  variables = jax.device_get(feats.backbone_variables(state))
+  config, variables = _teacher_run(workdir, teacher_json)
   size = feats.view_size(config)
   source = data.get_source(config.data, config.data.train_split, head_examples)
   feature_fn = feats.make_feature_fn(config.model, size, source.mean,
@@ -126,12 +165,15 @@ class Distill(Method):
   def __init__(self, config, data_info, total_steps):
     super().__init__(config, data_info, total_steps)
     m = config.method
-    if not m.get('teacher_workdir'):
-      raise ValueError('Set config.method.teacher_workdir to the --workdir of '
-                       'a trained run (the teacher).')
+    if bool(m.get('teacher_workdir')) == bool(m.get('teacher_init_from')):
+      raise ValueError('Set one of config.method.teacher_workdir (the --workdir '
+                       'of a trained run) and config.method.teacher_init_from '
+                       '(a torchvision/timm state_dict or ssl_jax export).')
+    teacher_json = (teacher_from_file(config).to_json_best_effort()
+                    if m.get('teacher_init_from') else '')
     self.teacher_model, self.teacher_variables, self.teacher_head, self.teacher_dim = (
-        load_teacher(m.teacher_workdir, bool(m.teacher_head),
-                     int(m.get('teacher_head_examples', 0))))
+        load_teacher(m.get('teacher_workdir', ''), bool(m.teacher_head),
+                     int(m.get('teacher_head_examples', 0)), teacher_json))
     uses_logits = m.kd_weight > 0 or m.label_weight > 0
     if m.kd_weight > 0 and self.teacher_head is None:
       raise ValueError('method.kd_weight > 0 needs method.teacher_head=True '

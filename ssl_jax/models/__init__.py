@@ -34,7 +34,9 @@ def _resnet(stage_sizes, block):
                   width=cfg.get('width', 64), stem=cfg.get('stem', 'imagenet'),
                   pooling=cfg.get('pooling', 'avg'),
                   axis_name=axis_name, conv_impl=cfg.get('conv_impl', 'auto'),
-                  dtype=dtype)
+                  # 'same' when absent: the configs of runs made before the
+                  # field existed keep the padding they were trained with.
+                  padding=cfg.get('padding', 'same'), dtype=dtype)
   return build
 
 

@@ -14,6 +14,17 @@ import jax.numpy as jnp
 # alternative for backends whose convolutions are slow.
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 
+# Both paddings give ceil(size / stride) outputs from an odd kernel k, and
+# the same ones when `size` is odd; they differ for strided convs of even
+# inputs:
+#   'same'       XLA's and TensorFlow's SAME, the odd pixel of padding last:
+#                at stride 2, output i reads inputs 2i - k//2 + 1 ... 2i + k//2 + 1;
+#   'symmetric'  k//2 pixels on each side, PyTorch's `padding=k//2`
+#                (torchvision's ResNets): output i is centred on input 2i.
+# A model trained with one padding and run with the other sees every strided
+# layer shifted by one pixel.
+PADDINGS = ('same', 'symmetric')
+
 
 def _same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
   # XLA's 'SAME': out = ceil(size/stride); the odd pixel of padding goes last.
@@ -22,11 +33,31 @@ def _same_padding(size: int, kernel: int, stride: int) -> Tuple[int, int]:
   return total // 2, total - total // 2
 
 
-def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
-  """[B, Ho, Wo, kh*kw*C] 'SAME' patches of x, (i, j, c)-major like HWIO."""
+def conv_padding(size: int, kernel: int, stride: int,
+                 padding: str = 'same') -> Tuple[int, int]:
+  """(before, after) padding of one spatial axis; see PADDINGS.
+
+  Both give ceil(size / stride) outputs for odd kernels: 'symmetric' pads
+  kernel//2 before and only what the last output reads after (the rest of
+  PyTorch's kernel//2 is never read).
+  """
+  if padding == 'same':
+    return _same_padding(size, kernel, stride)
+  if padding == 'symmetric':
+    if kernel % 2 == 0:
+      raise ValueError(f"padding='symmetric' needs an odd kernel, got {kernel}.")
+    out = -(-size // stride)
+    before = kernel // 2
+    return before, max((out - 1) * stride + kernel - size - before, 0)
+  raise ValueError(f'Unknown padding {padding!r}; known: {", ".join(PADDINGS)}.')
+
+
+def _patches(x: jax.Array, kh: int, kw: int, stride: int,
+             padding: str = 'same') -> jax.Array:
+  """[B, Ho, Wo, kh*kw*C] patches of x, (i, j, c)-major like HWIO."""
   _, h, w, _ = x.shape
-  (top, bottom), (left, right) = (_same_padding(h, kh, stride),
-                                  _same_padding(w, kw, stride))
+  (top, bottom), (left, right) = (conv_padding(h, kh, stride, padding),
+                                  conv_padding(w, kw, stride, padding))
   xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   ho, wo = -(-h // stride), -(-w // stride)
   if kh == kw == 1:
@@ -37,15 +68,17 @@ def _patches(x: jax.Array, kh: int, kw: int, stride: int) -> jax.Array:
       for i in range(kh) for j in range(kw)], axis=-1)
 
 
-def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  """A 'SAME' NHWC convolution computed as shifted slices and one matmul.
+def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                padding: str = 'same') -> jax.Array:
+  """An NHWC convolution computed as shifted slices and one matmul.
 
   Numerically the same convolution as XLA's (tested against
   `lax.conv_general_dilated`); autodiff turns its backward pass into matmuls,
-  pads and slices.
+  pads and slices. `padding`: one of PADDINGS.
   """
   kh, kw, cin, cout = kernel.shape
-  return jnp.dot(_patches(x, kh, kw, stride), kernel.reshape(kh * kw * cin, cout))
+  return jnp.dot(_patches(x, kh, kw, stride, padding),
+                 kernel.reshape(kh * kw * cin, cout))
 
 
 # Below this many multiply-adds in the input gradient, XLA's own is as fast,
@@ -54,9 +87,13 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 SUBPIXEL_MIN_MACS = 2**28
 
 
-def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def _lax_conv(x: jax.Array, kernel: jax.Array, stride: int,
+              padding: str = 'same') -> jax.Array:
+  kh, kw = kernel.shape[:2]
+  pads = [conv_padding(x.shape[1], kh, stride, padding),
+          conv_padding(x.shape[2], kw, stride, padding)]
   return jax.lax.conv_general_dilated(
-      x, kernel, (stride, stride), 'SAME',
+      x, kernel, (stride, stride), pads,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -70,8 +107,9 @@ def _phase_taps(kernel: int, pad: int, stride: int, phase: int):
 
 
 def subpixel_input_gradient(dy: jax.Array, kernel: jax.Array,
-                            x_shape: Tuple[int, ...], stride: int) -> jax.Array:
-  """The input gradient of a strided 'SAME' NHWC conv as stride**2 stride-1 convs.
+                            x_shape: Tuple[int, ...], stride: int,
+                            padding: str = 'same') -> jax.Array:
+  """The input gradient of a strided NHWC conv as stride**2 stride-1 convs.
 
   XLA computes it as one convolution over dy dilated with zeros, so that
   3/4 of its multiply-adds (stride 2) are by zero. Each phase (a, b) of the
@@ -81,8 +119,8 @@ def subpixel_input_gradient(dy: jax.Array, kernel: jax.Array,
   """
   kh, kw, cin, _ = kernel.shape
   b, h, w, _ = x_shape
-  pad_h = _same_padding(h, kh, stride)[0]
-  pad_w = _same_padding(w, kw, stride)[0]
+  pad_h = conv_padding(h, kh, stride, padding)[0]
+  pad_w = conv_padding(w, kw, stride, padding)[0]
   rows = []
   for a in range(stride):
     taps_h, offsets_h = _phase_taps(kh, pad_h, stride, a)
@@ -106,26 +144,29 @@ def subpixel_input_gradient(dy: jax.Array, kernel: jax.Array,
   return phases.reshape(b, h, w, cin)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-  return _lax_conv(x, kernel, stride)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: jax.Array, kernel: jax.Array, stride: int,
+                  padding: str) -> jax.Array:
+  return _lax_conv(x, kernel, stride, padding)
 
 
-def _strided_conv_fwd(x, kernel, stride):
-  return _lax_conv(x, kernel, stride), (x, kernel)
+def _strided_conv_fwd(x, kernel, stride, padding):
+  return _lax_conv(x, kernel, stride, padding), (x, kernel)
 
 
-def _strided_conv_bwd(stride, residuals, dy):
+def _strided_conv_bwd(stride, padding, residuals, dy):
   x, kernel = residuals
-  dx = subpixel_input_gradient(dy, kernel, x.shape, stride)
-  dkernel, = jax.linear_transpose(lambda k: _lax_conv(x, k, stride), kernel)(dy)
+  dx = subpixel_input_gradient(dy, kernel, x.shape, stride, padding)
+  dkernel, = jax.linear_transpose(
+      lambda k: _lax_conv(x, k, stride, padding), kernel)(dy)
   return dx, dkernel
 
 
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
-def xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def xla_conv(x: jax.Array, kernel: jax.Array, stride: int,
+             padding: str = 'same') -> jax.Array:
   kh, kw = kernel.shape[:2]
   if (kh, kw) == (1, 1) and stride > 1:
     # The same convolution ('SAME' pads nothing for a 1x1 kernel), but its
@@ -140,24 +181,25 @@ def xla_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     # ResNet-18's three stride-2 3x3 convs at batch 512, 372/225/161 ms
     # against 203/137/118 as sub-pixel convolutions. GPUs and TPUs keep
     # their own strided backward pass.
-    return _strided_conv(x, kernel, stride)
-  return _lax_conv(x, kernel, stride)
+    return _strided_conv(x, kernel, stride, padding)
+  return _lax_conv(x, kernel, stride, padding)
 
 
 CONV_FNS = {'xla': xla_conv, 'im2col': im2col_conv}
 
 
 class Conv(nn.Module):
-  """A square 'SAME' convolution with the parameter layout of `nn.Conv`.
+  """A square convolution with the parameter layout of `nn.Conv`.
 
   `impl`: 'auto' (= 'xla') or 'im2col' (see CONV_IMPLS). Checkpoints do not
-  depend on the choice.
+  depend on the choice. `padding`: 'same' or 'symmetric' (see PADDINGS).
   """
   features: int
   kernel_size: int = 3
   strides: int = 1
   use_bias: bool = False
   impl: str = 'auto'
+  padding: str = 'same'
   dtype: Optional[jnp.dtype] = None
   kernel_init: nn.initializers.Initializer = nn.initializers.kaiming_normal()
 
@@ -171,7 +213,7 @@ class Conv(nn.Module):
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     impl = 'xla' if self.impl == 'auto' else self.impl
-    y = CONV_FNS[impl](x, kernel, self.strides)
+    y = CONV_FNS[impl](x, kernel, self.strides, self.padding)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
     return y

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssl_jax.models.layers import Conv, batch_norm, relu
+from ssl_jax.models.layers import Conv, batch_norm, conv_padding, relu
 
 
 class BasicBlock(nn.Module):
@@ -15,10 +15,12 @@ class BasicBlock(nn.Module):
   axis_name: Optional[str]
   conv_impl: str
   dtype: Any
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl, dtype=self.dtype)
+    conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl,
+                                padding=self.padding, dtype=self.dtype)
     norm = lambda **kw: batch_norm(train, self.axis_name, dtype=self.dtype, **kw)
     y = relu(norm()(conv(self.features, 3, self.strides)(x)))
     # Zero-initialised last BN scale: each block starts as the identity
@@ -35,10 +37,12 @@ class Bottleneck(nn.Module):
   axis_name: Optional[str]
   conv_impl: str
   dtype: Any
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl, dtype=self.dtype)
+    conv = lambda f, k, s: Conv(f, k, s, impl=self.conv_impl,
+                                padding=self.padding, dtype=self.dtype)
     norm = lambda **kw: batch_norm(train, self.axis_name, dtype=self.dtype, **kw)
     y = relu(norm()(conv(self.features, 1, 1)(x)))
     y = relu(norm()(conv(self.features, 3, self.strides)(y)))
@@ -66,6 +70,11 @@ class ResNet(nn.Module):
     width: channels of the first stage (64 in the paper).
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no
       pool), the variant used for 32x32 images by SimCLR and solo-learn.
+    padding: of the strided convolutions and the max-pool: 'same' (XLA's) or
+      'symmetric' (torchvision's), see `layers.PADDINGS`. With 'symmetric'
+      and the 'imagenet' stem the network is torchvision's ResNet-18/34/50
+      (v1.5: the stride on the 3x3 conv of a bottleneck) and its weights
+      carry over with equal outputs (`ssl_jax.interop`).
   """
   stage_sizes: Sequence[int]
   block: str = 'basic'
@@ -75,6 +84,7 @@ class ResNet(nn.Module):
   axis_name: Optional[str] = None
   conv_impl: str = 'auto'
   dtype: Any = None
+  padding: str = 'same'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = True
@@ -83,19 +93,25 @@ class ResNet(nn.Module):
       raise ValueError(f"Unknown stem {self.stem!r}; known: 'cifar', 'imagenet'.")
     x = x.astype(self.dtype or jnp.float32)
     aux = {}
+    conv = lambda k, s: Conv(self.width, k, s, impl=self.conv_impl,
+                             padding=self.padding, dtype=self.dtype)
     if self.stem == 'imagenet':
-      x = Conv(self.width, 7, 2, impl=self.conv_impl, dtype=self.dtype)(x)
+      x = conv(7, 2)(x)
       x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
-      x = nn.max_pool(x, (3, 3), (2, 2), 'SAME')
+      # Max-pool pads with -inf, as PyTorch's MaxPool2d(3, 2, padding=1).
+      x = nn.max_pool(x, (3, 3), (2, 2), [
+          conv_padding(x.shape[1], 3, 2, self.padding),
+          conv_padding(x.shape[2], 3, 2, self.padding)])
     else:
-      x = Conv(self.width, 3, 1, impl=self.conv_impl, dtype=self.dtype)(x)
+      x = conv(3, 1)(x)
       x = relu(batch_norm(train, self.axis_name, dtype=self.dtype)(x))
     aux['stem'] = x
     block = {'basic': BasicBlock, 'bottleneck': Bottleneck}[self.block]
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = block(self.width * 2**i, 2 if (i > 0 and j == 0) else 1,
-                  self.axis_name, self.conv_impl, self.dtype)(x, train)
+                  self.axis_name, self.conv_impl, self.dtype,
+                  self.padding)(x, train)
       aux[f'stage{i + 1}'] = x
     features = pool(x, self.pooling)
     return features, aux
