@@ -260,6 +260,36 @@ class TFDSSource(_ThreadPoolMixin, Source):
             np.array([p[1] for p in pairs], np.int32))
 
 
+def convert_to_array_record_command(dataset_version_dir: str) -> str:
+  """The command that adds ArrayRecord files next to a TFRecord-prepared dataset."""
+  return (f'pip install tensorflow apache-beam && tfds convert_format '
+          f'--dataset_version_dir={dataset_version_dir} '
+          f'--out_file_format=array_record')
+
+
+def _check_random_access(builder, name: str) -> None:
+  """Fails at once, with the conversion command, on TFRecord-only datasets.
+
+  `tfds.data_source` reads formats with random access (ArrayRecord, Parquet);
+  TFRecord files are read front to back only, which a step-keyed,
+  resumable loader cannot use. `tfds convert_format` (tensorflow-datasets
+  4.9.10, scripts/cli/convert_format.py) writes ArrayRecord shards next to
+  the TFRecord ones and records them in dataset_info.json, after which the
+  same data_dir works here; it needs TensorFlow, this library does not.
+  """
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+  if not builder.is_prepared():
+    return  # tfds.data_source says how to prepare it
+  formats = builder.info.available_file_formats()
+  if formats and not formats & file_adapters.FileFormat.with_random_access():
+    stored = ', '.join(sorted(f.value for f in formats))
+    raise ValueError(
+        f'TFDS dataset {name!r} in {builder.data_dir} is stored as {stored}, '
+        f'which has no random access; ssl_jax reads ArrayRecord through '
+        f'tfds.data_source. Convert it once, in place (any machine with '
+        f'TensorFlow): {convert_to_array_record_command(str(builder.data_dir))}')
+
+
 def _tfds_source(name: str, split: str, config) -> TFDSSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.get('tfds_data_dir') or None
@@ -267,6 +297,7 @@ def _tfds_source(name: str, split: str, config) -> TFDSSource:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'TFDS does not know the dataset {name!r}: {e}') from e
+  _check_random_access(builder, name)
   try:
     data_source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
