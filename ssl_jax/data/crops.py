@@ -169,4 +169,7 @@ def as_pil(image, channels: int) -> Optional[object]:
     if image.ndim == 3 and image.shape[2] == 1:
       image = image[..., 0]
     image = Image.fromarray(image[..., :3] if image.ndim == 3 else image)
-  return image.convert('L' if channels == 1 else 'RGB')
+  mode = 'L' if channels == 1 else 'RGB'
+  # No copy when the mode is right already (most JPEGs): a 500x375 copy costs
+  # as much as a 96-pixel crop.
+  return image if image.mode == mode else image.convert(mode)
