@@ -9,6 +9,7 @@ holding the same serialized examples in TFRecord framing.
 """
 
 import json
+import pickle
 import shutil
 import struct
 
@@ -101,6 +102,10 @@ def test_array_record_dataset_is_read_at_random(array_record_dir):
   assert len(seen) == 5
   np.testing.assert_array_equal(
       batch['label'], [source.read_original(i)[1] for i in (7, 2)])
+  # Loader workers get the source pickled (no pickle is written to disk).
+  copy = pickle.loads(pickle.dumps(source))
+  np.testing.assert_array_equal(np.asarray(copy.read_original(3)[0]),
+                                np.asarray(source.read_original(3)[0]))
   specs = crops.crop_specs(ml_collections.ConfigDict({'g': common.view(24, count=2)}))
   batches = data.TrainBatches(source, 4, seed=0, crop_specs=specs)
   first = next(batches)
