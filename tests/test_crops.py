@@ -195,3 +195,12 @@ def test_num_workers_default_leaves_a_core(monkeypatch):
   monkeypatch.setattr(os, 'cpu_count', lambda: 1)
   assert data.resolve_num_workers(-1) == 1
   assert math.isclose(common.base_config('simclr').data.num_workers, -1)
+
+
+def test_bad_worker_count_fails_with_what_to_set(tmp_path):
+  from configs import simclr  # pylint: disable=g-import-not-at-top
+  from ssl_jax import validation  # pylint: disable=g-import-not-at-top
+  config = simclr.get_config('smoke')
+  config.data.num_workers = -2
+  with pytest.raises(ValueError, match=r'num_workers must be -1 .* not -2'):
+    validation.validate_config(config, str(tmp_path))
