@@ -21,7 +21,7 @@ import concurrent.futures
 import os
 import queue
 import threading
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Sequence
 
 import numpy as np
 
@@ -93,10 +93,11 @@ class BatchMaker:
     if self._pool is None and self.threads > 1:
       self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
     first = self.process_index * self.local_batch_size
-    args = (lambda p: self._crop_one(step, first + p, int(indices[p])))
+    def make(p):
+      return self._crop_one(step, first + p, int(indices[p]))
     positions = range(len(indices))
-    made = list(self._pool.map(args, positions) if self._pool
-                else map(args, positions))
+    made = list(self._pool.map(make, positions) if self._pool
+                else map(make, positions))
     return {
         'crops': {spec.name: np.stack([m[0][spec.name] for m in made])
                   for spec in self.crop_specs},
@@ -141,7 +142,7 @@ class TrainBatches:
     seed: shuffling seed.
     start_step: first step to produce (resume).
     process_index, process_count: this host's share.
-    prefetch: host batches prepared ahead (per worker with workers).
+    prefetch: host batches prepared ahead (shared out among the workers).
     crop_specs: the views to crop on the host; used only for sources with
       `crops_on_host` (files), ignored for in-memory arrays, which the
       device crops.
