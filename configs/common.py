@@ -81,7 +81,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       dataset='tfds', tfds_name='imagenet2012', tfds_data_dir='', data_dir='',
       folder='', image_size=224, channels=3, train_split='train',
-      eval_split='validation', max_train_examples=0, max_eval_examples=0))
+      eval_split='validation', max_train_examples=0, max_eval_examples=0,
+      # Processes that decode and crop files (folder, TFDS); -1: one per CPU
+      # core but one (at most 32), 0: a thread of the training process.
+      num_workers=-1))
 
   c.model = ml_collections.ConfigDict(dict(
       backbone='resnet50', stem='imagenet', width=64, widths=(16, 32, 64),
@@ -260,6 +263,9 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A few steps of a tiny model on 1024 images: seconds, for tests."""
   fmnist(c)
   c.data.max_train_examples = 1024
+  # In-process loading: worker processes take seconds to start, a smoke run
+  # lasts seconds.
+  c.data.num_workers = 0
   c.model.update(backbone='convnet', widths=(8, 16), first_stride=1,
                  pooling='avg')
   c.model.projector = mlp((32,), 16)

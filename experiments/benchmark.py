@@ -22,6 +22,21 @@ The input pipeline is measured separately, with no model: host batches from
 `TrainBatches` sharded onto the devices, for Fashion-MNIST (when installed)
 and for a folder of JPEG files written to a temporary directory, each reported
 against the fastest train step of the table.
+
+  python experiments/benchmark.py --input --out=in.json
+
+measures the loader of ImageNet-style files instead: it writes 2,000 JPEGs
+of ImageNet-like sizes (about 500 x 375, varied) and, for SimCLR's two 224
+views and SwAV's 2 x 224 + 6 x 96, times ssl_jax's `TrainBatches` (decode and
+RandomResizedCrop of every view in grain workers) against a torchvision
+`DataLoader` over `ImageFolder` doing the same host work (decode,
+`RandomResizedCrop` per view with the recipe's scale and ratio,
+`PILToTensor`), with the same batch size and the same number of worker
+processes; flips, colour, blur and solarisation run on the accelerator in
+ssl_jax and are left out of both. Each measurement starts a fresh loader,
+skips its first batch (worker start-up) and times the next `--input_examples`
+examples; the two loaders alternate (ours, theirs, theirs, ours, ...) and each
+row reports the medians and their `ratio`.
 """
 
 import argparse
@@ -239,6 +254,156 @@ def measure_pipeline(args) -> dict:
           'source_examples': len(source)}
 
 
+# ---------------------------------------------------------------------------
+# --input: the loader of ImageNet-style files against torchvision's.
+
+INPUT_RECIPES = ('simclr', 'swav')
+
+
+def write_jpegs(root: str, n: int, seed: int = 0) -> None:
+  """`n` JPEGs of ImageNet-like sizes in root/train/class<k>/.
+
+  Sizes around ImageNet's typical 500 x 375 (widths 400-600, heights
+  300-450, a quarter portrait); smooth colour fields with noise, saved at
+  quality 90, so decoding costs what photographs cost (pure noise would
+  compress badly and decode slower).
+  """
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    w, h = int(rng.integers(400, 601)), int(rng.integers(300, 451))
+    if rng.random() < 0.25:
+      w, h = h, w
+    coarse = rng.integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+    image = np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+    d = os.path.join(root, 'train', f'class{i % 10}')
+    os.makedirs(d, exist_ok=True)
+    Image.fromarray(image).save(os.path.join(d, f'{i}.jpg'), quality=90)
+
+
+def _recipe_views(recipe: str):
+  import importlib  # pylint: disable=g-import-not-at-top
+  return importlib.import_module(f'configs.{recipe}').get_config().augment.views
+
+
+def _time_loader(iterator, batch_size: int, examples: int) -> float:
+  """Examples/s over `examples` after the first batch (worker start-up)."""
+  next(iterator)
+  n, t0 = 0, time.perf_counter()
+  while n < examples:
+    next(iterator)
+    n += batch_size
+  return n / (time.perf_counter() - t0)
+
+
+def _ours(root: str, recipe: str, workers: int, batch_size: int, examples: int,
+          seed: int) -> float:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ssl_jax import data  # pylint: disable=g-import-not-at-top
+  source = data.get_source(ml_collections.ConfigDict(dict(
+      dataset='folder', folder=root, image_size=224, channels=3)), 'train')
+  batches = data.TrainBatches(source, batch_size, seed,
+                              crop_specs=data.crop_specs(_recipe_views(recipe)),
+                              num_workers=workers)
+  try:
+    return _time_loader(batches, batch_size, examples)
+  finally:
+    batches.close()
+
+
+class _TorchViews:
+  """torchvision's multi-crop: RandomResizedCrop per view, uint8 tensors."""
+
+  def __init__(self, views):
+    from torchvision import transforms  # pylint: disable=g-import-not-at-top
+    self.crops = []
+    for name in views:
+      spec = views[name]
+      crop = transforms.Compose([
+          transforms.RandomResizedCrop(spec.size, scale=tuple(spec.crop_scale),
+                                       ratio=tuple(spec.crop_ratio)),
+          transforms.PILToTensor()])
+      self.crops += [crop] * spec.get('count', 1)
+
+  def __call__(self, image):
+    return [crop(image) for crop in self.crops]
+
+
+def _torchvision(root: str, recipe: str, workers: int, batch_size: int,
+                 examples: int, seed: int) -> float:
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchvision import datasets  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  dataset = datasets.ImageFolder(os.path.join(root, 'train'),
+                                 transform=_TorchViews(_recipe_views(recipe)))
+  loader = torch.utils.data.DataLoader(
+      dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+      num_workers=workers, persistent_workers=workers > 0)
+  iterator = iter(loader)
+
+  def forever():
+    nonlocal iterator
+    while True:
+      try:
+        yield next(iterator)
+      except StopIteration:
+        iterator = iter(loader)
+
+  try:
+    return _time_loader(forever(), batch_size, examples)
+  finally:
+    del iterator
+
+
+def input_benchmark(args) -> dict:
+  """Rows of examples/s: ours and torchvision's, per recipe and worker count."""
+  tmp = tempfile.TemporaryDirectory()
+  t0 = time.perf_counter()
+  write_jpegs(tmp.name, args.input_files)
+  print(f'Wrote {args.input_files} JPEGs in {time.perf_counter() - t0:.0f} s.',
+        flush=True)
+  rows = []
+  try:
+    for recipe in args.input_recipes.split(','):
+      for workers in map(int, args.input_workers.split(',')):
+        ours, theirs = [], []
+        for r in range(args.input_rounds):
+          # ABBA: ours, theirs, theirs, ours, ... (a slow minute of a shared
+          # machine lands on both sides).
+          pair = [(_ours, ours), (_torchvision, theirs)]
+          for fn, out in (pair if r % 2 == 0 else pair[::-1]):
+            out.append(fn(tmp.name, recipe, workers, args.input_batch_size,
+                          args.input_examples, seed=r))
+        views = _recipe_views(recipe)
+        row = {'recipe': recipe,
+               'views': ' + '.join(f'{views[v].get("count", 1)}x{views[v].size}'
+                                   for v in views),
+               'workers': workers, 'batch_size': args.input_batch_size,
+               'ssl_jax_examples_per_s': statistics.median(ours),
+               'torchvision_examples_per_s': statistics.median(theirs),
+               'ssl_jax_rounds': ours, 'torchvision_rounds': theirs}
+        row['ratio'] = (row['ssl_jax_examples_per_s'] /
+                        row['torchvision_examples_per_s'])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  finally:
+    tmp.cleanup()
+  return {'input_rows': rows, 'files': args.input_files,
+          'table': _input_table(rows)}
+
+
+def _input_table(rows) -> str:
+  lines = ['| recipe | views | workers | ssl_jax examples/s | torchvision '
+           'DataLoader examples/s | ratio |', '|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['recipe']} | {r['views']} | {r['workers']} "
+                 f"| {r['ssl_jax_examples_per_s']:.0f} "
+                 f"| {r['torchvision_examples_per_s']:.0f} | {r['ratio']:.2f}x |")
+  return '\n'.join(lines)
+
+
 def _subprocess(worker: str, extra, args) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), f'--_worker={worker}'] + extra
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -365,6 +530,17 @@ def main() -> int:
   parser.add_argument('--pipeline_seconds', type=float, default=5.0)
   parser.add_argument('--pipeline_files', type=int, default=2048)
   parser.add_argument('--out', default='', help='write the rows as JSON here')
+  parser.add_argument('--input', action='store_true',
+                      help='benchmark the loader of JPEG files against '
+                      "torchvision's DataLoader instead of the train step")
+  parser.add_argument('--input_files', type=int, default=2000)
+  parser.add_argument('--input_recipes', default=','.join(INPUT_RECIPES))
+  parser.add_argument('--input_workers', default='1,2')
+  parser.add_argument('--input_batch_size', type=int, default=64)
+  parser.add_argument('--input_examples', type=int, default=1024,
+                      help='examples timed per measurement')
+  parser.add_argument('--input_rounds', type=int, default=2,
+                      help='measurements per loader and row (alternating)')
   # Internal: one measurement in a subprocess.
   parser.add_argument('--_worker', default='', help=argparse.SUPPRESS)
   parser.add_argument('--_method', default='', help=argparse.SUPPRESS)
@@ -386,6 +562,15 @@ def main() -> int:
     return 0
 
   t_start = time.time()
+  if args.input:
+    result = input_benchmark(args)
+    print(result['table'])
+    print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} '
+          f'CPUs; {time.time() - t_start:.0f} s in all.')
+    if args.out:
+      with open(args.out, 'w') as f:
+        json.dump(dict(result, seconds=time.time() - t_start), f, indent=2)
+    return 0
   rows = []
   for backbone in args.backbones.split(','):
     for batch_size in map(int, args.batch_sizes.split(',')):

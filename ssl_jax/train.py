@@ -208,7 +208,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       s.source, config.batch_size, config.seed, start_step=start_step,
       process_index=parallel.process_index(),
       process_count=parallel.process_count(),
-      prefetch=config.training.get('prefetch', 2) + 2)
+      prefetch=config.training.get('prefetch', 2) + 2,
+      crop_specs=data.crop_specs(config.augment.views),
+      num_workers=data.resolve_num_workers(config.data.get('num_workers', 0)))
   device_batches = parallel.prefetch_to_devices(
       batches, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)

@@ -35,6 +35,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if config.training.get('nonfinite_policy', 'stop') not in ('stop', 'skip'):
     raise ValueError('config.training.nonfinite_policy must be "stop" or '
                      f'"skip", not {config.training.nonfinite_policy!r}.')
+  workers = config.data.get('num_workers', 0)
+  if not isinstance(workers, int) or workers < -1:
+    raise ValueError(f'config.data.num_workers must be -1 (one per CPU core), '
+                     f'0 (in-process) or a number of processes, not {workers!r}.')
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size must be positive, got {config.batch_size}.')
   if config.num_steps <= 0 and config.num_epochs <= 0:
@@ -69,6 +73,8 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def validate_data(config: ml_collections.ConfigDict, source) -> None:
   """Checks the views against the images the source serves."""
+  if source.crops_on_host:
+    return  # views are cropped from the original images, of any size
   height, width = source.image_shape[0], source.image_shape[1]
   for name in config.augment.views:
     size = config.augment.views[name].size

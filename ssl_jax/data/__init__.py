@@ -1,7 +1,9 @@
 """Datasets, deterministic batching and on-device augmentations."""
 
-from ssl_jax.data.pipeline import TrainBatches, eval_batches
+from ssl_jax.data.crops import crop_specs
+from ssl_jax.data.pipeline import TrainBatches, eval_batches, resolve_num_workers
 from ssl_jax.data.sources import DATASETS, Source, get_source
 from ssl_jax.data import paired  # noqa: F401  (registers 'synthetic_pairs')
 
-__all__ = ['DATASETS', 'Source', 'TrainBatches', 'eval_batches', 'get_source']
+__all__ = ['DATASETS', 'Source', 'TrainBatches', 'crop_specs', 'eval_batches',
+           'get_source', 'resolve_num_workers']

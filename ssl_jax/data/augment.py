@@ -1,9 +1,11 @@
 """Image augmentations that run on the device, vmapped over per-example keys.
 
-The host only decodes images to a fixed size (uint8); cropping, flipping,
-colour distortion, blur and solarisation of every view happen here inside the
-jit-compiled train step, as in the BYOL reference, so the input pipeline stays
-cheap. Each transform works on one float image in [0, 1] of shape [H, W, C]
+Flipping, colour distortion, blur and solarisation of every view happen here
+inside the jit-compiled train step, as in the BYOL reference, so the input
+pipeline stays cheap. The crop happens here too for in-memory datasets
+(Fashion-MNIST), whose fixed-size images are the whole images; for files
+(folders, TFDS) the host crops each view from the original image
+(`data/crops.py`) and `make_views` receives the crops and skips its own. Each transform works on one float image in [0, 1] of shape [H, W, C]
 with C = 1 (grayscale) or 3 (RGB); colour transforms that need hue or
 saturation are the identity on grayscale images, as in torchvision.
 
@@ -14,7 +16,7 @@ A *view* is described by a ConfigDict (see `configs/common.py`):
 """
 
 import math
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -198,11 +200,16 @@ def solarize(image: jax.Array, threshold: float = 0.5) -> jax.Array:
 
 
 def augment_one(key: jax.Array, image: jax.Array,
-                view: ml_collections.ConfigDict) -> jax.Array:
-  """One augmented view of one float image in [0, 1]."""
+                view: ml_collections.ConfigDict, crop: bool = True) -> jax.Array:
+  """One augmented view of one float image in [0, 1].
+
+  `crop=False`: `image` is already the view's crop (made on the host).
+  """
   keys = jax.random.split(key, 7)
-  x = random_resized_crop(keys[0], image, view.size, tuple(view.crop_scale),
-                          tuple(view.get('crop_ratio', (3 / 4, 4 / 3))))
+  x = image
+  if crop:
+    x = random_resized_crop(keys[0], image, view.size, tuple(view.crop_scale),
+                            tuple(view.get('crop_ratio', (3 / 4, 4 / 3))))
   x = random_flip(keys[1], x, view.get('flip_prob', 0.5))
   if view.get('jitter_prob', 0.0) > 0:
     x = _apply_with_prob(
@@ -233,28 +240,37 @@ def normalize(images: jax.Array, mean: Sequence[float],
   return (images - jnp.asarray(mean, images.dtype)) / jnp.asarray(std, images.dtype)
 
 
-def make_views(rng: jax.Array, images: jax.Array,
+def make_views(rng: jax.Array, images: Optional[jax.Array],
                views: ml_collections.ConfigDict, mean: Sequence[float],
-               std: Sequence[float]) -> List[jax.Array]:
+               std: Sequence[float],
+               crops: Optional[Dict[str, jax.Array]] = None) -> List[jax.Array]:
   """All augmented views of a batch, in the order of `views` (with counts).
 
   Args:
     rng: key for this device's batch.
-    images: [B, H, W, C] uint8 images.
+    images: [B, H, W, C] uint8 images to crop every view from (unused when
+      `crops` is given).
     views: ConfigDict of named view specs (insertion order is kept); a spec
       with `count: n` yields n independently augmented crops.
     mean, std: per-channel normalisation applied last.
+    crops: the host's crops, {view name: uint8 [B, count, size, size, C]}
+      (batch['crops'] of files, see `data/pipeline.py`); the view's crop is
+      then not made again here. Every other augmentation draws the same keys
+      either way.
 
   Returns:
     A list of [B, size, size, C] float32 arrays, one per crop.
   """
-  x = to_float(images)
+  x = None if crops is not None else to_float(images)
   out = []
   for i, name in enumerate(views):
     spec = views[name]
     for j in range(spec.get('count', 1)):
-      keys = jax.random.split(jax.random.fold_in(rng, 1000 * i + j), x.shape[0])
-      view = jax.vmap(lambda k, im: augment_one(k, im, spec))(keys, x)
+      source = x if crops is None else to_float(crops[name][:, j])
+      keys = jax.random.split(jax.random.fold_in(rng, 1000 * i + j),
+                              source.shape[0])
+      view = jax.vmap(lambda k, im: augment_one(k, im, spec, crop=crops is None)
+                      )(keys, source)
       out.append(normalize(view, mean, std))
   return out
 

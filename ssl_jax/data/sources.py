@@ -5,6 +5,12 @@ A source holds or reads uint8 images of one fixed size [H, W, C] and integer
 labels, and serves any list of indices. Everything random (shuffling,
 augmentation) happens elsewhere, so a source is deterministic and a resumed run
 can ask for exactly the batches it would have seen.
+
+Sources of decoded files (folders, TFDS) also serve each example's whole
+original image (`read_original`): training crops views from it on the host
+(`data/crops.py`), while `get` keeps serving the resized centre crop that
+evaluation embeds. Such sources are picklable, so loader worker processes
+(`data/pipeline.py`) can read them.
 """
 
 import abc
@@ -20,6 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import ml_collections
 import numpy as np
 
+from ssl_jax.data import crops
 from ssl_jax.registry import Registry
 
 DATASETS = Registry('dataset')
@@ -29,13 +36,21 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# Guards the unreadable-file sets of every source against the decode threads.
+_UNREADABLE_LOCK = threading.Lock()
+
+
 class Source(abc.ABC):
-  """Base class: subclasses set the attributes and implement `_read`."""
+  """Base class: subclasses set the attributes and implement `_read`.
+
+  `crops_on_host` sources (files to decode) also implement `read_original`.
+  """
   name: str
   num_classes: int
   image_shape: Tuple[int, int, int]
   mean: Sequence[float]
   std: Sequence[float]
+  crops_on_host: bool = False
 
   @abc.abstractmethod
   def __len__(self) -> int:
@@ -52,10 +67,33 @@ class Source(abc.ABC):
     return {'image': images, 'label': labels.astype(np.int32),
             'index': indices.astype(np.int32)}
 
+  def read_original(self, index: int) -> Tuple[Optional[object], int]:
+    """The whole decoded image of `index` (PIL, or None if unreadable) and its label.
+
+    Only for `crops_on_host` sources; an unreadable file is recorded with
+    `mark_unreadable` before None is returned.
+    """
+    raise NotImplementedError(f'{self.name} serves fixed-size images only.')
+
+  def describe(self, index: int) -> str:
+    """Where example `index` comes from, for messages."""
+    return f'{self.name}[{index}]'
+
+  def mark_unreadable(self, index: int, error: object) -> None:
+    """Counts example `index` as unreadable; warns the first time only."""
+    with _UNREADABLE_LOCK:
+      bad = self.__dict__.setdefault('_bad', set())
+      if index in bad:
+        return
+      bad.add(index)
+    if self.__dict__.get('_pickled_copy'):
+      return  # a loader worker's copy: the batch reports it to the parent
+    warnings.warn(f'Skipping unreadable image {self.describe(index)}: {error}')
+
   @property
   def bad_files(self) -> int:
-    """Files that could not be decoded and were replaced (folders only)."""
-    return 0
+    """Files that could not be decoded and were replaced (files only)."""
+    return len(self.__dict__.get('_bad', ()))
 
 
 class ArraySource(Source):
@@ -165,8 +203,29 @@ def _pil_to_array(pil, size: int, channels: int) -> np.ndarray:
   return array[..., None] if array.ndim == 2 else array
 
 
-class TFDSSource(Source):
+class _ThreadPoolMixin:
+  """A decode thread pool made on first use and left out of pickles.
+
+  Loader workers receive the source pickled; each process makes its own pool.
+  """
+  _workers = 8
+
+  @property
+  def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+    if self.__dict__.get('_executor') is None:
+      self.__dict__['_executor'] = concurrent.futures.ThreadPoolExecutor(
+          self._workers)
+    return self.__dict__['_executor']
+
+  def __getstate__(self):
+    state = {k: v for k, v in self.__dict__.items()
+             if k not in ('_executor', '_bad')}
+    return dict(state, _pickled_copy=True)
+
+
+class TFDSSource(_ThreadPoolMixin, Source):
   """A TFDS split read through `tfds.data_source` (ArrayRecord, random access)."""
+  crops_on_host = True
 
   def __init__(self, name, data_source, num_classes, image_size, channels,
                mean, std, image_key='image', label_key='label', workers=8):
@@ -174,10 +233,20 @@ class TFDSSource(Source):
     self.num_classes, self.mean, self.std = num_classes, mean, std
     self.image_shape = (image_size, image_size, channels)
     self._image_key, self._label_key = image_key, label_key
-    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+    self._workers = workers
 
   def __len__(self):
     return len(self._ds)
+
+  def read_original(self, index):
+    record = self._ds[int(index)]
+    label = int(record.get(self._label_key, -1))
+    try:
+      return crops.as_pil(np.asarray(record[self._image_key]),
+                          self.image_shape[2]), label
+    except Exception as e:  # pylint: disable=broad-except
+      self.mark_unreadable(int(index), e)
+      return None, label
 
   def _one(self, i):
     record = self._ds[int(i)]
@@ -191,6 +260,36 @@ class TFDSSource(Source):
             np.array([p[1] for p in pairs], np.int32))
 
 
+def convert_to_array_record_command(dataset_version_dir: str) -> str:
+  """The command that adds ArrayRecord files next to a TFRecord-prepared dataset."""
+  return (f'pip install tensorflow apache-beam && tfds convert_format '
+          f'--dataset_version_dir={dataset_version_dir} '
+          f'--out_file_format=array_record')
+
+
+def _check_random_access(builder, name: str) -> None:
+  """Fails at once, with the conversion command, on TFRecord-only datasets.
+
+  `tfds.data_source` reads formats with random access (ArrayRecord, Parquet);
+  TFRecord files are read front to back only, which a step-keyed,
+  resumable loader cannot use. `tfds convert_format` (tensorflow-datasets
+  4.9.10, scripts/cli/convert_format.py) writes ArrayRecord shards next to
+  the TFRecord ones and records them in dataset_info.json, after which the
+  same data_dir works here; it needs TensorFlow, this library does not.
+  """
+  from tensorflow_datasets.core import file_adapters  # pylint: disable=g-import-not-at-top
+  if not builder.is_prepared():
+    return  # tfds.data_source says how to prepare it
+  formats = builder.info.available_file_formats()
+  if formats and not formats & file_adapters.FileFormat.with_random_access():
+    stored = ', '.join(sorted(f.value for f in formats))
+    raise ValueError(
+        f'TFDS dataset {name!r} in {builder.data_dir} is stored as {stored}, '
+        f'which has no random access; ssl_jax reads ArrayRecord through '
+        f'tfds.data_source. Convert it once, in place (any machine with '
+        f'TensorFlow): {convert_to_array_record_command(str(builder.data_dir))}')
+
+
 def _tfds_source(name: str, split: str, config) -> TFDSSource:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = config.get('tfds_data_dir') or None
@@ -198,6 +297,7 @@ def _tfds_source(name: str, split: str, config) -> TFDSSource:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'TFDS does not know the dataset {name!r}: {e}') from e
+  _check_random_access(builder, name)
   try:
     data_source = tfds.data_source(name, split=split, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
@@ -237,14 +337,15 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff', '.ppm', '.pgm')
 
 
-class FolderSource(Source):
-  """root/<class>/<image>, decoded with Pillow and resized on the host.
+class FolderSource(_ThreadPoolMixin, Source):
+  """root/<class>/<image>, decoded with Pillow on the host.
 
   A file that cannot be decoded (truncated, not an image, unsupported mode) is
   replaced by a black image, counted in `bad_files` and listed once in a
   warning; the run goes on. CMYK, palette, 16-bit and alpha images are
   converted, and images smaller than `image_size` are upsampled.
   """
+  crops_on_host = True
 
   def __init__(self, root: str, split: str, image_size: int, channels: int,
                mean, std, workers: int = 8):
@@ -273,22 +374,19 @@ class FolderSource(Source):
     self.labels = np.array(labels, np.int32)
     self.num_classes, self.mean, self.std = len(classes), mean, std
     self.image_shape = (image_size, image_size, channels)
-    self._bad = set()
-    self._lock = threading.Lock()
-    self._pool = concurrent.futures.ThreadPoolExecutor(workers)
+    self._workers = workers
 
   def __len__(self):
     return len(self.files)
 
-  @property
-  def bad_files(self) -> int:
-    return len(self._bad)
+  def describe(self, index):
+    return self.files[int(index)]
 
-  def _one(self, i):
+  def read_original(self, index):
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    path = self.files[int(i)]
+    index = int(index)
     try:
-      with Image.open(path) as pil:
+      with Image.open(self.files[index]) as pil:
         pil.load()
         if pil.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
           # 16/32-bit grayscale: rescale to 8 bits instead of clipping.
@@ -296,13 +394,16 @@ class FolderSource(Source):
           pil = Image.fromarray((a / max(a.max(), 1) * 255).astype(np.uint8))
         elif pil.mode in ('P', 'PA', 'RGBA', 'LA', 'CMYK', 'YCbCr', 'F', '1'):
           pil = pil.convert('RGB')
-        return _pil_to_array(pil, self.image_shape[0], self.image_shape[2])
+        return crops.as_pil(pil, self.image_shape[2]), int(self.labels[index])
     except Exception as e:  # pylint: disable=broad-except
-      with self._lock:
-        if path not in self._bad:
-          self._bad.add(path)
-          warnings.warn(f'Skipping unreadable image {path}: {e}')
+      self.mark_unreadable(index, e)
+      return None, int(self.labels[index])
+
+  def _one(self, i):
+    pil, _ = self.read_original(i)
+    if pil is None:
       return np.zeros(self.image_shape, np.uint8)
+    return _pil_to_array(pil, self.image_shape[0], self.image_shape[2])
 
   def _read(self, indices):
     images = list(self._pool.map(self._one, indices))
@@ -348,7 +449,8 @@ class Subset(Source):
   def __init__(self, source: Source, n: int, stride: int = 1):
     self._source = source
     self._indices = np.arange(0, min(len(source), n * stride), stride)[:n]
-    for attr in ('name', 'num_classes', 'image_shape', 'mean', 'std'):
+    for attr in ('name', 'num_classes', 'image_shape', 'mean', 'std',
+                 'crops_on_host'):
       setattr(self, attr, getattr(source, attr))
 
   def __len__(self):
@@ -364,6 +466,15 @@ class Subset(Source):
     batch = self._source.get(self._indices[indices])
     batch['index'] = indices.astype(np.int32)
     return batch
+
+  def read_original(self, index):
+    return self._source.read_original(self._indices[int(index)])
+
+  def describe(self, index):
+    return self._source.describe(self._indices[int(index)])
+
+  def mark_unreadable(self, index, error):
+    self._source.mark_unreadable(int(self._indices[int(index)]), error)
 
   @property
   def bad_files(self):

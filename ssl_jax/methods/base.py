@@ -81,9 +81,11 @@ class Method(abc.ABC):
   def num_views(self) -> int:
     return sum(self.view_specs[v].get('count', 1) for v in self.view_specs)
 
-  def make_views(self, rng: jax.Array, images: jax.Array) -> List[jax.Array]:
+  def make_views(self, rng: jax.Array, images: Optional[jax.Array],
+                 crops: Optional[Dict[str, jax.Array]] = None) -> List[jax.Array]:
+    """The augmented views of `images`, or of the host's `crops` (files)."""
     return augment.make_views(rng, images, self.view_specs,
-                              self.data_info.mean, self.data_info.std)
+                              self.data_info.mean, self.data_info.std, crops)
 
   def sample_input(self) -> jax.Array:
     """A normalised dummy batch at the first view's resolution, for init."""
@@ -234,7 +236,9 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   rng, next_rng = jax.random.split(state.rng)
   rng = parallel.per_device_rng(rng, axis_name)
   view_rng, loss_rng = jax.random.split(rng)
-  views = method.make_views(view_rng, batch['image'])
+  # Batches of files carry views the host cropped from the original images
+  # (data/pipeline.py); in-memory datasets carry images the device crops.
+  views = method.make_views(view_rng, batch.get('image'), batch.get('crops'))
 
   inject_at = method.config.get('training', {}).get('inject_nonfinite_at_step', 0)
 
