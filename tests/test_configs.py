@@ -125,8 +125,8 @@ def stand_in_teacher(monkeypatch):
   from ssl_jax import models  # pylint: disable=g-import-not-at-top
   from ssl_jax.methods import distill  # pylint: disable=g-import-not-at-top
 
-  def load_teacher(workdir, teacher_head, head_examples):
-    del workdir, head_examples
+  def load_teacher(workdir, teacher_head, head_examples, teacher_json=''):
+    del workdir, head_examples, teacher_json
     model = common.base_config('simclr').model
     model.update(backbone='resnet18', stem='cifar')
     backbone = models.get_backbone(model)

@@ -319,8 +319,11 @@ LOSS_CASES = {
     # Classification of fixed pseudo-labels: no collapse, symmetry or scale.
     'deepcluster': LossCase(_deepcluster_inputs, batch_axes=(0, 0, None),
                             skip=frozenset({'symmetry', 'scale'})),
+    # The centroids are the prototype layer's weights, used as given (as in
+    # swav's main_deepclusterv2.py): 'scale' covers the embeddings only.
     'deepclusterv2': LossCase(_deepclusterv2_inputs, hyper={'temperature': 0.1},
                               batch_axes=(1, None, 1), swap=swap_crops(0, 1, 2),
+                              scale_argnums=(0,),
                               collapse_value=lambda z, c, a: np.log(c.shape[1])),
     # --- redundancy reduction ---------------------------------------------
     # Standardised constant embeddings are 0: C = 0, loss = d. No gradient
