@@ -324,6 +324,10 @@ LOSS_CASES = {
     'deepclusterv2': LossCase(_deepclusterv2_inputs, hyper={'temperature': 0.1},
                               batch_axes=(1, None, 1), swap=swap_crops(0, 1, 2),
                               scale_argnums=(0,),
+                              # Drawn inputs whose loss is near 0 lose its
+                              # float32 digits to cancellation (seen: 1e-4).
+                              tolerances={'scale': {'atol': 3e-4},
+                                          'devices': {'atol': 3e-4}},
                               collapse_value=lambda z, c, a: np.log(c.shape[1])),
     # --- redundancy reduction ---------------------------------------------
     # Standardised constant embeddings are 0: C = 0, loss = d. No gradient
