@@ -73,7 +73,10 @@ class Source(abc.ABC):
     Only for `crops_on_host` sources; an unreadable file is recorded with
     `mark_unreadable` before None is returned.
     """
-    raise NotImplementedError(f'{self.name} serves fixed-size images only.')
+    # In-memory sources hold fixed-size arrays and are cropped on the device;
+    # only sources with `crops_on_host` reach this through the loader.
+    raise TypeError(f'{self.name} holds fixed-size images, cropped on the '
+                    f'device; it has no original image to crop on the host.')
 
   def describe(self, index: int) -> str:
     """Where example `index` comes from, for messages."""
