@@ -120,7 +120,10 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       # Twins' 0.0048); absolute lr at the first warm-up step (SwAV's 0.3).
       bias_norm_lr=0.0, warmup_start_lr=0.0,
       # 'global' or 'per_parameter' (DINO's utils.clip_gradients).
-      clip_grad_mode='global'))
+      clip_grad_mode='global',
+      # Top-level parameter groups kept at a constant rate, `constant_lr`
+      # (0: the peak `lr`), batch-scaled like `lr` (SimSiam's predictor).
+      constant_lr_params=(), constant_lr=0.0))
 
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,

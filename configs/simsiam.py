@@ -46,10 +46,10 @@ def get_config(variant=None):
   c.batch_size = 512
   c.num_epochs = 100
   c.warmup_epochs = 0
-  c.optimizer.update(name='sgd_fixed_predictor', lr=0.05, lr_scaling='linear',
+  c.optimizer.update(name='sgd', lr=0.05, lr_scaling='linear',
                      weight_decay=1e-4, momentum=0.9, weight_decay_mask='all')
   if variant == 'cifar10':
-    common.cifar10(c, optimizer='sgd_fixed_predictor', lr=0.5,
+    common.cifar10(c, optimizer='sgd', lr=0.5,
                    weight_decay=1e-5, views='symmetric_weak')
     c.model.projector = common.mlp((2048, 2048), 2048, last_bn=True)
     c.model.predictor = common.mlp((512,), 2048)
@@ -62,9 +62,10 @@ def get_config(variant=None):
                                    last_bn=True)
     c.model.predictor = common.mlp((max(proj.output_dim // 4, 4),),
                                    proj.output_dim)
-    c.optimizer.update(name='sgd_fixed_predictor', lr=0.05,
+    c.optimizer.update(name='sgd', lr=0.05,
                        lr_scaling='linear', weight_decay=1e-4, momentum=0.9)
     c.warmup_epochs = 0
-  # The predictor keeps the peak rate; follow batch-size overrides by hand.
-  c.optimizer.predictor_lr = c.optimizer.lr * c.batch_size / 256
+  # The predictor keeps the peak rate, batch-scaled like the others
+  # (simsiam main_simsiam.py `--fix-pred-lr`).
+  c.optimizer.constant_lr_params = ('predictor',)
   return c

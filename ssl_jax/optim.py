@@ -165,7 +165,8 @@ def _scaled(schedule: Schedule, factor: float) -> Schedule:
 
 
 def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
-                  total_steps: int = 0) -> optax.GradientTransformation:
+                  total_steps: int = 0,
+                  global_batch: int = 256) -> optax.GradientTransformation:
   """The optimizer named `opt.name`, with optional global-norm clipping.
 
   Args:
@@ -176,9 +177,14 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
       biases and normalisation parameters follow the schedule scaled by
       bias_norm_lr / lr, Barlow Twins' `--learning-rate-biases`);
       clip_grad_norm (> 0: clip the gradient norm first, of all parameters
-      together or, clip_grad_mode='per_parameter', of each on its own).
+      together or, clip_grad_mode='per_parameter', of each on its own);
+      constant_lr_params (names of top-level parameter groups, e.g.
+      ('predictor',), that keep a constant learning rate: `constant_lr`,
+      batch-scaled like `lr`, by default the schedule's peak; SimSiam's
+      `--fix-pred-lr`).
     lr: the learning-rate schedule of the weights.
     total_steps: the run's length, for a weight-decay schedule.
+    global_batch: the global batch size, to scale `constant_lr`.
 
   Returns:
     The optax transformation.
@@ -186,6 +192,25 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
   build = OPTIMIZERS.get(opt.name)
   weight_decay = weight_decay_schedule(opt, total_steps)
   tx = build(opt, lr, weight_decay=weight_decay)
+  constant_groups = tuple(opt.get('constant_lr_params', ()) or ())
+  if constant_groups:
+    constant = peak_learning_rate(
+        ml_collections.ConfigDict(dict(
+            opt.to_dict(), lr=opt.get('constant_lr', 0.0) or opt.lr)),
+        global_batch)
+
+    def labels(params):
+      missing = set(constant_groups) - set(params)
+      if missing:
+        raise ValueError(
+            f'optimizer.constant_lr_params names {sorted(missing)}, which the '
+            f'model does not have; its parameter groups are {sorted(params)}.')
+      return {k: 'fixed' if k in constant_groups else 'scheduled'
+              for k in params}
+
+    tx = optax.multi_transform(
+        {'fixed': build(opt, constant, weight_decay=weight_decay),
+         'scheduled': tx}, labels)
   if opt.get('bias_norm_lr', 0.0):
     # Two parameter groups, as barlowtwins main.py's `param_weights` and
     # `param_biases`: the same schedule, another peak.

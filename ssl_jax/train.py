@@ -95,7 +95,8 @@ def setup(config: ml_collections.ConfigDict,
   lr_schedule = optim.learning_rate_schedule(config.optimizer,
                                              config.batch_size, total_steps,
                                              warmup_steps)
-  tx = optim.get_optimizer(config.optimizer, lr_schedule, total_steps)
+  tx = optim.get_optimizer(config.optimizer, lr_schedule, total_steps,
+                           global_batch=config.batch_size)
   method = methods.get_method(config, source, total_steps)
 
   rng = jax.random.PRNGKey(config.seed)

@@ -160,3 +160,19 @@ def test_per_parameter_clip_matches_dino():
                                      momentum=0.0, clip_grad_norm=3.0),
                                 1.0).update(grads, tx.init(grads), grads)
   assert not np.allclose(glob['b'], updates['b'])
+
+
+def test_constant_lr_params_keep_the_peak_rate_like_simsiam_fix_pred_lr():
+  # facebookresearch/simsiam main_simsiam.py L194-L197 (`--fix-pred-lr`):
+  # the predictor's group keeps init_lr = lr * batch / 256 while the
+  # others follow the cosine schedule.
+  opt = _opt(name='sgd', lr=0.05, lr_scaling='linear', weight_decay=0.0,
+             momentum=0.0, constant_lr_params=('bn',))
+  tx = optim.get_optimizer(opt, lambda step: 0.01, 10, global_batch=512)
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
+  np.testing.assert_allclose(updates['dense']['kernel'], -0.01)
+  np.testing.assert_allclose(updates['bn']['scale'], -0.05 * 512 / 256)
+  with pytest.raises(ValueError, match='predictor'):
+    optim.get_optimizer(_opt(constant_lr_params=('predictor',)),
+                        0.1).init(PARAMS)

@@ -2,31 +2,16 @@
 
 No negatives, no momentum encoder: the predictor and the stop-gradient on the
 projection branch are enough to avoid collapse (sec. 4). The predictor's
-learning rate is not decayed (sec. 4.2, "lr of the predictor is fixed"), which
-the `sgd_fixed_predictor` optimizer below implements.
+learning rate is not decayed (sec. 4.2, "lr of the predictor is fixed"):
+the config names the predictor in `optimizer.constant_lr_params`.
 
 Config (configs/simsiam.py): model.projector (3 layers with BN, output BN
-without affine), model.predictor (2048 -> 512 -> 2048), optimizer.predictor_lr.
+without affine), model.predictor (2048 -> 512 -> 2048), optimizer.constant_lr_params.
 """
 
-import optax
-
-from ssl_jax import losses, models, optim
+from ssl_jax import losses, models
 from ssl_jax.methods import common
 from ssl_jax.methods.base import METHODS, Method, StepOutput
-
-
-@optim.OPTIMIZERS.register('sgd_fixed_predictor')
-def sgd_fixed_predictor(opt, lr, weight_decay=None
-                        ) -> optax.GradientTransformation:
-  """SGD with `lr` (the schedule) everywhere but a constant `opt.predictor_lr`
-  for the parameters under 'predictor' (SimSiam sec. 4.2)."""
-  sgd = optim.OPTIMIZERS.get('sgd')
-  labels = lambda params: {k: 'fixed' if k == 'predictor' else 'scheduled'
-                           for k in params}
-  return optax.multi_transform(
-      {'fixed': sgd(opt, opt.predictor_lr, weight_decay),
-       'scheduled': sgd(opt, lr, weight_decay)}, labels)
 
 
 @METHODS.register('simsiam')
