@@ -66,23 +66,10 @@ def get_config(variant=None):
   common.small_image_objective(c, variant, view_size=27, flip_prob=0.0,
                                patches=True)
   if variant:
-    # The tiles' features keep their layout on whole images: flattened, the
-    # last 4x4 map holds one tile-sized cell per position, like the paper's
-    # concatenated per-tile features; averaged, they lose it. Measured on
-    # Fashion-MNIST (pretrained vs random-init encoder, seeds 0/1/2 with
-    # --config.seed, about 4 minutes each): k-NN 81.8 vs 81.0, 81.6 vs 80.7,
-    # 81.4 vs 80.5; linear 82.8 vs 81.3, 82.8 vs 82.0, 83.3 vs 81.2.
-    #
-    # With 7-pixel tiles (less jitter), flattened, k-NN did not beat the
-    # random encoder reliably: 80.9 vs 81.0, 80.6 vs 80.7, 81.7 vs 80.5
-    # (linear 83.2 vs 81.3, 82.8 vs 82.0, 83.0 vs 81.2); 1000 permutations
-    # 81.3 vs 81.0 (one seed); two stages, widths (32, 64) or (64, 128), 2
-    # epochs, 81.8 vs 81.9 and 81.4 vs 82.4. Averaged, 7-pixel tiles, 2
-    # epochs: 76.9 vs 77.0 (linear 79.3 vs 78.6); none of 4 epochs, 1000
-    # permutations, 6-pixel tiles, lr 5e-4 or a per-tile fc6 (one seed each,
-    # all within 0.4 of it), 15-pixel tiles of images upsampled to 56 or a
-    # stride-1 first conv (each a win with seed 0 and a loss with seed 1)
-    # made it beat it.
+    # Flattened features keep the tiles' layout (the last 4x4 map holds one
+    # tile-sized cell per position, like the paper's concatenated per-tile
+    # features); 6-pixel tiles leave 3 pixels of jitter. The measurements
+    # behind these choices: experiments/fmnist_recipes.md.
     c.method.tile_size = 6
     c.model.head = common.mlp((512,) if variant == 'fmnist' else (16,), 100)
     if variant == 'fmnist':
