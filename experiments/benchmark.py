@@ -99,9 +99,10 @@ def _step_flops(compiled) -> float:
 
 def prepare_jax(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
   """Compiles and warms up ssl_jax's step: (facts, timed_step, peak_memory)."""
+  from ssl_jax import cpu, parallel, train  # pylint: disable=g-import-not-at-top
+  cpu.configure_xla_flags()  # before the first JAX computation
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ssl_jax import parallel, train  # pylint: disable=g-import-not-at-top
   config = benchmark_config(args.method, args.backbone, args.batch_size,
                             args.image_size, args.dtype, args.conv_impl)
   s = train.setup(config)

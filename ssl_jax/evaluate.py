@@ -29,6 +29,7 @@ from typing import Dict, Optional
 
 from absl import app, flags, logging
 
+from ssl_jax import cpu
 from ssl_jax.evaluation import features as feats
 from ssl_jax.evaluation import knn, linear, supervised
 
@@ -143,6 +144,8 @@ def _write(workdir, protocol, result, start) -> Dict:
 
 def main(argv):
   del argv
+  # Before the first JAX computation, which starts XLA:CPU with them.
+  cpu.configure_xla_flags()
   logging.set_verbosity(logging.WARNING)
   try:
     r = evaluate(FLAGS.workdir, FLAGS.protocol, FLAGS.step)

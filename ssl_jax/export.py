@@ -38,6 +38,8 @@ import flax.traverse_util
 import ml_collections
 import numpy as np
 
+from ssl_jax import cpu
+
 MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
 FORMATS = ('flax', 'torch')
 
@@ -159,6 +161,8 @@ def export(workdir: str, out: str, step: Optional[int] = None,
 
 
 def main(argv):
+  # Before the first JAX computation, which starts XLA:CPU with them.
+  cpu.configure_xla_flags()
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
   del argv
   # Orbax logs every restore step at INFO.

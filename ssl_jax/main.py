@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ssl_jax import train
+from ssl_jax import cpu, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -23,6 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv
+  # Before the first JAX computation, which starts XLA:CPU with them.
+  cpu.configure_xla_flags()
   # Orbax logs every save at INFO; our progress line says what matters.
   logging.set_verbosity(logging.WARNING)
   try:

@@ -22,6 +22,12 @@ sys.path.insert(0, ROOT)
 
 import hypothesis  # noqa: E402
 
+from ssl_jax import cpu  # noqa: E402
+
+# The command lines' XLA:CPU flags, so tests and training subprocesses (which
+# inherit XLA_FLAGS) compile what users run.
+cpu.configure_xla_flags()
+
 # Small in CI, thorough on demand: HYPOTHESIS_PROFILE=thorough pytest ...
 hypothesis.settings.register_profile('ci', max_examples=15, deadline=None)
 hypothesis.settings.register_profile('thorough', max_examples=300, deadline=None)

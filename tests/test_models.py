@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ssl_jax import models
+from ssl_jax import cpu, models
 from ssl_jax.models import layers, regnet
 
 
@@ -24,7 +24,7 @@ from ssl_jax.models import layers, regnet
                                                 (5, 2, 10), (4, 2, 8)])
 def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size,
                                                   monkeypatch):
-  monkeypatch.setattr(layers, 'SUBPIXEL_MIN_MACS', 0)  # sub-pixel at any size
+  monkeypatch.setattr(cpu, 'SUBPIXEL_MIN_MACS', 0)  # sub-pixel at any size
   # 'xla' is lax's convolution except strided 1x1 (a slice, then 1x1) and,
   # on CPU, the input gradient of strided convs with H, W divisible by the
   # stride (sub-pixel convolutions): (3, 2, 8), (7, 2, 16), (3, 3, 9), ...
@@ -48,7 +48,7 @@ def test_symmetric_padding_is_pytorchs(impl, kernel, stride, size, monkeypatch):
   # PyTorch's Conv2d(padding=k//2): k//2 pixels on both sides, whatever the
   # size; for even sizes and stride 2 this differs from 'SAME' (asserted, so
   # the test cannot pass by both being SAME).
-  monkeypatch.setattr(layers, 'SUBPIXEL_MIN_MACS', 0)
+  monkeypatch.setattr(cpu, 'SUBPIXEL_MIN_MACS', 0)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(kernel, kernel, 3, 4)), jnp.float32)
@@ -113,11 +113,11 @@ def test_weight_gradient_transposes_read_the_stored_activation():
 
 
 def test_cpu_convolutions_are_xlas_and_reductions_are_not_window_trees():
-  # ssl_jax sets the flag when imported, before the test session's first JAX
-  # computation; a convolution handed to YNNPACK (jaxlib 0.10's default)
-  # slowed the ResNet-18 step to 0.70x PyTorch's (experiments/benchmark.py).
-  import ssl_jax  # pylint: disable=g-import-not-at-top
-  assert (f'--xla_cpu_experimental_ynn_fusion_type={ssl_jax.CPU_YNN_FUSION_TYPES}'
+  # conftest calls cpu.configure_xla_flags() before the test session's first
+  # JAX computation, as the command lines do; a convolution handed to YNNPACK
+  # (jaxlib 0.10's default) slowed the ResNet-18 step to 0.70x PyTorch's
+  # (experiments/benchmark.py).
+  assert (f'--xla_cpu_experimental_ynn_fusion_type={cpu.YNN_FUSION_TYPES}'
           in os.environ['XLA_FLAGS'])
   # (YNNPACK takes convolutions of this size, not tiny ones.)
   x, k = jnp.ones((2, 16, 16, 64)), jnp.ones((3, 3, 64, 64))
@@ -214,3 +214,15 @@ def test_simclr_projector_is_the_official_default_head():
   variables = head.init(jax.random.key(0), x)
   out, _ = head.apply(variables, x, mutable=['batch_stats'])
   assert float(jnp.min(out)) < 0 < float(jnp.max(out))
+
+
+def test_importing_ssl_jax_leaves_xla_flags_alone():
+  # The flags are the command lines' explicit call (cpu.configure_xla_flags),
+  # not a side effect of an import.
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  code = ('import os, ssl_jax, ssl_jax.train, ssl_jax.evaluate, ssl_jax.export; '
+          'print(os.environ.get("XLA_FLAGS"))')
+  out = subprocess.run([sys.executable, '-c', code], env=env, check=True,
+                       capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+  assert out.strip() == 'None'
