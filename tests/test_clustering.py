@@ -17,6 +17,7 @@ import pytest
 
 from ssl_jax import checkpointing, losses, methods, parallel, train
 from ssl_jax.losses import clustering
+from ssl_jax.methods import memory
 from ssl_jax.testing import device_equivalence
 
 N_DEV = 8
@@ -500,18 +501,33 @@ def test_split_empty_clusters_halves_the_largest():
 # SwAV's queue.
 
 
-def test_swav_queue_holds_the_last_features_in_order_across_devices():
-  g, length, d = 2, 12, 4
-  queue = _random((g, length, d), 15)
-  batch = _random((g, 8, d), 16)
-  one = np.asarray(clustering.update_queue(queue, batch))
+def test_swav_queue_holds_the_last_features_of_each_crop_across_devices():
+  # swav main_swav.py L283-L286 shifts the queue and puts the newest batch in
+  # front; ours is MoCo's ring buffer (methods/memory.py). Sinkhorn treats
+  # rows alike, so what must match is the set of rows: the last L embeddings
+  # of each global crop, normalised, identical on every device.
+  g, length, d = 2, 16, 4
+  state = {'queue': np.zeros((g, length, d), np.float32),
+           'queue_ptr': np.int32(0)}
+  pushes = [_random((g, 8, d), 16 + t) for t in range(3)]  # wraps once
+  one = state
+  for batch in pushes:
+    one = memory.enqueue(one['queue'], one['queue_ptr'], batch)
+  official = np.zeros((g, length, d), np.float32)
+  for batch in pushes:
+    official = np.concatenate([_unit(batch), official[:, :-8]], axis=1)
+  for crop in range(g):
+    np.testing.assert_allclose(
+        np.sort(np.asarray(one['queue'][crop]), axis=0),
+        np.sort(official[crop], axis=0), rtol=1e-6)
   eight = jax.pmap(
-      lambda e: clustering.update_queue(queue, e, parallel.AXIS),
-      axis_name=parallel.AXIS)(np.swapaxes(batch.reshape(g, 8, 1, d), 0, 1))
-  expected = np.concatenate([_unit(batch), queue[:, :4]], axis=1)
-  np.testing.assert_allclose(one, expected, rtol=1e-6)
-  for q in np.asarray(eight):
-    np.testing.assert_allclose(q, expected, rtol=1e-6)
+      lambda e: memory.enqueue(state['queue'], state['queue_ptr'], e,
+                               parallel.AXIS),
+      axis_name=parallel.AXIS)(np.swapaxes(pushes[0].reshape(g, 8, 1, d), 0, 1))
+  expected = memory.enqueue(state['queue'], state['queue_ptr'], pushes[0])
+  for q in np.asarray(eight['queue']):
+    np.testing.assert_allclose(q, expected['queue'], rtol=1e-6)
+  assert int(eight['queue_ptr'][0]) == 8
 
 
 # ---------------------------------------------------------------------------

@@ -142,25 +142,6 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
   return parallel.pmean(local_loss, axis_name)
 
 
-def update_queue(queue: jax.Array, embeddings: jax.Array,
-                 axis_name: Optional[str] = None) -> jax.Array:
-  """Pushes the global batch's normalised global-crop embeddings (newest first).
-
-  Args:
-    queue: [G, L, d] queue.
-    embeddings: [G, b, d] this device's embeddings of the G global crops.
-    axis_name: None or the pmap axis (the whole global batch is pushed, so the
-      queue stays identical on every device).
-
-  Returns:
-    The [G, L, d] queue with the oldest entries dropped.
-  """
-  z = l2_normalize(jax.lax.stop_gradient(embeddings).astype(jnp.float32))
-  z = jax.vmap(lambda x: parallel.all_gather(x, axis_name))(z) if axis_name else z
-  length = queue.shape[1]
-  return jnp.concatenate([z, queue], axis=1)[:, :length]
-
-
 # ---------------------------------------------------------------------------
 # k-means.
 

@@ -1,4 +1,5 @@
-"""Evolving negative sets as pure functions: MoCo's queue, NPID's memory bank.
+"""Evolving sets of past embeddings as pure functions: the queue (MoCo's keys,
+SwAV's global-crop embeddings) and NPID's memory bank.
 
 Both live in `TrainState.method_state` as plain arrays, are replicated on every
 device, and are updated with the all-gathered values of the step, so every
@@ -16,18 +17,22 @@ from ssl_jax.losses.contrastive import l2_normalize
 
 
 # ---------------------------------------------------------------------------
-# MoCo's queue: a ring buffer of the most recent keys.
+# The queue: a ring buffer of the most recent embeddings (MoCo's keys, SwAV's
+# global crops).
 
 
-def check_queue_size(queue_size: int, global_batch: int) -> None:
+def check_queue_size(queue_size: int, global_batch: int,
+                     field: str = 'config.method.queue_size') -> None:
   """Fails early, with what to change, if the batch does not tile the queue.
 
-  MoCo's enqueue writes whole global batches at the pointer; a queue length
-  that is not a multiple of the batch would make a batch straddle the end.
+  `enqueue` writes whole global batches at the pointer; a queue length that
+  is not a multiple of the batch would make a batch straddle the end (MoCo
+  asserts it; SwAV rounds `queue_length` down to a multiple).
 
   Args:
     queue_size: K.
     global_batch: the global batch size.
+    field: the config field that sets K, for the message.
 
   Raises:
     ValueError: K is not a positive multiple of the global batch.
@@ -35,9 +40,9 @@ def check_queue_size(queue_size: int, global_batch: int) -> None:
   if queue_size <= 0 or queue_size % global_batch:
     suggestion = max(global_batch, queue_size // global_batch * global_batch)
     raise ValueError(
-        f'The MoCo queue size {queue_size} (config.method.queue_size) must be '
+        f'The queue size {queue_size} ({field}) must be '
         f'a positive multiple of the global batch size {global_batch}: set '
-        f'--config.method.queue_size={suggestion} or change '
+        f'--{field}={suggestion} or change '
         f'--config.batch_size.')
 
 
@@ -61,20 +66,24 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array,
   """Writes this step's global batch of keys over the oldest queue entries.
 
   Args:
-    queue: [K, d] the queue (identical on every device).
+    queue: [..., K, d] the queue (identical on every device); leading axes
+      are separate queues filled in step (SwAV keeps one per global crop).
     ptr: int32 scalar, the row where the oldest entries start.
-    keys: [b, d] this device's keys; they are all-gathered in device order so
-      the queue receives the whole global batch in dataset order.
+    keys: [..., b, d] this device's keys; they are all-gathered in device
+      order so the queue receives the whole global batch in dataset order.
     axis_name: None or the pmap axis.
 
   Returns:
-    {'queue': the new queue, 'queue_ptr': (ptr + B) mod K}.
+    {'queue': the new queue, 'queue_ptr': (ptr + B) mod K}, keys
+    L2-normalised in the queue's dtype.
   """
-  keys = jax.lax.stop_gradient(parallel.all_gather(keys, axis_name))
+  keys = jnp.moveaxis(jax.lax.stop_gradient(keys), -2, 0)
+  keys = jnp.moveaxis(parallel.all_gather(keys, axis_name), 0, -2)
   keys = l2_normalize(keys.astype(queue.dtype))
-  queue = jax.lax.dynamic_update_slice(queue, keys, (ptr, 0))
+  start = (0,) * (queue.ndim - 2) + (ptr, 0)
+  queue = jax.lax.dynamic_update_slice(queue, keys, start)
   return {'queue': queue,
-          'queue_ptr': (ptr + keys.shape[0]) % queue.shape[0]}
+          'queue_ptr': (ptr + keys.shape[-2]) % queue.shape[-2]}
 
 
 # ---------------------------------------------------------------------------

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import losses, models, parallel
-from ssl_jax.losses.clustering import update_queue
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.methods import common
+from ssl_jax.methods import common, memory
 from ssl_jax.methods.base import METHODS, Method, StepOutput
 
 
@@ -77,9 +76,13 @@ class SwAV(Method):
         proto_rng, (m.num_prototypes, dim), jnp.float32)))
     method_state = {}
     if m.get('queue_length', 0) > 0:
+      memory.check_queue_size(m.queue_length, self.config.batch_size,
+                              'config.method.queue_length')
+      # Zeros, not random rows: it is used only once full (queue_count).
       method_state = {
           'queue': jnp.zeros((self.num_global_crops, m.queue_length, dim),
                              jnp.float32),
+          'queue_ptr': jnp.zeros((), jnp.int32),
           'queue_count': jnp.zeros((), jnp.int32)}
     return params, batch_stats, method_state
 
@@ -103,12 +106,15 @@ class SwAV(Method):
       length = queue.shape[1]
       use_queue = ms['queue_count'] >= length
       started = state.step >= m.queue_start_epoch * self.steps_per_epoch
-      pushed = update_queue(queue, z[:self.num_global_crops], axis_name)
+      # Sinkhorn treats the queue's rows alike, so a ring buffer serves as
+      # well as swav's shift of the newest embeddings to the front.
+      pushed = memory.enqueue(queue, ms['queue_ptr'],
+                              z[:self.num_global_crops].astype(jnp.float32),
+                              axis_name)
       n_global = parallel.global_batch_size(z.shape[1], axis_name)
-      count = jnp.minimum(ms['queue_count'] + n_global, length)
-      method_state = {
-          'queue': jnp.where(started, pushed, queue),
-          'queue_count': jnp.where(started, count, ms['queue_count'])}
+      pushed['queue_count'] = jnp.minimum(ms['queue_count'] + n_global, length)
+      method_state = jax.tree.map(lambda new, old: jnp.where(started, new, old),
+                                  pushed, dict(ms))
     loss = losses.get_loss('swav')(
         z, prototypes, temperature=m.temperature, epsilon=m.epsilon,
         sinkhorn_iterations=m.sinkhorn_iterations,
