@@ -63,7 +63,7 @@ def get_config(variant=None):
   # The queue is for small batches (3840 entries from epoch 15 at batch 256);
   # the batch-4096 recipe does without.
   c.method.queue_length = 0
-  c.method.queue_start_epoch = 15
+  c.method.queue_start_epochs = 15
   c.model.projector = common.mlp((2048,), 128)
   c.augment.views = multicrop_views(224, 96, 6)
   # LARS, batch 4096, 800 epochs, lr 4.8 = 0.3 * 4096/256, final lr 0.0048,
@@ -81,7 +81,7 @@ def get_config(variant=None):
     c.model.projector = common.mlp((2048,), 128)
     c.method.update(num_prototypes=3000, temperature=0.1, epsilon=0.05,
                     sinkhorn_iterations=3, queue_length=3840,
-                    queue_start_epoch=50,
+                    queue_start_epochs=50,
                     freeze_prototypes_steps=2 * (50000 // c.batch_size))
     return c
   common.apply_variant(c, variant)
@@ -102,7 +102,7 @@ def get_config(variant=None):
     c.method.num_prototypes = 100
     c.method.freeze_prototypes_steps = 100
     c.method.queue_length = 2048
-    c.method.queue_start_epoch = 1
+    c.method.queue_start_epochs = 1
   elif variant == 'smoke':
     c.augment.views = multicrop_views(28, 14, 2, blur=False, colour=False)
     c.method.num_prototypes = 16
@@ -110,5 +110,5 @@ def get_config(variant=None):
     # exercise freezing, training, filling and using the queue.
     c.method.freeze_prototypes_steps = 1
     c.method.queue_length = 64
-    c.method.queue_start_epoch = 0
+    c.method.queue_start_epochs = 0
   return c

@@ -14,6 +14,7 @@ import numpy as np
 
 from ssl_jax import (checkpointing, data, interop, methods, metric_writers,
                      optim, parallel)
+from ssl_jax.durations import Durations
 from ssl_jax.methods.base import init_probe
 from ssl_jax.train_state import TrainState
 from ssl_jax import validation
@@ -44,18 +45,16 @@ class Setup:
   method: methods.Method
   tx: Any
   lr_schedule: Any
-  total_steps: int
-  steps_per_epoch: int
+  durations: Durations
   state: TrainState  # freshly initialised (host)
 
+  @property
+  def total_steps(self) -> int:
+    return self.durations.total_steps
 
-def steps_from_epochs(config, steps_per_epoch: int):
-  """The one place durations in epochs become steps."""
-  total = config.num_steps or config.num_epochs * steps_per_epoch
-  warmup = int(round(config.get('warmup_epochs', 0) * steps_per_epoch))
-  if config.get('warmup_steps', 0):
-    warmup = config.warmup_steps
-  return int(total), min(warmup, max(int(total) - 1, 0))
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.durations.steps_per_epoch
 
 
 def feature_dim(config, method, params, batch_stats) -> int:
@@ -86,18 +85,13 @@ def setup(config: ml_collections.ConfigDict,
     source = data.get_source(config.data, config.data.train_split,
                              config.data.get('max_train_examples', 0))
   validation.validate_data(config, source)
-  steps_per_epoch = len(source) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'{source.name} has {len(source)} training examples, '
-                     f'fewer than one batch of {config.batch_size}; lower '
-                     f'--config.batch_size.')
-  total_steps, warmup_steps = steps_from_epochs(config, steps_per_epoch)
-  lr_schedule = optim.learning_rate_schedule(config.optimizer,
-                                             config.batch_size, total_steps,
-                                             warmup_steps)
-  tx = optim.get_optimizer(config.optimizer, lr_schedule, total_steps,
+  run = Durations.of_run(config, len(source), source.name)
+  lr_schedule = optim.learning_rate_schedule(
+      config.optimizer, config.batch_size, run.total_steps,
+      run.warmup_steps(config))
+  tx = optim.get_optimizer(config.optimizer, lr_schedule, run.total_steps,
                            global_batch=config.batch_size)
-  method = methods.get_method(config, source, total_steps)
+  method = methods.get_method(config, data.DataInfo.of(source), run)
 
   rng = jax.random.PRNGKey(config.seed)
   init_rng, train_rng = jax.random.split(rng)
@@ -124,8 +118,7 @@ def setup(config: ml_collections.ConfigDict,
   else:
     state = jax.device_get(create(params, batch_stats, method_state,
                                   probe))
-  return Setup(config, source, method, tx, lr_schedule, total_steps,
-               steps_per_epoch, state)
+  return Setup(config, source, method, tx, lr_schedule, run, state)
 
 
 def make_train_step(s: Setup):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import checkpointing, losses, methods, parallel, train
+from ssl_jax import checkpointing, data, losses, methods, parallel, train
+from ssl_jax.durations import Durations
 from ssl_jax.losses import clustering
 from ssl_jax.methods import memory
 from ssl_jax.testing import device_equivalence
@@ -281,8 +282,9 @@ def test_swav_loss_gradient_and_prototype_update_match_official_code():
   # Prototypes as an optimizer update leaves them: off the unit sphere.
   raw = _random((k, d), 21) * np.linspace(0.5, 2.0, k)[:, None]
   config = importlib.import_module('configs.swav').get_config('smoke')
-  # The method reads only the dataset's length from `data_info` here.
-  method = methods.get_method(config, range(1024), 10)
+  method = methods.get_method(
+      config, data.DataInfo(1024, (28, 28, 1), 10, (0.5,), (0.5,)),
+      Durations(10, 1024 // config.batch_size, config.batch_size))
   protos = np.asarray(method.project_params(
       {'prototypes': jnp.asarray(raw)}, jnp.zeros((), jnp.int32))['prototypes'])
   np.testing.assert_allclose(

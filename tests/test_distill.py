@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssl_jax import losses, methods, parallel, train
+from ssl_jax import data, losses, methods, parallel, train
+from ssl_jax.durations import Durations
 from ssl_jax.losses.teacher_student import data2vec_targets, dino_center_update
 from ssl_jax.testing import device_equivalence
 
@@ -181,7 +182,9 @@ def test_dino_teacher_temperature_loss_and_center_match_official_code():
   config.method.update(teacher_temperature_start=0.04, teacher_temperature=0.07,
                        teacher_temperature_warmup_epochs=4)
   epoch_steps, total_steps = 16, 96
-  method = methods.get_method(config, range(1024), total_steps)
+  method = methods.get_method(
+      config, data.DataInfo(1024, (28, 28, 1), 10, (0.5,), (0.5,)),
+      Durations(total_steps, epoch_steps, config.batch_size))
   official = dino_official_temp_schedule(0.04, 0.07, 4, 6)
   steps = np.arange(total_steps)
   ours = np.asarray(jax.vmap(method.teacher_temperature)(steps))
@@ -253,7 +256,9 @@ def test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official(name):
   config = importlib.import_module(f'configs.{name}').get_config('smoke')
   config.num_epochs, config.num_steps = 1, 0
   config.method.ema_momentum_base = 0.5  # m(3) and m(4) differ by 0.07
-  method = methods.get_method(config, range(640), total_steps)
+  method = methods.get_method(
+      config, data.DataInfo(640, (28, 28, 1), 10, (0.5,), (0.5,)),
+      Durations(total_steps, 640 // config.batch_size, config.batch_size))
   if name == 'byol':
     m = byol_official_target_ema(t, 0.5, total_steps)
     key, online_keys = 'target_params', ('backbone', 'projector')

@@ -19,6 +19,7 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 from configs import byol as byol_config  # noqa: E402
 from configs import distill as distill_config  # noqa: E402
 from ssl_jax import data, export, interop, methods, models, train  # noqa: E402
+from ssl_jax.durations import Durations  # noqa: E402
 
 # Tiny models on a shared 2-core machine: torch's thread pool only contends
 # (a ResNet-50's first forward pass took 6.9 s with it, 0.3 s without).
@@ -232,10 +233,11 @@ def test_a_weights_file_as_the_distillation_teacher(tmp_path):
                        teacher_head_examples=16)
   config.model.widths = (8, 16, 32)  # method.teacher_backbone='' keeps convnet
   source = data.get_source(config.data, config.data.train_split, 64)
-  method = methods.get_method(config, source, 3)
+  run = Durations(3, len(source) // config.batch_size, config.batch_size)
+  method = methods.get_method(config, data.DataInfo.of(source), run)
   assert method.teacher_dim == 32
   jax.tree.map(np.testing.assert_array_equal, method.teacher_variables,
                jax.device_get(variables))
   config.method.teacher_workdir = str(tmp_path)
   with pytest.raises(ValueError, match='Set one of'):
-    methods.get_method(config, source, 3)
+    methods.get_method(config, data.DataInfo.of(source), run)

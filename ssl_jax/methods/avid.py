@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import losses, models, parallel
+from ssl_jax.data.info import DataInfo
+from ssl_jax.durations import Durations
 from ssl_jax.losses import crossmodal
 from ssl_jax.methods import memory
 from ssl_jax.methods.base import METHODS, Method, StepOutput
@@ -96,19 +98,19 @@ class AVIDNetwork(nn.Module):
 class AVIDCMA(Method):
   """Cross-modal instance discrimination + cross-modal agreement."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     m = config.method
     if m.num_negatives >= self.num_data:
       raise ValueError(
           f'config.method.num_negatives={m.num_negatives} must be smaller than '
           f'the {self.num_data} training examples they are sampled from.')
-    self.cma_start_step = int(round(m.cma_start_fraction * total_steps))
+    self.cma_start_step = durations.of_config(m, 'cma_start')
 
   @property
   def num_data(self) -> int:
-    return len(self.data_info)
+    return self.data_info.num_examples
 
   def network(self, axis_name: Optional[str]) -> AVIDNetwork:
     dtype = models.compute_dtype(self.config.model.get('dtype', 'float32'))

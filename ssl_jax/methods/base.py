@@ -29,6 +29,8 @@ import optax
 
 from ssl_jax import models, parallel
 from ssl_jax.data import augment
+from ssl_jax.data.info import DataInfo
+from ssl_jax.durations import Durations
 from ssl_jax.evaluation import monitors
 from ssl_jax.registry import Registry
 from ssl_jax.train_state import TrainState
@@ -61,15 +63,20 @@ class Method(abc.ABC):
 
   Args:
     config: the full run config (reads `model`, `augment`, `method`).
-    data_info: the dataset's `image_shape`, `num_classes`, `mean`, `std`.
-    total_steps: length of the run, for schedules (EMA momentum, temperatures).
+    data_info: what the method may know of its training data.
+    durations: the run's length and epochs in steps, for schedules (EMA
+      momentum, temperatures, freezing) and durations given in epochs.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
     self.config = config
     self.data_info = data_info
-    self.total_steps = total_steps
+    self.durations = durations
+
+  @property
+  def total_steps(self) -> int:
+    return self.durations.total_steps
 
   # -- views -----------------------------------------------------------------
 
@@ -167,9 +174,10 @@ class Method(abc.ABC):
     return state
 
 
-def get_method(config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int) -> Method:
-  return METHODS.get(config.method.name)(config, data_info, total_steps)
+def get_method(config: ml_collections.ConfigDict, data_info: DataInfo,
+               durations: Durations) -> Method:
+  """The method `config.method.name`, built for this data and run length."""
+  return METHODS.get(config.method.name)(config, data_info, durations)
 
 
 # ---------------------------------------------------------------------------

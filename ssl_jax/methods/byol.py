@@ -20,10 +20,10 @@ from ssl_jax.methods.base import METHODS, Method, StepOutput
 class BYOL(Method):
   """Online (with predictor) vs. EMA target (without), symmetric loss."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     self.ema_momentum = optim.ema_momentum_schedule(
-        config.method.ema_momentum_base, total_steps)
+        config.method.ema_momentum_base, durations.total_steps)
 
   def init(self, rng):
     online = models.get_network(self.config.model, axis_name=None)

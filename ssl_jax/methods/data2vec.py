@@ -35,11 +35,11 @@ def _block_outputs(aux: Dict[str, jax.Array]):
 class Data2Vec(Method):
   """Masked student ViT regresses the EMA teacher's averaged top-K blocks."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     m = config.method
     self.ema_momentum = optim.ema_momentum_schedule(
-        m.ema_momentum_base, total_steps, m.get('ema_momentum_final', 1.0))
+        m.ema_momentum_base, durations.total_steps, m.get('ema_momentum_final', 1.0))
 
   def _backbone(self, axis_name=None) -> ViT:
     backbone = models.get_backbone(self.config.model, axis_name)

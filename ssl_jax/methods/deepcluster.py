@@ -57,8 +57,8 @@ def reset_subtree(tree: Any, name: str) -> Any:
 class _DeepClusterBase(Method):
   """Feature extraction over the dataset and distributed k-means."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     self._extract_fn = None
     self._kmeans_fn = None
 
@@ -168,7 +168,7 @@ class DeepCluster(_DeepClusterBase):
         cls_rng, jnp.zeros((1, dim)))['params'])
     k = self.config.method.num_clusters
     method_state = {
-        'pseudo_labels': jnp.zeros((len(self.data_info),), jnp.int32),
+        'pseudo_labels': jnp.zeros((self.data_info.num_examples,), jnp.int32),
         'cluster_weights': jnp.ones((k,), jnp.float32)}
     return params, batch_stats, method_state
 
@@ -222,8 +222,8 @@ class DeepClusterV2(_DeepClusterBase):
   # The reference's cluster_memory keeps an empty cluster's old centroid.
   empty_clusters = 'keep'
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     first_view = config.augment.views[next(iter(config.augment.views))]
     self.num_global_crops = first_view.get('count', 1)
     self.num_heads = config.method.get('num_heads', 1)
@@ -241,7 +241,7 @@ class DeepClusterV2(_DeepClusterBase):
     params = dict(params, prototypes=l2_normalize(
         jax.random.normal(proto_rng, (self.num_heads, k, dim), jnp.float32)))
     method_state = {'assignments': jnp.zeros(
-        (self.num_heads, len(self.data_info)), jnp.int32)}
+        (self.num_heads, self.data_info.num_examples), jnp.int32)}
     return params, batch_stats, method_state
 
   def on_epoch_start(self, state, setup, epoch):

@@ -30,15 +30,6 @@ from ssl_jax.methods.base import METHODS, Method, StepOutput
 from ssl_jax.models.layers import batch_norm
 
 
-def steps_per_epoch(config: ml_collections.ConfigDict, total_steps: int) -> float:
-  """Steps in one epoch of this run; a run given in steps counts as one epoch
-  unless it also names num_epochs (schedules in epochs then stay meaningful)."""
-  epochs = config.get('num_epochs', 0)
-  if epochs and epochs > 0:
-    return max(total_steps / epochs, 1.0)
-  return float(max(total_steps, 1))
-
-
 def teacher_temperature_schedule(start: float, end: float, warmup_epochs: int,
                                  epoch_steps: float):
   """DINO's teacher temperature tau_t, a function of the step.
@@ -181,16 +172,15 @@ def apply_by_resolution(network: nn.Module, params: Any, batch_stats: Any,
 class DINO(Method):
   """Student vs. EMA teacher with centering, sharpening and multi-crop."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     m = config.method
-    epoch = steps_per_epoch(config, total_steps)
     self.ema_momentum = optim.ema_momentum_schedule(m.ema_momentum_base,
-                                                    total_steps)
+                                                    durations.total_steps)
     self.teacher_temperature = teacher_temperature_schedule(
         m.teacher_temperature_start, m.teacher_temperature,
-        m.teacher_temperature_warmup_epochs, epoch)
-    self.freeze_last_layer_steps = m.freeze_last_layer_epochs * epoch
+        m.teacher_temperature_warmup_epochs, durations.steps_per_epoch)
+    self.freeze_last_layer_steps = durations.of_config(m, 'freeze_last_layer')
 
   def init(self, rng):
     network = get_dino_network(self.config, axis_name=None)

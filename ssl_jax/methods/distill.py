@@ -162,8 +162,8 @@ def load_teacher(workdir: str, head: bool, head_examples: int,
 class Distill(Method):
   """A student trained on a frozen teacher's logits and/or features."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     m = config.method
     if bool(m.get('teacher_workdir')) == bool(m.get('teacher_init_from')):
       raise ValueError('Set one of config.method.teacher_workdir (the --workdir '

@@ -172,8 +172,8 @@ class DeepInfoMax(Method):
   True: two views, global of each against local of the other).
   """
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     if config.method.estimator not in pretext.DIM_ESTIMATORS:
       raise ValueError(f'Unknown config.method.estimator '
                        f'{config.method.estimator!r}; known: '

@@ -42,6 +42,8 @@ import ml_collections
 
 from ssl_jax import losses, models
 from ssl_jax.data import jigsaw
+from ssl_jax.data.info import DataInfo
+from ssl_jax.durations import Durations
 from ssl_jax.losses import instance
 from ssl_jax.methods import common, memory
 from ssl_jax.methods.base import METHODS, Method, StepOutput
@@ -54,11 +56,11 @@ class _BankLoss:
   """The shared memory-bank contrast of InstDisc and PIRL."""
 
   config: ml_collections.ConfigDict
-  data_info: Any
+  data_info: DataInfo
 
   @property
   def num_data(self) -> int:
-    return len(self.data_info)
+    return self.data_info.num_examples
 
   def _check(self) -> None:
     m = self.config.method
@@ -102,9 +104,9 @@ class _BankLoss:
 class InstDisc(_BankLoss, Method):
   """Backbone + linear embedding, contrasted with a memory bank (NPID)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     self._check()
 
   def init(self, rng: jax.Array) -> Tuple[Any, Any, Any]:
@@ -176,9 +178,9 @@ class PIRLNetwork(nn.Module):
 class PIRL(_BankLoss, Method):
   """Image and jigsaw embeddings both contrasted with the image's bank row."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     self._check()
     if list(config.augment.views) != ['image', 'jigsaw']:
       raise ValueError('PIRL needs augment.views with an "image" view and a '

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import losses, models, optim
+from ssl_jax.data.info import DataInfo
+from ssl_jax.durations import Durations
 from ssl_jax.methods import common, memory
 from ssl_jax.methods.base import METHODS, Method, StepOutput
 from ssl_jax.train_state import TrainState
@@ -54,15 +56,15 @@ def _two_views(views: Sequence[jax.Array], name: str) -> None:
 class MoCoV2(Method):
   """Query encoder + EMA key encoder + queue of negatives, InfoNCE."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     memory.check_queue_size(config.method.queue_size, config.batch_size)
     # Constant by default (MoCo v2); solo-learn's CIFAR recipe raises it by a
     # cosine to method.ema_momentum_final.
     m = config.method
     self.ema_momentum = optim.ema_momentum_schedule(
-        m.ema_momentum, total_steps, m.get('ema_momentum_final', m.ema_momentum))
+        m.ema_momentum, durations.total_steps, m.get('ema_momentum_final', m.ema_momentum))
 
   @property
   def embedding_dim(self) -> int:
@@ -139,14 +141,14 @@ class MoCHi(MoCoV2):
 class MoCoV3(Method):
   """Symmetric in-batch contrast of predictor outputs with momentum keys."""
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     if config.model.get('predictor') is None:
       raise ValueError('MoCo v3 needs a predictor: set config.model.predictor '
                        '(configs/mocov3.py does).')
     self.ema_momentum = optim.ema_momentum_schedule(
-        config.method.ema_momentum_base, total_steps)
+        config.method.ema_momentum_base, durations.total_steps)
 
   def init(self, rng: jax.Array) -> Tuple[Any, Any, Any]:
     network = models.get_network(self.config.model, axis_name=None)

@@ -32,6 +32,8 @@ import ml_collections
 
 from ssl_jax import losses, models, parallel
 from ssl_jax.data import jigsaw
+from ssl_jax.data.info import DataInfo
+from ssl_jax.durations import Durations
 from ssl_jax.losses import pretext
 from ssl_jax.methods.base import METHODS, Method, StepOutput
 from ssl_jax.train_state import TrainState
@@ -152,9 +154,9 @@ class Jigsaw(_PretextClassification):
   method.normalize_tiles.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, data_info: Any,
-               total_steps: int):
-    super().__init__(config, data_info, total_steps)
+  def __init__(self, config: ml_collections.ConfigDict,
+               data_info: DataInfo, durations: Durations):
+    super().__init__(config, data_info, durations)
     m = config.method
     # Computed once, on the host, when the method is built.
     self.permutations = jigsaw.permutation_set(

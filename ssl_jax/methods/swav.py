@@ -10,14 +10,14 @@ it after every optimizer update, i.e. before the next step's forward pass
 its gradient keeps the radial part the official update sees. Codes are computed with Sinkhorn-Knopp
 over the global batch for the global crops only; every crop predicts the codes
 of every other global crop. An optional queue of past global-crop embeddings
-(method_state['queue'], filled from epoch `method.queue_start_epoch`) joins
+(method_state['queue'], filled from `method.queue_start_epochs`) joins
 Sinkhorn once full, for batches smaller than the number of prototypes.
 
 SEER (Goyal et al. 2021) is this method on a RegNetY backbone (configs/seer.py).
 
 Config (configs/swav.py): method.num_prototypes, temperature, epsilon,
 sinkhorn_iterations, freeze_prototypes_steps, queue_length,
-queue_start_epoch; model.projector; augment.views (global first, then local).
+queue_start_epochs; model.projector; augment.views (global first, then local).
 """
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -58,12 +58,14 @@ def apply_multicrop(network, params, batch_stats, views: Sequence[jax.Array]
 class SwAV(Method):
   """Backbone + projector + prototypes, swapped prediction of codes."""
 
-  def __init__(self, config, data_info, total_steps):
-    super().__init__(config, data_info, total_steps)
-    self.steps_per_epoch = max(len(data_info) // config.batch_size, 1)
+  def __init__(self, config, data_info, durations):
+    super().__init__(config, data_info, durations)
     first_view = config.augment.views[next(iter(config.augment.views))]
     self.num_global_crops = config.method.get('num_global_crops',
                                               first_view.get('count', 1))
+    self.freeze_prototypes_steps = durations.of_config(config.method,
+                                                       'freeze_prototypes')
+    self.queue_start_step = durations.of_config(config.method, 'queue_start')
 
   def init(self, rng):
     network = models.get_network(self.config.model, axis_name=None)
@@ -94,7 +96,7 @@ class SwAV(Method):
     z = out['projection']
     # SwAV zeroes the prototypes' gradient for the first iterations
     # (`freeze_prototypes_niters`); the 0/1 factor does that inside the step.
-    trainable = (state.step >= m.freeze_prototypes_steps).astype(jnp.float32)
+    trainable = (state.step >= self.freeze_prototypes_steps).astype(jnp.float32)
     frozen = jax.lax.stop_gradient(params['prototypes'])
     prototypes = frozen + trainable * (params['prototypes'] - frozen)
 
@@ -105,7 +107,7 @@ class SwAV(Method):
       queue = ms['queue']
       length = queue.shape[1]
       use_queue = ms['queue_count'] >= length
-      started = state.step >= m.queue_start_epoch * self.steps_per_epoch
+      started = state.step >= self.queue_start_step
       # Sinkhorn treats the queue's rows alike, so a ring buffer serves as
       # well as swav's shift of the newest embeddings to the front.
       pushed = memory.enqueue(queue, ms['queue_ptr'],
