@@ -193,7 +193,8 @@ def test_nan_with_policy_stop_exits_and_keeps_last_good_checkpoint(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert out.returncode == 2, out.stderr
   assert 'Traceback' not in out.stderr
-  assert ('The loss or gradients became non-finite 1 time(s) between steps 3 '
+  assert ('The loss, gradients or updated state became non-finite 1 time(s) '
+          'between steps 3 '
           'and 4') in out.stderr
   assert 'the newest checkpoint (step 2) is the last good one' in out.stderr
   assert 'nonfinite_policy=skip' in out.stderr
