@@ -46,7 +46,14 @@ def _restore(workdir, step=None):
 
 def _assert_same_state(a, b):
   assert int(a.step) == int(b.step)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  # Same leaves (structure and keys) before comparing them pairwise: zip
+  # would stop at the shorter list and hide a missing or extra leaf.
+  paths_a = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(a)]
+  paths_b = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(b)]
+  assert paths_a == paths_b
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.shape(x) == np.shape(y)
     np.testing.assert_array_equal(x, y)
 
 
@@ -130,6 +137,59 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, reference,
   assert out.returncode == 0, out.stderr
   assert f'Checkpoint at step {STEPS} is unreadable' in out.stderr
   _assert_same_state(_restore(workdir), reference[1])
+
+
+def _largest_array_file(step_dir):
+  files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for n in names]
+  return max(files, key=os.path.getsize)
+
+
+def test_changed_bytes_are_caught_and_the_previous_checkpoint_used(
+    tmp_path, reference, caplog):
+  # What orbax alone restores without a word: 64 random bytes over the middle
+  # of an array file, the size unchanged.
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  steps = _ckpt_steps(workdir)
+  for step in steps:
+    assert (workdir / 'checkpoints' / str(step) /
+            checkpointing.CHECKSUM_FILE).exists()
+  newest = workdir / 'checkpoints' / str(STEPS)
+  path = _largest_array_file(newest)
+  size = os.path.getsize(path)
+  assert size > 256
+  with open(path, 'r+b') as f:
+    f.seek(size // 2 - 32)
+    f.write(np.random.default_rng(0).bytes(64))
+  assert os.path.getsize(path) == size
+
+  setup = train.setup(load_config(str(workdir)))
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  with caplog.at_level(logging.WARNING):
+    try:
+      state, _ = ckpt.restore(setup.state, set_aside_unreadable=True)
+    finally:
+      ckpt.close()
+  assert int(state.step) == steps[-2]
+  assert f'Checkpoint at step {STEPS} is unreadable' in caplog.text
+  assert 'changed since it was written' in caplog.text
+  _assert_same_state(state, _restore(reference[0], steps[-2]))
+  # Set aside like an unreadable checkpoint, so the run can write its own.
+  assert not newest.exists()
+  assert (workdir / 'checkpoints' / f'{STEPS}.unreadable').is_dir()
+  assert _ckpt_steps(workdir) == steps[:-1]
+
+
+def test_checkpoint_without_checksums_restores_with_a_warning(
+    tmp_path, reference, caplog):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference[0], workdir)
+  (workdir / 'checkpoints' / str(STEPS) / checkpointing.CHECKSUM_FILE).unlink()
+  with caplog.at_level(logging.WARNING):
+    state = _restore(workdir)
+  assert f'Checkpoint at step {STEPS} has no {checkpointing.CHECKSUM_FILE}' in caplog.text
+  _assert_same_state(state, reference[1])
 
 
 def test_all_checkpoints_corrupt_says_what_to_do(tmp_path, reference):
