@@ -61,8 +61,9 @@ class _Toy(base.Method):
 
   def after_update(self, params, method_state, step):
     del step
-    teacher = (0.5 * method_state['teacher'] +
-               0.5 * self.teacher_gain * params['backbone']['w'])
+    # Applied twice so a gain of 1e20 overflows float32 in the step itself.
+    teacher = (0.5 * method_state['teacher'] + 0.5 * self.teacher_gain *
+               (self.teacher_gain * params['backbone']['w']))
     return dict(method_state, teacher=teacher)
 
 
@@ -138,7 +139,7 @@ def test_nan_learning_rate_leaves_params_and_optimizer_unchanged():
 
 def test_overflowing_teacher_update_is_not_applied():
   # Finite loss, gradients and parameters; the EMA teacher overflows to inf.
-  old, new, _ = _run_toy(_Toy(teacher_gain=1e39), optax.sgd(0.1),
+  old, new, _ = _run_toy(_Toy(teacher_gain=1e20), optax.sgd(0.1),
                          _toy_batch())
   _assert_rejected(old, new)
 
