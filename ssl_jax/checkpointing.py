@@ -62,11 +62,12 @@ def _files(step_dir: epath.Path):
   return sorted(found)
 
 
-def write_checksums(step_dir: str) -> None:
+def write_checksums(step_dir: Any) -> None:
   """Writes `<step_dir>/ssl_jax_checksums.json` for every file under it.
 
   Args:
-    step_dir: a committed checkpoint step folder.
+    step_dir: a committed checkpoint step folder (str or epath.Path, local or
+      gs://).
   """
   step_dir = epath.Path(step_dir)
   files = {str(p.relative_to(step_dir)): {'sha256': _sha256(p),
@@ -79,7 +80,7 @@ def write_checksums(step_dir: str) -> None:
   tmp.rename(step_dir / CHECKSUM_FILE)
 
 
-def verify_checksums(step_dir: str) -> bool:
+def verify_checksums(step_dir: Any) -> bool:
   """Checks a step's files against its checksum file.
 
   Args:
@@ -164,8 +165,8 @@ class Checkpointer:
   def _checksum_when_committed(self, step: int) -> None:
     try:
       self._manager.wait_until_finished()
-      step_dir = os.path.join(self.directory, str(step))
-      if os.path.isdir(step_dir):
+      step_dir = epath.Path(self.directory) / str(step)
+      if step_dir.is_dir():
         write_checksums(step_dir)
     except Exception as e:  # pylint: disable=broad-except
       self._checksum_error = e
@@ -208,7 +209,7 @@ class Checkpointer:
     errors = []
     for s in reversed(steps):
       try:
-        if not verify_checksums(os.path.join(self.directory, str(s))):
+        if not verify_checksums(epath.Path(self.directory) / str(s)):
           logging.warning('Checkpoint at step %d has no %s (written before '
                           'checksums, or killed just after its commit); '
                           'restoring it without verifying its bytes.', s,
