@@ -128,6 +128,12 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   c.training = ml_collections.ConfigDict(dict(
       log_every=100, checkpoint_every=2000, keep_checkpoints=3,
       nonfinite_policy='stop', online_probe=True, prefetch=2,
+      # Warn once when the logged parameter norm exceeds sqrt(limit) times its
+      # value at the start of the run (or resume), stop past `limit` times: a
+      # learning rate too large for the optimizer (LARS at lr 1e6 grew it
+      # 2e7x in 6 steps) diverges long before anything overflows. Healthy runs
+      # stay within a few times their initial norm. 0 turns the check off.
+      param_norm_growth_limit=1000.0,
       progress=True,
       # Warn when the logged embedding_std falls below this: ~1/sqrt(d) when
       # healthy (0.09 at d=128), -> 0 on collapse (Chen & He 2021).

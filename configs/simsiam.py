@@ -60,7 +60,11 @@ def get_config(variant=None):
     # bottleneck predictor of a quarter of the projection width.
     c.model.projector = common.mlp(proj.hidden_dims, proj.output_dim,
                                    last_bn=True)
-    c.model.predictor = common.mlp((max(proj.output_dim // 4, 4),),
+    # At least 16 hidden units: the smoke run's 4-unit ReLU bottleneck
+    # zeroed the predictor output of some examples, whose cosine gradient
+    # (eps 1e-12) reached 1e11 and took the parameter norm from 16 to 1.3e9
+    # in one step (config.training.param_norm_growth_limit now stops that).
+    c.model.predictor = common.mlp((max(proj.output_dim // 4, 16),),
                                    proj.output_dim)
     c.optimizer.update(name='sgd', lr=0.05,
                        lr_scaling='linear', weight_decay=1e-4, momentum=0.9)

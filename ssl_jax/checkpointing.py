@@ -5,22 +5,111 @@ a run killed mid-save leaves the previous checkpoint intact. On restore the
 newest step is tried first; if its files are truncated or corrupted, the
 previous ones are tried in turn, with a warning, so one bad write costs only
 the steps since the checkpoint before it.
+
+Orbax only notices corruption that breaks its file formats; bytes changed in
+the middle of an array file restore silently (measured: an optimizer entry
+came back as 2.2e38). So once each save is committed, the main process writes
+`<step>/ssl_jax_checksums.json`, the SHA-256 and size of every file of the
+step, and a restore checks them first: a checkpoint whose bytes changed is
+treated as unreadable (set aside, the previous one used). A checkpoint without
+the file (written before checksums existed, or killed in the moment between
+its commit and its checksums) is restored unverified, with a warning.
 """
 
+import hashlib
+import json
 import logging
 import os
+import threading
 from typing import Any, Dict, Optional, Tuple
 
+from etils import epath
 import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKSUM_FILE = 'ssl_jax_checksums.json'
 
 from ssl_jax.train_state import TrainState
 
 
 class CheckpointError(RuntimeError):
   """No usable checkpoint although some exist."""
+
+
+class ChecksumMismatch(CheckpointError):
+  """A checkpoint's files differ from the checksums written with it."""
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open('rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _files(step_dir: epath.Path):
+  # A walk with iterdir: epath's rglob refuses '**' on gs:// paths.
+  found, pending = [], [step_dir]
+  while pending:
+    for p in pending.pop().iterdir():
+      if p.is_dir():
+        pending.append(p)
+      elif p.name != CHECKSUM_FILE:
+        found.append(p)
+  return sorted(found)
+
+
+def write_checksums(step_dir: Any) -> None:
+  """Writes `<step_dir>/ssl_jax_checksums.json` for every file under it.
+
+  Args:
+    step_dir: a committed checkpoint step folder (str or epath.Path, local or
+      gs://).
+  """
+  step_dir = epath.Path(step_dir)
+  files = {str(p.relative_to(step_dir)): {'sha256': _sha256(p),
+                                          'size': p.stat().length}
+           for p in _files(step_dir)}
+  tmp = step_dir / f'{CHECKSUM_FILE}.tmp'
+  tmp.write_text(json.dumps({'algorithm': 'sha256', 'files': files},
+                            indent=1))
+  # A rename, so a reader never sees half a checksum file.
+  tmp.rename(step_dir / CHECKSUM_FILE)
+
+
+def verify_checksums(step_dir: Any) -> bool:
+  """Checks a step's files against its checksum file.
+
+  Args:
+    step_dir: a checkpoint step folder.
+
+  Returns:
+    True if verified, False if the step has no checksum file.
+
+  Raises:
+    ChecksumMismatch: a listed file is missing, has another size, or other
+      bytes.
+  """
+  step_dir = epath.Path(step_dir)
+  listing = step_dir / CHECKSUM_FILE
+  if not listing.exists():
+    return False
+  expected = json.loads(listing.read_text())['files']
+  for name, want in expected.items():
+    path = step_dir / name
+    if not path.exists():
+      raise ChecksumMismatch(f'{path} is missing (listed in {listing})')
+    size = path.stat().length
+    if size != want['size']:
+      raise ChecksumMismatch(f'{path} has {size} bytes, {want["size"]} when '
+                             f'written')
+    if _sha256(path) != want['sha256']:
+      raise ChecksumMismatch(f'the bytes of {path} changed since it was '
+                             f'written (SHA-256 mismatch)')
+  return True
 
 
 class Checkpointer:
@@ -33,6 +122,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, keep: int = 3):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self._checksummer = None  # thread writing the last save's checksums
+    self._checksum_error = None
     self._manager = ocp.CheckpointManager(
         self.directory,
         # A save killed half-way leaves a `<step>.orbax-checkpoint-tmp-*`
@@ -51,14 +142,48 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, state: TrainState, meta: Dict[str, Any]) -> None:
-    """Saves a host copy of `state` (all processes must call this)."""
+    """Saves a host copy of `state` (all processes must call this).
+
+    The save is asynchronous; its checksums are written by a background
+    thread once orbax has committed it (`wait` waits for both).
+    """
     step = int(np.asarray(state.step))
     tree = flax.serialization.to_state_dict(jax.device_get(state))
-    self._manager.save(step, args=ocp.args.Composite(
+    self._join_checksummer()
+    saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree),
         meta=ocp.args.JsonSave(dict(meta, step=step))))
+    if saved and jax.process_index() == 0:
+      # Process 0 only, after its wait: orbax commits (renames) the step on
+      # the primary process once every process has written its files, so
+      # the checksums cover the files of all processes.
+      self._checksummer = threading.Thread(
+          target=self._checksum_when_committed, args=(step,),
+          name=f'ssl_jax_checksums_{step}', daemon=True)
+      self._checksummer.start()
+
+  def _checksum_when_committed(self, step: int) -> None:
+    try:
+      self._manager.wait_until_finished()
+      step_dir = epath.Path(self.directory) / str(step)
+      if step_dir.is_dir():
+        write_checksums(step_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      self._checksum_error = e
+
+  def _join_checksummer(self) -> None:
+    if self._checksummer is not None:
+      self._checksummer.join()
+      self._checksummer = None
+      if self._checksum_error is not None:
+        logging.warning('Could not write the checksums of the last checkpoint '
+                        '(it will restore unverified): %s',
+                        self._checksum_error)
+        self._checksum_error = None
 
   def wait(self) -> None:
+    """Waits until the last save and its checksums are written."""
+    self._join_checksummer()
     self._manager.wait_until_finished()
 
   def restore(self, target: TrainState, step: Optional[int] = None,
@@ -75,6 +200,7 @@ class Checkpointer:
     Raises:
       CheckpointError: checkpoints exist but none can be read.
     """
+    self._join_checksummer()
     steps = self.all_steps() if step is None else [step]
     if not steps:
       return None, {}
@@ -83,6 +209,11 @@ class Checkpointer:
     errors = []
     for s in reversed(steps):
       try:
+        if not verify_checksums(epath.Path(self.directory) / str(s)):
+          logging.warning('Checkpoint at step %d has no %s (written before '
+                          'checksums, or killed just after its commit); '
+                          'restoring it without verifying its bytes.', s,
+                          CHECKSUM_FILE)
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             meta=ocp.args.JsonRestore()))
@@ -109,7 +240,7 @@ class Checkpointer:
     Otherwise the resumed run could not write its own checkpoint at those
     steps (orbax does not overwrite a step) and would fall back again.
     """
-    self._manager.wait_until_finished()
+    self.wait()
     if jax.process_index() == 0:
       for step in steps:
         path = os.path.join(self.directory, str(step))
@@ -127,7 +258,7 @@ class Checkpointer:
     self._manager.reload()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -12,10 +12,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import (checkpointing, data, interop, methods, metric_writers,
-                     optim, parallel)
+from ssl_jax import (checkpointing, data, divergence, interop, methods,
+                     metric_writers, optim, parallel)
 from ssl_jax.durations import Durations
-from ssl_jax.methods.base import init_probe
+from ssl_jax.methods.base import global_norm, init_probe
 from ssl_jax.train_state import TrainState
 from ssl_jax import validation
 
@@ -33,8 +33,8 @@ class Preempted(Exception):
     self.step = step
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or the gradients became NaN/inf and the policy is 'stop'."""
+NonFiniteError = divergence.NonFiniteError
+DivergenceError = divergence.DivergenceError
 
 
 @dataclasses.dataclass
@@ -166,8 +166,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     Preempted: after SIGTERM/SIGINT, once the checkpoint is written.
-    NonFiniteError: a non-finite loss/gradient under policy 'stop'; the newest
-      checkpoint is the last good one.
+    NonFiniteError: a non-finite loss, gradient or updated state under policy
+      'stop' (the message names the last good checkpoint, or says there is
+      none); DivergenceError (a NonFiniteError) when the parameter norm grows
+      past config.training.param_norm_growth_limit.
   """
   if config.distributed.get('enabled', False):
     parallel.initialize_distributed(config.distributed.coordinator_address,
@@ -225,8 +227,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   policy = config.training.get('nonfinite_policy', 'stop')
   collapse_threshold = config.training.get('collapse_std_threshold', 0.0)
   seen_nonfinite = int(state.nonfinite_steps)
+  norm_watch = divergence.ParamNormWatch(
+      config.training.get('param_norm_growth_limit', 0.0),
+      float(global_norm(state.params)))
   last_checked_step = start_step
   progress.start(start_step)
+
+  def last_good():
+    # Saves are asynchronous: name only a step whose checkpoint is committed.
+    # Every save follows a synchronous check of its step, so it is good.
+    checkpointer.wait()
+    return divergence.last_good_checkpoint(checkpointer.latest_step())
 
   def record(step, metrics, evaluating, write):
     """Checks one step's metrics and writes them (blocks until on host)."""
@@ -236,19 +247,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if nonfinite > seen_nonfinite:
       where = (f'at step {step}' if last_checked_step + 1 == step else
                f'between steps {last_checked_step + 1} and {step}')
-      message = (f'The loss or gradients became non-finite {nonfinite - seen_nonfinite} '
-                 f'time(s) {where} '
-                 f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}); '
+      message = (f'The loss, gradients or updated state became non-finite '
+                 f'{nonfinite - seen_nonfinite} time(s) {where} '
+                 f'(last loss {host["loss"]}, grad_norm {host["grad_norm"]}, '
+                 f'param_norm {host["param_norm"]}); '
                  f'those updates were not applied.')
       if policy == 'stop':
         raise NonFiniteError(
-            message + f' Stopping (nonfinite_policy=stop); the newest '
-            f'checkpoint (step {checkpointer.latest_step()}) is the last good '
-            f'one. Lower the learning rate or set '
+            message + f' Stopping (nonfinite_policy=stop); {last_good()}. '
+            f'Lower the learning rate or set '
             f'--config.training.nonfinite_policy=skip.')
       logging.warning('%s Skipping them (nonfinite_policy=skip).', message)
       seen_nonfinite = nonfinite
     last_checked_step = step
+    diverging = norm_watch.check(step, host['param_norm'])
+    if diverging:
+      raise DivergenceError(f'{diverging} Stopping; {last_good()}.')
     host['nonfinite_steps'] = nonfinite
     host['epoch'] = step / s.steps_per_epoch
     host['bad_files'] = s.source.bad_files

@@ -168,12 +168,12 @@ class AVIDCMA(Method):
     cma_weight = jnp.where(state.step >= self.cma_start_step, m.cma_weight, 0.0)
     loss = avid_loss + cma_weight * cma_loss
     method_state = {
-        'video_bank': memory.update_bank(ms['video_bank'], indices,
-                                         out['video'], m.bank_momentum,
-                                         axis_name),
-        'audio_bank': memory.update_bank(ms['audio_bank'], indices,
-                                         out['audio'], m.bank_momentum,
-                                         axis_name)}
+        'video_bank': memory.bank_write(ms['video_bank'], indices,
+                                        out['video'], m.bank_momentum,
+                                        axis_name),
+        'audio_bank': memory.bank_write(ms['audio_bank'], indices,
+                                        out['audio'], m.bank_momentum,
+                                        axis_name)}
     metrics = {'avid_loss': avid_loss, 'cma_loss': cma_loss,
                'cma_weight': cma_weight,
                'cma_positives': parallel.pmean(

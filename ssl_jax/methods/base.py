@@ -32,6 +32,7 @@ from ssl_jax.data import augment
 from ssl_jax.data.info import DataInfo
 from ssl_jax.durations import Durations
 from ssl_jax.evaluation import monitors
+from ssl_jax.methods import memory
 from ssl_jax.registry import Registry
 from ssl_jax.train_state import TrainState
 
@@ -222,8 +223,42 @@ def _probe_step(probe, features, labels, axis_name):
 
 
 def _all_finite(tree) -> jax.Array:
-  leaves = jax.tree.leaves(tree)
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not leaves:
+    return jnp.bool_(True)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _step_is_finite(state: TrainState, loss, grads, params, opt_state,
+                    batch_stats, probe, method_state, method: 'Method',
+                    axis_name: Optional[str]) -> jax.Array:
+  """Whether everything the step would write is finite, on every device.
+
+  Checks the loss, the gradients and the updated parameters, optimizer state,
+  BatchNorm statistics, probe and method state: a finite gradient times a NaN
+  or huge learning rate gives non-finite parameters (or optimizer moments)
+  although the loss and gradients are fine. Pending bank/queue writes are
+  checked on the rows they write (the rest of the array is what was accepted
+  before), and the teacher on its update recomputed here as a reduction, so
+  nothing the size of a bank, queue or teacher is materialised twice. Leaves
+  the method returned unchanged are skipped.
+
+  Returns:
+    A boolean scalar, the same on every device (a device that sees a
+    non-finite value vetoes the step everywhere, so replicas never diverge).
+  """
+  old = {id(x) for x in jax.tree.leaves(state.method_state)}
+  updated_state = method.after_update(
+      params, memory.unwritten(state.method_state, method_state), state.step)
+  changed = [x for x in jax.tree.leaves(updated_state) if id(x) not in old]
+  writes = [x for x in jax.tree.leaves(method_state, is_leaf=memory.is_write)
+            if memory.is_write(x)]
+  finite = (jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params) &
+            _all_finite(opt_state) & _all_finite(batch_stats) &
+            _all_finite(probe) & _all_finite(changed) & _all_finite(writes))
+  bad_devices = parallel.psum((~finite).astype(jnp.int32), axis_name)
+  return bad_devices == 0
 
 
 def global_norm(tree) -> jax.Array:
@@ -236,10 +271,12 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One optimisation step of any method (pure; pmap it with axis_name).
 
-  A step whose loss or gradients are not finite leaves the state unchanged
-  (but for the step counter, rng and `nonfinite_steps`), so a bad batch can
-  never write NaNs into the parameters or a checkpoint; the training loop
-  decides whether to go on or stop (config.training.nonfinite_policy).
+  A step whose loss, gradients or updated state (parameters, optimizer,
+  BatchNorm, probe, method state) are not finite on any device leaves the
+  state unchanged (but for the step counter, rng and `nonfinite_steps`), so
+  a bad batch or learning rate can never write NaNs into the parameters or a
+  checkpoint; the training loop decides whether to go on or stop
+  (config.training.nonfinite_policy).
   """
   rng, next_rng = jax.random.split(state.rng)
   rng = parallel.per_device_rng(rng, axis_name)
@@ -263,7 +300,6 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = method.project_params(optax.apply_updates(state.params, updates),
                                  state.step)
-  method_state = method.after_update(params, out.method_state, state.step)
   # Statistics are identical across devices with global BN; averaging makes
   # them so for per-device BN too, so that any device's copy can be saved.
   batch_stats = parallel.pmean(out.batch_stats, axis_name)
@@ -275,18 +311,33 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                                        axis_name)
     metrics.update(probe_metrics)
 
-  finite = jnp.isfinite(loss) & _all_finite(grads)
-  candidate = state.replace(params=params, batch_stats=batch_stats,
-                            opt_state=opt_state, method_state=method_state,
-                            probe=probe)
-  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                           candidate, state)
-  new_state = new_state.replace(
-      step=state.step + 1, rng=next_rng,
+  finite = _step_is_finite(state, loss, grads, params, opt_state, batch_stats,
+                           probe, out.method_state, method, axis_name)
+  # Of the proposed update, accepted or not: what the explosion policy needs.
+  param_norm = global_norm(params)
+
+  def accept(_):
+    # Banks and queues are written here, teachers updated here: after the
+    # decision, so their old copies are dead and XLA updates them in place.
+    method_state = method.after_update(
+        params, memory.apply_writes(state.method_state, out.method_state),
+        state.step)
+    return params, opt_state, batch_stats, probe, method_state
+
+  def reject(_):
+    return (state.params, state.opt_state, state.batch_stats, state.probe,
+            state.method_state)
+
+  params, opt_state, batch_stats, probe, method_state = jax.lax.cond(
+      finite, accept, reject, None)
+  new_state = state.replace(
+      params=params, opt_state=opt_state, batch_stats=batch_stats,
+      probe=probe, method_state=method_state, step=state.step + 1,
+      rng=next_rng,
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics.update(
       loss=loss, learning_rate=lr_schedule(state.step),
-      grad_norm=global_norm(grads), param_norm=global_norm(params),
+      grad_norm=global_norm(grads), param_norm=param_norm,
       finite=finite.astype(jnp.float32),
       # The running count, so the loop needs nothing from the state to check
       # it (the state's buffers are donated to the next step).

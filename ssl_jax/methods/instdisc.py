@@ -136,7 +136,7 @@ class InstDisc(_BankLoss, Method):
                                         self.num_data)
     loss, normalizer = self.bank_loss(z, ms['bank'], indices, negatives,
                                       ms['normalizer'], axis_name)
-    bank = memory.update_bank(ms['bank'], indices, z,
+    bank = memory.bank_write(ms['bank'], indices, z,
                               self.config.method.bank_momentum, axis_name)
     return loss, StepOutput(
         batch_stats=batch_stats,
@@ -234,7 +234,7 @@ class PIRL(_BankLoss, Method):
                                          negatives, ms['normalizer'][1],
                                          axis_name)
     loss = m.jigsaw_weight * jigsaw_loss + (1.0 - m.jigsaw_weight) * image_loss
-    bank = memory.update_bank(ms['bank'], indices, out['projection'],
+    bank = memory.bank_write(ms['bank'], indices, out['projection'],
                               m.bank_momentum, axis_name)
     return loss, StepOutput(
         batch_stats=mutated['batch_stats'],

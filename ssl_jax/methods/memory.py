@@ -7,13 +7,73 @@ device's copy stays identical without any extra synchronisation and any copy
 can be checkpointed.
 """
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
+
+
+# ---------------------------------------------------------------------------
+# Pending writes: what a step would write into a large array, applied only
+# once the step is accepted.
+#
+# A method's loss may put one of these where the updated array belongs in its
+# `StepOutput.method_state`; `base.train_step` checks the written values, and
+# only if the whole step is finite applies them (`apply_writes`) inside the
+# accepting branch of a `lax.cond`. The old array is then dead once the write
+# happens, so XLA updates it in place: the non-finite guard never holds a
+# second copy of a bank or queue (experiments/memory.py measures it).
+
+
+@flax.struct.dataclass
+class RowsWrite:
+  """Sets `rows` at `indices` (axis 0) of an array: a memory-bank update."""
+  indices: jax.Array
+  rows: jax.Array
+
+  def apply(self, array: jax.Array) -> jax.Array:
+    return array.at[self.indices].set(self.rows.astype(array.dtype))
+
+
+@flax.struct.dataclass
+class SliceWrite:
+  """Writes `values` over rows `start:start + n` of axis -2: a queue update
+  ([..., K, d] arrays; leading axes are separate queues)."""
+  start: jax.Array
+  values: jax.Array
+
+  def apply(self, array: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice(
+        array, self.values.astype(array.dtype),
+        (0,) * (array.ndim - 2) + (self.start, 0))
+
+
+def is_write(x: Any) -> bool:
+  return isinstance(x, (RowsWrite, SliceWrite))
+
+
+def unwritten(old: Any, new: Any) -> Any:
+  """`new` with each pending write replaced by the array it would write to."""
+  return jax.tree.map(lambda n, o: o if is_write(n) else n, new, old,
+                      is_leaf=is_write)
+
+
+def apply_writes(old: Any, new: Any) -> Any:
+  """`new` with each pending write applied to its array in `old`.
+
+  Args:
+    old: the method state before the step (arrays).
+    new: the same structure, some arrays replaced by `RowsWrite`/`SliceWrite`.
+
+  Returns:
+    The method state after the step, structured as `old`.
+  """
+  return jax.tree.map(lambda n, o: n.apply(o) if is_write(n) else n, new, old,
+                      is_leaf=is_write)
 
 
 # ---------------------------------------------------------------------------
@@ -77,12 +137,21 @@ def enqueue(queue: jax.Array, ptr: jax.Array, keys: jax.Array,
     {'queue': the new queue, 'queue_ptr': (ptr + B) mod K}, keys
     L2-normalised in the queue's dtype.
   """
+  update = enqueue_write(queue, ptr, keys, axis_name)
+  return dict(update, queue=update['queue'].apply(queue))
+
+
+def enqueue_write(queue: jax.Array, ptr: jax.Array, keys: jax.Array,
+                  axis_name: Optional[str] = None) -> Dict[str, Any]:
+  """`enqueue` as a pending write, for a step's `method_state`.
+
+  Returns:
+    {'queue': a SliceWrite of the keys at `ptr`, 'queue_ptr': (ptr + B) mod K}.
+  """
   keys = jnp.moveaxis(jax.lax.stop_gradient(keys), -2, 0)
   keys = jnp.moveaxis(parallel.all_gather(keys, axis_name), 0, -2)
   keys = l2_normalize(keys.astype(queue.dtype))
-  start = (0,) * (queue.ndim - 2) + (ptr, 0)
-  queue = jax.lax.dynamic_update_slice(queue, keys, start)
-  return {'queue': queue,
+  return {'queue': SliceWrite(start=ptr, values=keys),
           'queue_ptr': (ptr + keys.shape[-2]) % queue.shape[-2]}
 
 
@@ -114,11 +183,17 @@ def update_bank(bank: jax.Array, indices: jax.Array, embeddings: jax.Array,
   Returns:
     The updated bank.
   """
+  return bank_write(bank, indices, embeddings, momentum, axis_name).apply(bank)
+
+
+def bank_write(bank: jax.Array, indices: jax.Array, embeddings: jax.Array,
+               momentum: float, axis_name: Optional[str] = None) -> RowsWrite:
+  """`update_bank` as a pending write, for a step's `method_state`."""
   indices = parallel.all_gather(indices, axis_name)
   v = l2_normalize(jax.lax.stop_gradient(
       parallel.all_gather(embeddings, axis_name)).astype(bank.dtype))
   rows = l2_normalize(momentum * bank[indices] + (1.0 - momentum) * v)
-  return bank.at[indices].set(rows)
+  return RowsWrite(indices=indices, rows=rows)
 
 
 def sample_negatives(rng: jax.Array, indices: jax.Array, num_negatives: int,

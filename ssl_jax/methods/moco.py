@@ -109,8 +109,8 @@ class MoCoV2(Method):
     # The queue gets this step's keys after they were used (MoCo, Alg. 1):
     # a query never sees its own positive among the negatives.
     method_state = dict(ms, key_batch_stats=key_stats,
-                        **memory.enqueue(ms['queue'], ms['queue_ptr'], k,
-                                         axis_name))
+                        **memory.enqueue_write(ms['queue'], ms['queue_ptr'],
+                                               k, axis_name))
     return loss, StepOutput(batch_stats=batch_stats, method_state=method_state,
                             metrics={}, features=out['features'][0],
                             embeddings=q)
