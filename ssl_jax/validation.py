@@ -34,6 +34,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   _known(models.BACKBONES, config.model.backbone, 'config.model.backbone')
   _known(DATASETS, config.data.dataset, 'config.data.dataset')
   _known(optim.OPTIMIZERS, config.optimizer.name, 'config.optimizer.name')
+  validate_numbers(config)
   if config.training.get('nonfinite_policy', 'stop') not in ('stop', 'skip'):
     raise ValueError('config.training.nonfinite_policy must be "stop" or '
                      f'"skip", not {config.training.nonfinite_policy!r}.')
@@ -64,7 +65,6 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         and not 0.0 <= value <= 1.0):
       raise ValueError(f'config.{path} is an EMA momentum and must be in '
                        f'[0, 1], got {value}.')
-  validate_numbers(config)
   workdir_lib.check_writable(workdir)
 
 

@@ -245,6 +245,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: Any,
   old = read_config(workdir)
   if old is None:
     return []
+  allowed = parse_allowed(list(allowed))
   diffs = config_differences(old, config)
   refused = [d for d in diffs if not _matches(d[0], allowed)
              or _matches(d[0], _NEVER_CHANGE)]
