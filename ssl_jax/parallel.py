@@ -122,7 +122,9 @@ def initialize_distributed(coordinator_address: str = '',
   # with the coordinator times out: a line first, so the log names them.
   sys.stderr.write(f'Joining the multi-host run: {where}.\n')
   sys.stderr.flush()
-  if coordinator_address and process_id != 0:
+  # Only a process known not to be the coordinator waits for its port (one
+  # whose index JAX detects may be the coordinator itself).
+  if coordinator_address and process_id > 0:
     _wait_for_coordinator(coordinator_address, initialization_timeout_s, where)
   try:
     jax.distributed.initialize(

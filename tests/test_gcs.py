@@ -182,3 +182,32 @@ def test_gs_workdir_trains_is_killed_resumes_evaluates_exports(emulator,
   # Nothing on local disk: no `gs:` folder, no stray files.
   assert os.listdir(scratch) == []
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+
+
+def test_image_folder_on_gcs_is_listed_read_and_probed(emulator):
+  del emulator
+  import io
+  import numpy as np
+  from PIL import Image
+  from etils import epath
+  from ssl_jax.data import sources
+  rng = np.random.default_rng(0)
+  root = epath.Path(f'gs://{BUCKET}/images/train')
+  for i in range(6):
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), np.uint8)).save(
+        buffer, format='PNG')
+    (root / f'class{i % 2}' / f'{i}.png').write_bytes(buffer.getvalue())
+  (root / 'class0' / 'bad.jpg').write_bytes(b'not an image')
+  source = sources.FolderSource(f'gs://{BUCKET}/images', 'train', 16, 3,
+                                sources.IMAGENET_MEAN, sources.IMAGENET_STD)
+  assert source.classes == ['class0', 'class1'] and len(source) == 7
+  assert all(f.startswith(f'gs://{BUCKET}/images/train/class') for f in source.files)
+  pil, label = source.read_original(source.files.index(
+      f'gs://{BUCKET}/images/train/class1/1.png'))
+  assert pil.size == (30, 20) and label == 1
+  batch = source.get(np.arange(7))
+  assert batch['image'].shape == (7, 16, 16, 3)
+  with pytest.warns(UserWarning), pytest.raises(
+      ValueError, match=r'1 of 7 image files .*bad\.jpg'):
+    sources.probe_unreadable(source, 0.1)
