@@ -202,12 +202,13 @@ def test_image_folder_on_gcs_is_listed_read_and_probed(emulator):
   source = sources.FolderSource(f'gs://{BUCKET}/images', 'train', 16, 3,
                                 sources.IMAGENET_MEAN, sources.IMAGENET_STD)
   assert source.classes == ['class0', 'class1'] and len(source) == 7
-  assert all(f.startswith(f'gs://{BUCKET}/images/train/class') for f in source.files)
+  assert all(f.startswith(f"gs://{BUCKET}/images/train/class") for f in source.files), source.files
   pil, label = source.read_original(source.files.index(
       f'gs://{BUCKET}/images/train/class1/1.png'))
   assert pil.size == (30, 20) and label == 1
-  batch = source.get(np.arange(7))
-  assert batch['image'].shape == (7, 16, 16, 3)
   with pytest.warns(UserWarning), pytest.raises(
       ValueError, match=r'1 of 7 image files .*bad\.jpg'):
     sources.probe_unreadable(source, 0.1)
+  batch = source.get(np.arange(7))
+  assert batch['image'].shape == (7, 16, 16, 3)
+  assert source.bad_files == 1

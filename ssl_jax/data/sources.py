@@ -350,8 +350,17 @@ def _image_files(directory: str) -> list:
       out.extend(os.path.join(dirpath, n) for n in sorted(names)
                  if n.lower().endswith(IMAGE_EXTENSIONS))
     return out
-  return sorted(os.fspath(p) for p in epath.Path(directory).rglob('*')
-                if p.name.lower().endswith(IMAGE_EXTENSIONS))
+  # One listing per folder (epath refuses '**' globs on object stores).
+  scheme = directory.split('://')[0]
+  out = []
+  for dirpath, _, names in epath.Path(directory).walk():
+    dirpath = os.fspath(dirpath)
+    if '://' not in dirpath:
+      # epath's fsspec walk yields 'bucket/dir' without the scheme.
+      dirpath = f'{scheme}://{dirpath.lstrip("/")}'
+    out.extend(f'{dirpath.rstrip("/")}/{n}' for n in names
+               if n.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(out)
 
 
 def _open_file(name: str):
