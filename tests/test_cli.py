@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from ssl_jax import workdir as workdir_lib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = '--config=configs/simclr.py:smoke'
 
@@ -111,9 +113,12 @@ def test_evaluate_prints_results_before_a_failed_write(trained):
   # Root ignores permissions: a folder where the file should go makes the
   # write fail for any user.
   (workdir / 'eval_knn.json').mkdir()
+  # Evaluation reads a workdir without its lock: a training run may hold it.
+  lock = workdir_lib.WorkdirLock(workdir).acquire()
   try:
     out = _run('ssl_jax.evaluate', f'--workdir={workdir}', '--protocol=knn')
   finally:
+    lock.release()
     (workdir / 'eval_knn.json').rmdir()
   line = _one_error_line(out, 1)
   assert 'pretrained encoder   top-1' in out.stdout
