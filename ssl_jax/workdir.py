@@ -16,9 +16,10 @@ so `--workdir=gs://bucket/run` and a local folder behave alike.
   left by a killed run (a dead PID on this host, or a heartbeat older than
   `stale_after_s`) is taken over. Evaluation and export never take it.
 
-What the lock guarantees: on a local (POSIX) filesystem it is created with
-O_CREAT|O_EXCL and a stale one is moved aside with `rename`, both atomic, so
-two runs can never both hold it. GCS offers neither through epath (generation
+What the lock guarantees: on a local (POSIX) filesystem it is created whole
+with `link` (O_CREAT|O_EXCL where hard links are not supported) and a stale
+one is removed only by the holder of `lock.takeover` (created with O_EXCL)
+after checking it is still the stale one, so two runs can never both hold it. GCS offers neither through epath (generation
 preconditions are not exposed), so there the lock is create-if-absent followed
 by a read-back after `_REMOTE_SETTLE_S`: two runs started within that window
 of each other may both see an absent lock, and the read-back makes all but the
@@ -58,6 +59,9 @@ _NEVER_CHANGE = ('batch_size', 'seed', 'model.', 'method.', 'data.dataset',
 HEARTBEAT_S = 30.0
 # Object stores: how long to wait before reading a lock back (see module doc).
 _REMOTE_SETTLE_S = 1.0
+# A takeover takes milliseconds; a `lock.takeover` older than this was left
+# by a run killed in the middle of one.
+_TAKEOVER_STALE_S = 30.0
 
 
 class ConfigMismatchError(ValueError):
@@ -365,7 +369,8 @@ class WorkdirLock:
     """Takes the lock or raises WorkdirLockedError naming its live owner."""
     import logging  # pylint: disable=g-import-not-at-top
     self.path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(5):
+    warned = set()
+    for _ in range(100):
       if self._try_create():
         self.held = True
         self._start_heartbeat()
@@ -384,8 +389,10 @@ class WorkdirLock:
             f'({owner.describe()}); wait for it to end or stop it, or use '
             f'another --workdir. If that run is dead, delete '
             f'{os.fspath(self.path)}.')
-      logging.warning('Taking over the lock %s left by a run that is gone '
-                      '(%s; %s).', os.fspath(self.path), owner.describe(), why)
+      if owner.token not in warned:
+        warned.add(owner.token)
+        logging.warning('Taking over the lock %s left by a run that is gone '
+                        '(%s; %s).', os.fspath(self.path), owner.describe(), why)
       self._remove_stale(owner)
     raise WorkdirLockedError(
         f'Could not take the lock {os.fspath(self.path)}: other runs keep '
@@ -401,6 +408,26 @@ class WorkdirLock:
       time.sleep(_REMOTE_SETTLE_S)
       owner = self.read_owner()
       return owner is not None and owner.token == self.token
+    # The whole content is written to a private file first and then linked
+    # into place: `link` creates atomically and fails if the lock exists, so
+    # no reader ever sees an empty or half-written lock (which it would
+    # judge stale). Filesystems without hard links get O_EXCL instead.
+    tmp = f'{os.fspath(self.path)}.{self.token[:8]}.tmp'
+    with open(tmp, 'w') as f:
+      f.write(self._content())
+      f.flush()
+      os.fsync(f.fileno())
+    try:
+      os.link(tmp, os.fspath(self.path))
+      return True
+    except FileExistsError:
+      return False
+    except OSError:
+      return self._create_exclusive()
+    finally:
+      os.remove(tmp)
+
+  def _create_exclusive(self) -> bool:
     try:
       fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY,
                    0o644)
@@ -419,25 +446,28 @@ class WorkdirLock:
       if current is not None and current.token == owner.token:
         self.path.unlink(missing_ok=True)
       return
-    # Rename is atomic: of two runs taking over, one renames the stale lock
-    # and the other gets FileNotFoundError. If what we renamed is not the
-    # lock we judged (a third run took it in between), put it back.
-    aside = f'{os.fspath(self.path)}.stale-{self.token[:8]}'
+    # Only the holder of `lock.takeover` (created atomically) may remove a
+    # lock, and only after checking under it that the lock is still the
+    # stale one: of several runs taking over, one removes it and the first
+    # to create the new lock wins; nobody can remove a lock just taken.
+    mutex = f'{os.fspath(self.path)}.takeover'
     try:
-      os.rename(os.fspath(self.path), aside)
-    except FileNotFoundError:
-      return
-    try:
-      with open(aside) as f:
-        token = json.load(f).get('token', '')
-    except (OSError, ValueError, AttributeError):
-      token = owner.token  # torn content: it was the stale one
-    if token != owner.token:
+      fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
       try:
-        os.link(aside, os.fspath(self.path))  # only if no lock exists now
-      except FileExistsError:
+        if time.time() - os.path.getmtime(mutex) > _TAKEOVER_STALE_S:
+          os.remove(mutex)  # left by a run killed during its takeover
+      except FileNotFoundError:
         pass
-    os.remove(aside)
+      time.sleep(0.05)  # another run is taking over: look again
+      return
+    os.close(fd)
+    try:
+      current = self.read_owner()
+      if current is not None and current.token == owner.token:
+        os.remove(os.fspath(self.path))
+    finally:
+      os.remove(mutex)
 
   # -- holding and releasing.
 

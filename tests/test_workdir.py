@@ -303,3 +303,33 @@ def test_unreachable_coordinator_names_address_and_timeout():
   assert time.monotonic() - start < 10
   assert f'The coordinator 127.0.0.1:{port} could not be reached within 2 s' in str(e.value)
   assert 'initialization_timeout_s' in str(e.value)
+
+
+_RACER = r'''
+import sys, time
+sys.path.insert(0, {root!r})
+from ssl_jax import workdir as workdir_lib
+lock = workdir_lib.WorkdirLock({workdir!r}, heartbeat_s=0)
+while time.time() < {start}:
+  time.sleep(0.001)
+try:
+  lock.acquire()
+except workdir_lib.WorkdirLockedError:
+  print('refused')
+else:
+  print('held')
+  time.sleep(2)  # alive while the others look
+'''
+
+
+@pytest.mark.parametrize('stale', [False, True])
+def test_racing_runs_never_both_hold_the_lock(tmp_path, stale):
+  if stale:  # all of them race to take over the same dead run's lock
+    _write_lock(tmp_path, socket.gethostname(), _dead_pid(), time.time())
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = _RACER.format(root=root, workdir=str(tmp_path), start=time.time() + 3)
+  procs = [subprocess.Popen([sys.executable, '-c', script],
+                            stdout=subprocess.PIPE, text=True) for _ in range(6)]
+  outs = [p.communicate(timeout=60)[0].split() for p in procs]
+  assert sorted(o[-1] for o in outs) == ['held'] + ['refused'] * 5, outs
+
