@@ -14,29 +14,6 @@ from typing import Dict, List, Optional
 from ssl_jax import workdir as workdir_lib
 
 
-def read_rows(path: str) -> List[dict]:
-  """The rows of a metrics.jsonl, skipping torn or garbled lines.
-
-  Args:
-    path: local path or URI of the file.
-
-  Returns:
-    One dict per readable line, in file order (empty if there is no file).
-  """
-  p = workdir_lib.path(path)
-  if not p.exists():
-    return []
-  rows = []
-  for line in p.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(row, dict) and 'step' in row:
-      rows.append(row)
-  return rows
-
-
 class MetricWriter:
   """JSON lines (one object per logged step) plus TensorBoard event files.
 
