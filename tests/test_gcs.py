@@ -212,3 +212,33 @@ def test_image_folder_on_gcs_is_listed_read_and_probed(emulator):
   batch = source.get(np.arange(7))
   assert batch['image'].shape == (7, 16, 16, 3)
   assert source.bad_files == 1
+
+
+def test_config_check_atomic_writes_and_metrics_repair_on_gcs(emulator):
+  del emulator
+  from configs import simclr as simclr_config
+  from etils import epath
+  from ssl_jax import metric_writers
+  workdir = f'gs://{BUCKET}/checks'
+  config = simclr_config.get_config('smoke')
+  workdir_lib.save_config(config, workdir)
+  epath.Path(f'{workdir}/checkpoints/4/commit_success.txt').write_text('')
+  before = _read(f'{workdir}/config.json')
+  other = simclr_config.get_config('smoke')
+  other.batch_size = 32
+  with pytest.raises(workdir_lib.ConfigMismatchError,
+                     match='batch_size: 64 -> 32'):
+    workdir_lib.check_config(other, workdir)
+  assert _read(f'{workdir}/config.json') == before
+  writer = metric_writers.MetricWriter(workdir)
+  for step in (2, 4, 6):
+    writer.write(step, {'loss': 1.0})
+  writer.close()
+  workdir_lib.write_atomic(f'{workdir}/metrics.jsonl',
+                           _read(f'{workdir}/metrics.jsonl') + '{"step": 8, "lo')
+  writer = metric_writers.MetricWriter(workdir, resume_step=4)
+  writer.write(6, {'loss': 0.5})
+  writer.close()
+  rows = [json.loads(l) for l in _read(f'{workdir}/metrics.jsonl').splitlines()]
+  assert [(r['step'], r['loss']) for r in rows] == [(2, 1.0), (4, 1.0), (6, 0.5)]
+  assert not [f for f in _bucket_files('checks') if 'tmp' in f]
