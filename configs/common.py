@@ -84,7 +84,11 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       eval_split='validation', max_train_examples=0, max_eval_examples=0,
       # Processes that decode and crop files (folder, TFDS); -1: one per CPU
       # core but one (at most 32), 0: a thread of the training process.
-      num_workers=-1))
+      num_workers=-1,
+      # Unreadable files are replaced by black images; a run whose share of
+      # them (in a sample decoded at start, then in the files read) exceeds
+      # this fraction stops, naming some of them.
+      max_bad_file_fraction=0.05))
 
   c.model = ml_collections.ConfigDict(dict(
       backbone='resnet50', stem='imagenet', width=64, widths=(16, 32, 64),

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 
 CHECKSUM_FILE = 'ssl_jax_checksums.json'
 
+from ssl_jax import workdir as workdir_lib
 from ssl_jax.train_state import TrainState
 
 
@@ -121,7 +122,10 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, keep: int = 3):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    # epath keeps gs://bucket/run intact (os.path.abspath would not).
+    self.directory = workdir_lib.join(
+        workdir if workdir_lib.is_remote(workdir) else os.path.abspath(workdir),
+        'checkpoints')
     self._checksummer = None  # thread writing the last save's checksums
     self._checksum_error = None
     self._manager = ocp.CheckpointManager(
@@ -243,13 +247,13 @@ class Checkpointer:
     self.wait()
     if jax.process_index() == 0:
       for step in steps:
-        path = os.path.join(self.directory, str(step))
+        path = workdir_lib.join(self.directory, str(step))
         target = f'{path}.unreadable'
         n = 1
-        while os.path.exists(target):
+        while workdir_lib.path(target).exists():
           target, n = f'{path}.unreadable{n}', n + 1
-        if os.path.isdir(path):
-          os.rename(path, target)
+        if workdir_lib.path(path).is_dir():
+          workdir_lib.path(path).rename(target)
           logging.warning('Moved the unreadable checkpoint %s to %s.', path,
                           target)
     if jax.process_count() > 1:

@@ -21,15 +21,14 @@ pixels, and their scores are written as `top1_random_init` and
 `top1_raw_pixels`, so one run tells whether pretraining helped.
 """
 
-import json
-import os
 import sys
 import time
 from typing import Dict, Optional
 
 from absl import app, flags, logging
 
-from ssl_jax import cpu
+from ssl_jax import cli, cpu
+from ssl_jax import workdir as workdir_lib
 from ssl_jax.evaluation import features as feats
 from ssl_jax.evaluation import knn, linear, supervised
 
@@ -81,12 +80,27 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   """Runs `protocol` on a checkpoint and writes workdir/eval_<protocol>.json.
 
   Args:
-    workdir: the --workdir of a training run.
+    workdir: the --workdir of a training run (local or gs://).
     protocol: 'linear', 'knn' or 'finetune'.
     step: checkpoint step (default: the newest).
 
   Returns:
     The JSON written: top1, top5, the baselines when configured, sizes, step.
+  """
+  result = score(workdir, protocol, step)
+  write_result(workdir, result)
+  return result
+
+
+def score(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
+  """Runs `protocol` on a checkpoint without writing anything.
+
+  Reads the workdir only (no lock): a run may be training in it meanwhile.
+
+  Args: as `evaluate`.
+
+  Returns:
+    What `evaluate` writes (see its Returns).
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'Unknown protocol {protocol!r}; known: {", ".join(PROTOCOLS)}.')
@@ -113,7 +127,7 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
       result['top1_random_init'] = _on_the_fly(
           protocol, config, feats.backbone_variables(s.state), train_source,
           test_source)['top1']
-    return _write(workdir, protocol, result, start)
+    return _finish(result, start)
   if protocol == 'linear':
     result['linear_mode'] = mode
   feature_fn = feats.make_feature_fn(config.model, feats.view_size(config),
@@ -132,27 +146,28 @@ def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
                     feats.raw_pixels(test_source))
     result['top1_random_init'] = random_init['top1']
     result['top1_raw_pixels'] = pixels['top1']
-  return _write(workdir, protocol, result, start)
+  return _finish(result, start)
 
 
-def _write(workdir, protocol, result, start) -> Dict:
+def _finish(result, start) -> Dict:
   result['seconds'] = round(time.time() - start, 1)
-  with open(os.path.join(workdir, f'eval_{protocol}.json'), 'w') as f:
-    json.dump(result, f, indent=2)
   return result
 
 
-def main(argv):
-  del argv
-  # Before the first JAX computation, which starts XLA:CPU with them.
-  cpu.configure_xla_flags()
-  logging.set_verbosity(logging.WARNING)
-  try:
-    r = evaluate(FLAGS.workdir, FLAGS.protocol, FLAGS.step)
-  except (ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(2)
-  print(f'{r["protocol"]} evaluation of {FLAGS.workdir} at step {r["step"]} '
+def result_path(workdir: str, protocol: str) -> str:
+  """Where `evaluate` writes a protocol's result."""
+  return workdir_lib.join(workdir, f'eval_{protocol}.json')
+
+
+def write_result(workdir: str, result: Dict) -> str:
+  """Writes `result` to workdir/eval_<protocol>.json atomically; returns the path."""
+  out = result_path(workdir, result['protocol'])
+  workdir_lib.write_json(out, result)
+  return out
+
+
+def _print(workdir: str, r: Dict) -> None:
+  print(f'{r["protocol"]} evaluation of {workdir} at step {r["step"]} '
         f'({r["num_train_examples"]} train / {r["num_test_examples"]} test '
         f'examples):')
   print(f'  pretrained encoder   top-1 {r["top1"]:.2f}%' +
@@ -161,7 +176,31 @@ def main(argv):
     print(f'  random-init encoder  top-1 {r["top1_random_init"]:.2f}%')
   if 'top1_raw_pixels' in r:
     print(f'  raw pixels           top-1 {r["top1_raw_pixels"]:.2f}%')
+  sys.stdout.flush()
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value.')
+  # Before the first JAX computation, which starts XLA:CPU with them.
+  cpu.configure_xla_flags()
+  logging.set_verbosity(logging.WARNING)
+
+  def run():
+    r = score(FLAGS.workdir, FLAGS.protocol, FLAGS.step)
+    # Printed first: minutes of evaluation are not lost to a workdir that
+    # cannot be written (read-only, no permission on the bucket).
+    _print(FLAGS.workdir, r)
+    try:
+      write_result(FLAGS.workdir, r)
+    except Exception as e:  # pylint: disable=broad-except
+      cli.fail(f'the results above could not be written to '
+               f'{result_path(FLAGS.workdir, r["protocol"])} '
+               f'({type(e).__name__}: {e}); they are only on this screen.',
+               cli.FAILURE_EXIT_CODE)
+
+  cli.run(run)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

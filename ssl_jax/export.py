@@ -28,9 +28,9 @@ where `images` are float [B, size, size, channels], normalised with the
 exported mean/std.
 """
 
+import io
 import json
 import os
-import sys
 from typing import Any, Dict, Optional, Tuple
 
 import flax.serialization
@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from ssl_jax import cpu
+from ssl_jax import workdir as workdir_lib
 
 MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
 FORMATS = ('flax', 'torch')
@@ -57,20 +58,21 @@ def save_backbone(out: str, variables: Dict[str, Any],
     mean, std: per-channel normalisation of the inputs.
     meta: extra JSON-able fields for config.json (source run, step).
   """
-  os.makedirs(out, exist_ok=True)
   variables = {'params': variables['params'],
                'batch_stats': variables.get('batch_stats', {})}
   variables = flax.serialization.to_state_dict(variables)
   variables = _to_numpy(variables)
-  with open(os.path.join(out, MSGPACK), 'wb') as f:
-    f.write(flax.serialization.to_bytes(variables))
+  # Each file is written whole and atomically, through epath (local or gs://).
+  workdir_lib.write_atomic(workdir_lib.join(out, MSGPACK),
+                           flax.serialization.to_bytes(variables))
   flat = flax.traverse_util.flatten_dict(variables, sep='/')
-  np.savez(os.path.join(out, NPZ), **flat)
+  buffer = io.BytesIO()
+  np.savez(buffer, **flat)
+  workdir_lib.write_atomic(workdir_lib.join(out, NPZ), buffer.getvalue())
   info = dict(meta or {}, model=dict(model_config), image_size=int(image_size),
               channels=int(channels), mean=[float(m) for m in mean],
               std=[float(s) for s in std])
-  with open(os.path.join(out, CONFIG), 'w') as f:
-    json.dump(info, f, indent=2)
+  workdir_lib.write_json(workdir_lib.join(out, CONFIG), info)
 
 
 def save_torch_backbone(out: str, variables: Dict[str, Any],
@@ -87,15 +89,12 @@ def save_torch_backbone(out: str, variables: Dict[str, Any],
   from ssl_jax import interop  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(model_config))
   state_dict = interop.to_torch_state_dict(config, variables)
-  if os.path.dirname(out):
-    os.makedirs(os.path.dirname(out), exist_ok=True)
   interop.save_state_dict(state_dict, out)
   info = dict(meta or {}, model=dict(model_config), image_size=int(image_size),
               channels=int(channels), mean=[float(m) for m in mean],
               std=[float(s) for s in std],
               torch_module=interop.torch_module_description(config, channels))
-  with open(out + '.json', 'w') as f:
-    json.dump(info, f, indent=2)
+  workdir_lib.write_json(out + '.json', info)
 
 
 def _to_numpy(tree):
@@ -116,15 +115,15 @@ def load_backbone(path: str, fmt: str = 'msgpack') -> Tuple[Any, Dict[str, Any]]
     train=False)` returns `(features [B, D], aux)`, and its variables.
   """
   from ssl_jax import models  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(path, CONFIG)) as f:
-    info = json.load(f)
+  info = json.loads(workdir_lib.path(path).joinpath(CONFIG).read_text())
   module = models.get_backbone(ml_collections.ConfigDict(info['model']),
                                axis_name=None)
   if fmt == 'msgpack':
-    with open(os.path.join(path, MSGPACK), 'rb') as f:
-      variables = flax.serialization.msgpack_restore(f.read())
+    variables = flax.serialization.msgpack_restore(
+        workdir_lib.path(path).joinpath(MSGPACK).read_bytes())
   elif fmt == 'npz':
-    with np.load(os.path.join(path, NPZ)) as z:
+    data = workdir_lib.path(path).joinpath(NPZ).read_bytes()
+    with np.load(io.BytesIO(data)) as z:
       variables = flax.traverse_util.unflatten_dict(
           {k: z[k] for k in z.files}, sep='/')
   else:
@@ -155,7 +154,8 @@ def export(workdir: str, out: str, step: Optional[int] = None,
   save = save_torch_backbone if fmt == 'torch' else save_backbone
   save(out, feats.backbone_variables(state), config.model.to_dict(),
                 feats.view_size(config), source.image_shape[-1], source.mean,
-                source.std, meta={'workdir': os.path.abspath(workdir),
+                source.std, meta={'workdir': workdir if workdir_lib.is_remote(
+                    workdir) else os.path.abspath(workdir),
                                   'step': int(state.step)})
   return out
 
@@ -164,18 +164,20 @@ def main(argv):
   # Before the first JAX computation, which starts XLA:CPU with them.
   cpu.configure_xla_flags()
   from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  del argv
+  from ssl_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value.')
   # Orbax logs every restore step at INFO.
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
-  try:
+
+  def run():
     default = ('backbone.safetensors' if f.format == 'torch' else 'export')
-    out = export(f.workdir, f.out or os.path.join(f.workdir, default), f.step,
-                 f.format)
-  except (ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f'error: {e}\n')
-    sys.exit(2)
-  print(f'Exported the backbone of {f.workdir} to {out}')
+    out = export(f.workdir, f.out or workdir_lib.join(f.workdir, default),
+                 f.step, f.format)
+    print(f'Exported the backbone of {f.workdir} to {out}')
+
+  cli.run(run)
 
 
 if __name__ == '__main__':
@@ -187,4 +189,5 @@ if __name__ == '__main__':
                     "config.json; 'torch': a torchvision/timm state_dict.")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  from ssl_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=cli.parse_flags)

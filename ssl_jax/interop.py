@@ -38,6 +38,7 @@ raises one line naming the first tensor that does not fit.
 
 import dataclasses
 import json
+import io
 import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -334,12 +335,16 @@ def from_torch_state_dict(model_config: ml_collections.ConfigDict,
 def save_state_dict(state_dict: Dict[str, np.ndarray], path: str) -> None:
   """Writes a state_dict as `.safetensors` (needs only safetensors) or with
   `torch.save` (any other name; needs torch)."""
+  # Bytes first, then one atomic write through epath (local or gs://).
+  from ssl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if path.endswith('.safetensors'):
     from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
-    st.save_file(state_dict, path)
+    workdir_lib.write_atomic(path, st.save(state_dict))
     return
   torch = _import_torch(f'writing {path}')
-  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
+  buffer = io.BytesIO()
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, buffer)
+  workdir_lib.write_atomic(path, buffer.getvalue())
 
 
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:

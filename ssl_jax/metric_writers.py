@@ -1,11 +1,17 @@
-"""Metrics to `workdir/metrics.jsonl`, TensorBoard and a console progress line."""
+"""Metrics to `workdir/metrics.jsonl`, TensorBoard and a console progress line.
+
+Paths go through `etils.epath` (ssl_jax/workdir.py), so a gs:// workdir gets
+its metrics and TensorBoard events in the bucket, not in a local `gs:` folder.
+"""
 
 import json
+import logging
 import os
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
+from ssl_jax import workdir as workdir_lib
 
 
 class MetricWriter:
@@ -13,47 +19,134 @@ class MetricWriter:
 
   Only process 0 writes. On resume at step s, lines of steps > s (logged by a
   run killed before its next checkpoint) are dropped, so the file never
-  holds a step twice.
+  holds a step twice; a line torn by a kill mid-write is dropped with a
+  warning, and a deleted file is recreated (with a warning) rather than lost.
+
+  Locally rows are appended and flushed one by one. Object stores (gs://)
+  cannot append: the whole file is rewritten at every logged step, each
+  upload replacing the object atomically (a few hundred kB for a long run).
   """
 
   def __init__(self, workdir: str, enabled: bool = True,
                resume_step: Optional[int] = None):
     self.enabled = enabled
     self._tb = None
+    self._file = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    if resume_step is not None and os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [l for l in f if l.strip() and json.loads(l)['step'] <= resume_step]
-      with open(self.path, 'w') as f:
-        f.writelines(kept)
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
-    self._file = open(self.path, 'a')
+    workdir_lib.makedirs(workdir)
+    self.path = workdir_lib.join(workdir, 'metrics.jsonl')
+    self._remote = workdir_lib.is_remote(self.path)
+    self._rows: List[str] = []
+    p = workdir_lib.path(self.path)
+    if resume_step is not None:
+      if p.exists():
+        self._rows = self._repair(p.read_text(), resume_step)
+      else:
+        logging.warning('%s is missing; a new one is started at step %d (the '
+                        'earlier rows are lost).', self.path, resume_step)
+    # One atomic write: the repaired rows, or an empty file for a new run.
+    workdir_lib.write_atomic(self.path, ''.join(self._rows))
+    if not self._remote:
+      self._file = open(self.path, 'a')
+      self._rows = []  # appended from here on; no copy kept in memory
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      _register_epath_event_writer()
+      self._tb = SummaryWriter(workdir_lib.join(workdir, 'tensorboard'))
     except ImportError:  # TensorBoard output is optional.
       self._tb = None
+
+  def _repair(self, text: str, resume_step: int) -> List[str]:
+    """The lines to keep at a resume at `resume_step`, warning about bad ones."""
+    kept, bad = [], []
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        step = int(row['step'])
+      except (ValueError, KeyError, TypeError):
+        bad.append(i + 1)
+        continue
+      if step <= resume_step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    if bad:
+      torn = bad == [len(lines)] and not lines[-1].endswith('\n')
+      logging.warning(
+          'Dropped %s of %s (%s) while resuming at step %d.',
+          f'{len(bad)} unreadable line(s) ({", ".join(map(str, bad[:5]))})'
+          if not torn else f'the torn last line {bad[0]}', self.path,
+          'written when the previous run was killed' if torn else
+          'not JSON', resume_step)
+    return kept
 
   def write(self, step: int, metrics: Dict[str, float]) -> None:
     if not self.enabled:
       return
     row = {'step': int(step)}
     row.update({k: float(v) for k, v in metrics.items()})
-    self._file.write(json.dumps(row) + '\n')
-    self._file.flush()
+    line = json.dumps(row) + '\n'
+    if self._remote:
+      self._rows.append(line)
+      workdir_lib.write_atomic(self.path, ''.join(self._rows))
+    else:
+      if not os.path.exists(self.path):
+        # Deleted under a running job: recreate it rather than write into
+        # the unlinked inode.
+        logging.warning('%s was deleted during the run; recreated from step '
+                        '%d on.', self.path, step)
+        self._file.close()
+        self._file = open(self.path, 'a')
+      self._file.write(line)
+      self._file.flush()
     if self._tb is not None:
       for k, v in metrics.items():
         self._tb.add_scalar(k, float(v), step)
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      if self._file is not None:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
+
+
+class _EpathEventFile:
+  """A TensorBoard event file on an object store, uploaded whole at flush.
+
+  tensorboardX's own gs:// writer needs google-cloud-storage credentials of
+  its own; this one goes through epath like every other file of the run.
+  """
+
+  def __init__(self, path: str):
+    self._path = workdir_lib.path(path)
+    self._data = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data.extend(data)
+
+  def flush(self) -> None:
+    self._path.write_bytes(bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFileFactory:
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no folders to create
+
+
+def _register_epath_event_writer() -> None:
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  for scheme in ('gs', 's3'):
+    record_writer.register_writer_factory(scheme, _EpathEventFileFactory())
 
 
 def _duration(seconds: float) -> str:

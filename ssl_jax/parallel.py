@@ -17,6 +17,9 @@ global gradient; `ssl_jax.testing` accounts for that when it compares devices.
 """
 
 import os
+import socket
+import sys
+import time
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import flax.jax_utils
@@ -111,12 +114,70 @@ def initialize_distributed(coordinator_address: str = '',
   # Cross-process collectives on CPU hosts go through gloo; accelerators use
   # their own (NCCL, ICI) and ignore this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(
-      coordinator_address=coordinator_address,
-      num_processes=num_processes,
-      process_id=None if process_id < 0 else process_id,
-      initialization_timeout=int(initialization_timeout_s),
-      heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  where = (f'coordinator {coordinator_address or "(detected by JAX)"}, '
+           f'process {process_id if process_id >= 0 else "?"} of '
+           f'{num_processes or "?"}, initialization timeout '
+           f'{int(initialization_timeout_s)} s')
+  # JAX aborts the process natively (no Python exception) when registration
+  # with the coordinator times out: a line first, so the log names them.
+  sys.stderr.write(f'Joining the multi-host run: {where}.\n')
+  sys.stderr.flush()
+  # Only a process known not to be the coordinator waits for its port (one
+  # whose index JAX detects may be the coordinator itself).
+  if coordinator_address and process_id > 0:
+    _wait_for_coordinator(coordinator_address, initialization_timeout_s, where)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=None if process_id < 0 else process_id,
+        initialization_timeout=int(initialization_timeout_s),
+        heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+  except Exception as e:  # pylint: disable=broad-except
+    # JAX raises RuntimeError/ValueError/XlaRuntimeError here (a port in use,
+    # an address that does not parse); one message whatever the type.
+    raise DistributedInitError(
+        f'Could not start the multi-host run ({where}): {type(e).__name__}: '
+        f'{str(e).strip().splitlines()[0] if str(e).strip() else e!r}. Check '
+        f'--config.distributed.coordinator_address and that the port is free '
+        f'on process 0.') from e
+
+
+class DistributedInitError(RuntimeError):
+  """This process could not join the multi-host run (names the coordinator)."""
+
+
+def _wait_for_coordinator(address: str, timeout_s: float, where: str) -> None:
+  """Waits until `address` accepts TCP connections, or raises naming it.
+
+  Process 0 starts the coordination service inside `jax.distributed.initialize`;
+  the others can wait for its port here, where a timeout is a Python
+  exception with a message instead of a native abort.
+  """
+  host, _, port = address.rpartition(':')
+  host = host.strip('[]')
+  try:
+    port = int(port)
+  except ValueError:
+    raise DistributedInitError(
+        f'config.distributed.coordinator_address={address!r} is not '
+        f'host:port.') from None
+  deadline = time.monotonic() + float(timeout_s)
+  last = None
+  while True:
+    try:
+      with socket.create_connection((host, port), timeout=min(
+          5.0, max(deadline - time.monotonic(), 0.1))):
+        return
+    except OSError as e:
+      last = e
+    if time.monotonic() >= deadline:
+      raise DistributedInitError(
+          f'The coordinator {address} could not be reached within '
+          f'{float(timeout_s):g} s ({where}; last error: {last}). Start process '
+          f'0 first, check the address and the firewall, or raise '
+          f'--config.distributed.initialization_timeout_s.')
+    time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
 
 def process_index() -> int:

@@ -3,10 +3,9 @@
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import ml_collections
@@ -18,6 +17,7 @@ from ssl_jax.durations import Durations
 from ssl_jax.methods.base import global_norm, init_probe
 from ssl_jax.train_state import TrainState
 from ssl_jax import validation
+from ssl_jax import workdir as workdir_lib
 
 # Exit status after a checkpoint written on SIGTERM/SIGINT: EX_TEMPFAIL, "try
 # again"; schedulers can requeue on it.
@@ -85,6 +85,10 @@ def setup(config: ml_collections.ConfigDict,
     source = data.get_source(config.data, config.data.train_split,
                              config.data.get('max_train_examples', 0))
   validation.validate_data(config, source)
+  if not abstract:
+    # Decodes a sample of the files now: a folder of unreadable files fails
+    # before compiling instead of training on black images.
+    data.probe_unreadable(source, config.data.get('max_bad_file_fraction', 1.0))
   run = Durations.of_run(config, len(source), source.name)
   lr_schedule = optim.learning_rate_schedule(
       config.optimizer, config.batch_size, run.total_steps,
@@ -147,19 +151,23 @@ class _StopSignal:
       signal.signal(sig, handler)
 
 
-def _save_config(config, workdir):
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-
-
 def _host_metrics(metrics) -> Dict[str, float]:
   return {k: float(np.asarray(v)) for k, v in
           jax.device_get(jax.tree.map(lambda x: x[0], metrics)).items()}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: Sequence[str] = ()) -> TrainState:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Nothing in the workdir changes before the config is validated, a resume's
+  config matches the workdir's `config.json` (up to `allow_config_change`)
+  and process 0 holds the workdir's lock (ssl_jax/workdir.py).
+
+  Args:
+    config: the run's config.
+    workdir: local folder or URI (gs://bucket/run).
+    allow_config_change: fields a resume may change (`--allow_config_change`).
 
   Returns:
     The final state (host copy).
@@ -170,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'stop' (the message names the last good checkpoint, or says there is
       none); DivergenceError (a NonFiniteError) when the parameter norm grows
       past config.training.param_norm_growth_limit.
+    workdir_lib.ConfigMismatchError: a resume with another config.
+    workdir_lib.WorkdirLockedError: another live run holds the workdir.
   """
   if config.distributed.get('enabled', False):
     parallel.initialize_distributed(config.distributed.coordinator_address,
@@ -179,11 +189,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                     config.distributed.get('initialization_timeout_s', 300))
   validation.validate_config(config, workdir)
   parallel.check_batch_size(config.batch_size)
-  is_main = parallel.is_main_process()
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    _save_config(config, workdir)
+  workdir_lib.check_config(config, workdir, allow_config_change)
+  lock = None
+  if parallel.is_main_process():
+    lock = workdir_lib.WorkdirLock(workdir).acquire()
+  try:
+    if lock is not None:
+      workdir_lib.save_config(config, workdir)
+    return _train_and_evaluate(config, workdir)
+  finally:
+    if lock is not None:
+      lock.release()
 
+
+def _train_and_evaluate(config: ml_collections.ConfigDict,
+                        workdir: str) -> TrainState:
+  """The run itself, once the workdir is checked, locked and its config saved."""
+  is_main = parallel.is_main_process()
   s = setup(config)
   checkpointer = checkpointing.Checkpointer(
       workdir, config.training.get('keep_checkpoints', 3))
@@ -266,6 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     host['nonfinite_steps'] = nonfinite
     host['epoch'] = step / s.steps_per_epoch
     host['bad_files'] = s.source.bad_files
+    data.check_unreadable_share(
+        s.source, step * config.batch_size // parallel.process_count(),
+        config.data.get('max_bad_file_fraction', 1.0))
     if host.get('embedding_std', np.inf) < collapse_threshold:
       logging.warning(
           'Possible collapse at step %d: embedding_std %.4g is below '

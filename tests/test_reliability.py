@@ -426,7 +426,8 @@ def test_killed_peer_makes_survivor_exit_and_restart_resumes(tmp_path, victim):
   assert 8 <= last < steps
   # A restart of both processes resumes from the newest checkpoint ...
   overrides[0] = f'--config.num_steps={last + 2}'
-  procs = _start_two(run, overrides)
+  # A shorter run than the killed one: a change a resume must name.
+  procs = _start_two(run, overrides + ['--allow_config_change=num_steps'])
   for p in procs:
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err

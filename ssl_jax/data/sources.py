@@ -16,6 +16,7 @@ evaluation embeds. Such sources are picklable, so loader worker processes
 import abc
 import concurrent.futures
 import gzip
+import io
 import os
 import struct
 import threading
@@ -23,6 +24,7 @@ import warnings
 import zlib
 from typing import Dict, Optional, Sequence, Tuple
 
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -340,6 +342,34 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif',
                     '.tiff', '.ppm', '.pgm')
 
 
+def _image_files(directory: str) -> list:
+  """Image files under `directory` (recursively), sorted, as path strings."""
+  if '://' not in directory:
+    out = []
+    for dirpath, _, names in sorted(os.walk(directory)):
+      out.extend(os.path.join(dirpath, n) for n in sorted(names)
+                 if n.lower().endswith(IMAGE_EXTENSIONS))
+    return out
+  # One listing per folder (epath refuses '**' globs on object stores).
+  scheme = directory.split('://')[0]
+  out = []
+  for dirpath, _, names in epath.Path(directory).walk():
+    dirpath = os.fspath(dirpath)
+    if '://' not in dirpath:
+      # epath's fsspec walk yields 'bucket/dir' without the scheme.
+      dirpath = f'{scheme}://{dirpath.lstrip("/")}'
+    out.extend(f'{dirpath.rstrip("/")}/{n}' for n in names
+               if n.lower().endswith(IMAGE_EXTENSIONS))
+  return sorted(out)
+
+
+def _open_file(name: str):
+  """A local path as is (Pillow opens it), a URI's bytes as a file object."""
+  if '://' not in name:
+    return name
+  return io.BytesIO(epath.Path(name).read_bytes())
+
+
 class FolderSource(_ThreadPoolMixin, Source):
   """root/<class>/<image>, decoded with Pillow on the host.
 
@@ -352,25 +382,23 @@ class FolderSource(_ThreadPoolMixin, Source):
 
   def __init__(self, root: str, split: str, image_size: int, channels: int,
                mean, std, workers: int = 8):
-    split_root = os.path.join(root, split)
-    if os.path.isdir(split_root):
-      root = split_root
-    if not os.path.isdir(root):
+    # epath: the folder may be local or a URI (gs://bucket/imagenet).
+    split_root = epath.Path(root) / split
+    if split_root.is_dir():
+      root = os.fspath(split_root)
+    if not epath.Path(root).is_dir():
       raise FileNotFoundError(f'Image folder {root!r} does not exist; set '
                               f'--config.data.folder to a directory of '
                               f'class sub-folders.')
-    classes = sorted(d for d in os.listdir(root)
-                     if os.path.isdir(os.path.join(root, d)))
+    classes = sorted(p.name for p in epath.Path(root).iterdir() if p.is_dir())
     if not classes:
       raise FileNotFoundError(f'{root!r} has no class sub-folders '
                               f'(expected root/<class>/<image files>).')
     self.files, labels = [], []
     for label, cls in enumerate(classes):
-      for dirpath, _, names in sorted(os.walk(os.path.join(root, cls))):
-        for fname in sorted(names):
-          if fname.lower().endswith(IMAGE_EXTENSIONS):
-            self.files.append(os.path.join(dirpath, fname))
-            labels.append(label)
+      for fname in _image_files(os.fspath(epath.Path(root) / cls)):
+        self.files.append(fname)
+        labels.append(label)
     if not self.files:
       raise FileNotFoundError(f'No image files under {root!r}.')
     self.name, self.classes = f'folder:{root}', classes
@@ -389,7 +417,7 @@ class FolderSource(_ThreadPoolMixin, Source):
     from PIL import Image  # pylint: disable=g-import-not-at-top
     index = int(index)
     try:
-      with Image.open(self.files[index]) as pil:
+      with Image.open(_open_file(self.files[index])) as pil:
         pil.load()
         if pil.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
           # 16/32-bit grayscale: rescale to 8 bits instead of clipping.
@@ -441,6 +469,73 @@ def synthetic_images(split: str, config: ml_collections.ConfigDict) -> Source:
   mean, std = ((FASHION_MNIST_MEAN, FASHION_MNIST_STD) if channels == 1
                else (IMAGENET_MEAN, IMAGENET_STD))
   return ArraySource('synthetic_images', images, labels, 10, mean, std)
+
+
+# ---------------------------------------------------------------------------
+# Unreadable files: a few are replaced by black images, too many stop the run.
+
+# Files decoded before the first step to catch a folder of unreadable files.
+PROBE_FILES = 256
+
+
+def _too_many_unreadable(source: Source, bad: int, seen: int,
+                         max_fraction: float, when: str) -> ValueError:
+  # A Subset counts its bad files in the source it wraps, by that one's index.
+  while isinstance(source.__dict__.get('_source'), Source):
+    source = source.__dict__['_source']
+  names = [source.describe(i) for i in sorted(source.__dict__.get('_bad', ()))[:3]]
+  return ValueError(
+      f'{bad} of {seen} image files {when} of {source.name} could not be '
+      f'decoded ({bad / max(seen, 1):.1%} > '
+      f'config.data.max_bad_file_fraction={max_fraction:g}), e.g. '
+      f'{", ".join(names)}; fix or remove them, or raise '
+      f'--config.data.max_bad_file_fraction.')
+
+
+def probe_unreadable(source: Source, max_fraction: float,
+                     num_files: int = PROBE_FILES) -> None:
+  """Decodes up to `num_files` files spread over `source` before training.
+
+  Args:
+    source: a training source; only `crops_on_host` sources (files) are read.
+    max_fraction: `config.data.max_bad_file_fraction`.
+    num_files: how many files to decode (all of a small folder).
+
+  Raises:
+    ValueError: more than `max_fraction` of them are unreadable, naming some.
+  """
+  if not source.crops_on_host or max_fraction >= 1.0 or len(source) == 0:
+    return
+  n = min(num_files, len(source))
+  indices = np.unique(np.linspace(0, len(source) - 1, n).astype(np.int64))
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(lambda i: source.read_original(int(i))[0] is None,
+                            indices))
+  bad = sum(results)
+  if bad > max_fraction * len(indices):
+    raise _too_many_unreadable(source, bad, len(indices), max_fraction,
+                               'checked before training')
+
+
+def check_unreadable_share(source: Source, examples_read: int,
+                           max_fraction: float) -> None:
+  """Stops a run whose unreadable files exceed `max_fraction` of those read.
+
+  Args:
+    source: the training source (its `bad_files` so far, on this host).
+    examples_read: examples this host has read (counted once per file).
+    max_fraction: `config.data.max_bad_file_fraction`.
+
+  Raises:
+    ValueError: the share is exceeded, naming some of the files.
+  """
+  seen = min(int(examples_read), len(source))
+  bad = source.bad_files
+  # A handful of files can exceed a small fraction of the first batches only
+  # by chance: judge once at least PROBE_FILES files were read.
+  if bad and max_fraction < 1.0 and seen >= min(PROBE_FILES, len(source)) and (
+      bad > max_fraction * seen):
+    raise _too_many_unreadable(source, bad, seen, max_fraction, 'read so far')
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 import functools
 import json
-import os
 from typing import Iterator, Optional, Tuple
 
 import jax
@@ -10,16 +9,18 @@ import ml_collections
 import numpy as np
 
 from ssl_jax import checkpointing, data, models, parallel
+from ssl_jax import workdir as workdir_lib
 from ssl_jax.data import augment
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} the --workdir of '
-                            f'a training run?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  """The config a run was trained with (its workdir's config.json)."""
+  config = workdir_lib.read_config(workdir)
+  if config is None:
+    raise FileNotFoundError(
+        f'{workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)} not found: is '
+        f'{workdir!r} the --workdir of a training run?')
+  return ml_collections.ConfigDict(config)
 
 
 def load_run(workdir: str, step: Optional[int] = None, *,
@@ -37,9 +38,26 @@ def load_run(workdir: str, step: Optional[int] = None, *,
 
   Raises:
     FileNotFoundError: no config.json or no checkpoint in `workdir`.
+    ValueError: `step` is not one of its checkpoints.
   """
-  from ssl_jax import train  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
+  checkpointer = checkpointing.Checkpointer(workdir)
+  try:
+    return _load_run(config, checkpointer, workdir, step, with_init)
+  finally:
+    # Orbax's background threads must stop before the interpreter exits.
+    checkpointer.close()
+
+
+def _load_run(config, checkpointer, workdir, step, with_init):
+  from ssl_jax import train  # pylint: disable=g-import-not-at-top
+  steps = checkpointer.all_steps()
+  if step is not None and step not in steps:
+    raise ValueError(
+        f'{workdir} has no checkpoint at step {step}; it has '
+        + (f'steps {", ".join(map(str, steps))}: pass one of them as --step, or '
+           f'leave --step out for the newest.' if steps else
+           'none: train first with python -m ssl_jax.main.'))
   # The checkpoint supersedes the weights the run started from, which need
   # not exist any more; `setup.state` is then the random initialisation.
   init_config = ml_collections.ConfigDict(config.to_dict())
@@ -53,7 +71,7 @@ def load_run(workdir: str, step: Optional[int] = None, *,
     # Tracing setup (no compilation) gives the state's shapes and dtypes,
     # which is all a restore needs.
     template = jax.eval_shape(lambda: train.setup(init_config).state)
-  state, _ = checkpointing.Checkpointer(workdir).restore(template, step)
+  state, _ = checkpointer.restore(template, step)
   if state is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train '
                             f'first with python -m ssl_jax.main.')
