@@ -98,8 +98,9 @@ class Checkpointer:
       return None, {}
     sharding = sharding or parallel.replicated()
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.result_type(x),
-                                       sharding=sharding),
+        lambda x: jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
+            sharding=sharding),
         flax.serialization.to_state_dict(target))
     errors = []
     for s in reversed(steps):

@@ -327,11 +327,12 @@ def to_host(tree: PyTree) -> PyTree:
   call this then).
   """
   def get(x):
-    if isinstance(x, jax.Array):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
-      if not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    # Fully addressable: one copy (a replicated array reads one device, and
+    # reuses a `copy_to_host_async` already under way).
     return np.asarray(x)
 
   return jax.tree.map(get, tree)
@@ -366,6 +367,10 @@ class MeshFunction:
 
   def lower(self, *args):
     return self._jitted.lower(*args)
+
+  def eval_shape(self, *args):
+    """Output shapes for (abstract) global arguments; nothing is compiled."""
+    return jax.eval_shape(self._jitted, *args)
 
   def __call__(self, *args):
     key = self._signature(args)

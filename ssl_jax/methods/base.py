@@ -161,12 +161,13 @@ class Method(abc.ABC):
     """A host-side hook run by the training loop before each epoch's first step.
 
     Args:
-      state: the replicated train state (one copy per local device).
+      state: the train state (global arrays replicated on the mesh).
       setup: the run's `train.Setup` (config, data source, ...).
       epoch: index of the epoch about to start.
 
     Returns:
-      The (replicated) state to train on; the default returns it unchanged.
+      The state to train on (replicated on the mesh, e.g. through
+      `parallel.put_replicated`); the default returns it unchanged.
       DeepCluster extracts features, runs k-means and stores pseudo-labels.
     """
     del setup, epoch
