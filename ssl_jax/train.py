@@ -9,7 +9,6 @@ from typing import Any, Dict, Optional
 
 import jax
 import ml_collections
-
 import numpy as np
 
 from ssl_jax import (checkpointing, data, interop, methods, metric_writers,
@@ -241,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def save(rstate):
     # Orbax writes the global arrays from the devices (each process its own
     # shards); no host copy of the whole state.
-    checkpointer.save(rstate, {'data_position': int(_scalar(rstate.step)),
+    checkpointer.save(rstate, {'data_position': int(parallel.to_host(rstate.step)),
                                'steps_per_epoch': s.steps_per_epoch})
 
   log_every = config.training.log_every
@@ -336,8 +335,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.warning('%d unreadable image file(s) were skipped (replaced by '
                     'black images).', s.source.bad_files)
   return rstate
-
-
-def _scalar(x) -> np.ndarray:
-  """A replicated scalar's value, read from one local device."""
-  return parallel.to_host(x)
