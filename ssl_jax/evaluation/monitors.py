@@ -58,7 +58,7 @@ def collapse_metrics(embeddings: jax.Array,
     axis_name: None or the device axis.
     enabled: True (Python) computes them; a traced boolean computes them
       under `lax.cond` (the same on every device), so a step that does not
-      log skips the all-gather, the SVD and the B x B matrix; skipped
+      log skips the SVD and the B x B matrix (the all-gather stays); skipped
       monitors are NaN.
 
   Returns:
@@ -68,9 +68,14 @@ def collapse_metrics(embeddings: jax.Array,
   z = jax.lax.stop_gradient(embeddings.astype(jnp.float32))
   if z.ndim == 2:
     z = z[None]
+  # The gather stays outside the `lax.cond`: a collective inside a
+  # conditional is not ordered with the step's other collectives on XLA's CPU
+  # backend, and 8 devices deadlocked with some in this all-gather and some
+  # in a gradient all-reduce (DINO smoke run). What the cond skips is the
+  # SVD and the B x B matrix.
+  z = jax.vmap(lambda v: parallel.all_gather(v, axis_name))(z)
 
   def compute(z):
-    z = jax.vmap(lambda v: parallel.all_gather(v, axis_name))(z)
     metrics = {'embedding_std': embedding_std(z[0]),
                'effective_rank': effective_rank(z[0]),
                'uniformity': uniformity(z[0])}
