@@ -107,13 +107,16 @@ def prepare_jax(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
                             args.image_size, args.dtype, args.conv_impl)
   s = train.setup(config)
   step = train.make_train_step(s)
-  state = parallel.replicate(s.state)
-  batch = parallel.shard(s.source.get(np.arange(args.batch_size)))
+  state = parallel.put_replicated(s.state)
+  batch = parallel.put_batch(s.source.get(np.arange(args.batch_size)))
+  monitor = parallel.put_replicated(np.bool_(False))
   views = len(s.method.make_views(jax.random.PRNGKey(0),
                                   jax.numpy.zeros((1,) + s.source.image_shape,
                                                   jax.numpy.uint8)))
   t0 = time.perf_counter()
-  step = step.lower(state, batch).compile()
+  compiled = step.lower(state, batch, monitor).compile()
+  # Non-logging steps (collapse monitors off), the loop's common case.
+  step = lambda state, batch: compiled(state, batch, monitor)
   compile_s = time.perf_counter() - t0
   for _ in range(max(args.warmup, 1)):
     state, metrics = step(state, batch)
@@ -240,7 +243,7 @@ def measure_pipeline(args) -> dict:
     data_config.update(image_size=28, channels=1)
   source = data.get_source(data_config, 'train')
   batches = data.TrainBatches(source, args.batch_size, seed=0, prefetch=4)
-  device_batches = parallel.prefetch_to_devices(batches, 2)
+  device_batches = parallel.global_batches(batches, size=2)
   jax.block_until_ready(next(device_batches))
   n = 0
   t0 = time.perf_counter()

@@ -56,7 +56,7 @@ def grid_pool(x: jax.Array, grid: int) -> jax.Array:
 
 def make_stage_fn(model_config, size: int, mean, std, grid: int
                   ) -> Tuple[Callable, List[str]]:
-  """A pmapped uint8 images -> {stage: pooled features}, and the stage order."""
+  """Uint8 images -> {stage: pooled features} on the mesh, and the stage order."""
   backbone = models.get_backbone(model_config, axis_name=None)
   order: List[str] = []
 
@@ -69,22 +69,24 @@ def make_stage_fn(model_config, size: int, mean, std, grid: int
     return {k: grid_pool(v.astype(jnp.float32), grid)
             for k, v in aux.items() if k not in SKIPPED_MAPS}
 
-  return jax.pmap(fn, axis_name=parallel.AXIS), order
+  return parallel.data_parallel(fn, in_specs=(parallel.P(),
+                                              parallel.P(parallel.AXIS)),
+                                out_specs=parallel.P(parallel.AXIS)), order
 
 
 def extract_stages(stage_fn, variables, source: data.Source, batch_size: int
                    ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """Pooled features of every stage for every example of `source`."""
-  n_dev = jax.local_device_count()
+  n_dev = parallel.default_mesh().size
   batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  rvars = parallel.replicate(variables)
+  rvars = parallel.put_replicated(variables)
   out: Dict[str, List[np.ndarray]] = {}
   labels = []
   for batch in data.eval_batches(source, batch_size):
-    stages = stage_fn(rvars, parallel.shard(batch['image']))
+    stages = parallel.to_host(stage_fn(rvars,
+                                       parallel.put_global_batch(batch['image'])))
     for k, v in stages.items():
-      out.setdefault(k, []).append(
-          np.asarray(v).reshape(batch_size, -1)[batch['mask']])
+      out.setdefault(k, []).append(v.reshape(batch_size, -1)[batch['mask']])
     labels.append(batch['label'][batch['mask']])
   return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(labels)
 

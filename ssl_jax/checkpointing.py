@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 CHECKSUM_FILE = 'ssl_jax_checksums.json'
 
 from ssl_jax import workdir as workdir_lib
+from ssl_jax import parallel
 from ssl_jax.train_state import TrainState
 
 
@@ -146,13 +147,16 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def save(self, state: TrainState, meta: Dict[str, Any]) -> None:
-    """Saves a host copy of `state` (all processes must call this).
+    """Saves `state` (all processes must call this).
 
-    The save is asynchronous; its checksums are written by a background
-    thread once orbax has committed it (`wait` waits for both).
+    Global `jax.Array`s are written from the devices, each process its own
+    shards (a replicated array by one of them), without a host copy of the
+    whole state; host (NumPy) trees work too. The save is asynchronous; its
+    checksums are written by a background thread once orbax has committed it
+    (`wait` waits for both).
     """
-    step = int(np.asarray(state.step))
-    tree = flax.serialization.to_state_dict(jax.device_get(state))
+    step = int(parallel.to_host(state.step))
+    tree = flax.serialization.to_state_dict(state)
     self._join_checksummer()
     saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree),
@@ -191,12 +195,24 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, target: TrainState, step: Optional[int] = None,
-              set_aside_unreadable: bool = False
+              set_aside_unreadable: bool = False,
+              sharding: Optional[jax.sharding.Sharding] = None
               ) -> Tuple[Optional[TrainState], Dict[str, Any]]:
     """Restores `step` (default: the newest usable one) into `target`'s shape.
 
     With `set_aside_unreadable` (a run resuming), newer checkpoints that could
     not be read are renamed `<step>.unreadable` so the run can write its own.
+
+    The arrays are read straight onto the devices with `sharding` (default:
+    replicated on `parallel.default_mesh()`), whatever the topology that
+    wrote them: a checkpoint saved on 8 devices resumes on 4 (elastic resume).
+
+    Args:
+      target: a TrainState (arrays or `jax.ShapeDtypeStruct`s) of the
+        shapes to restore.
+      step: the step to restore (default: the newest readable one).
+      set_aside_unreadable: see above.
+      sharding: the restored arrays' sharding.
 
     Returns:
       (state, meta), or (None, {}) when the directory holds no checkpoint.
@@ -208,8 +224,12 @@ class Checkpointer:
     steps = self.all_steps() if step is None else [step]
     if not steps:
       return None, {}
-    host_target = flax.serialization.to_state_dict(jax.device_get(target))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, host_target)
+    sharding = sharding or parallel.replicated()
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
+            sharding=sharding),
+        flax.serialization.to_state_dict(target))
     errors = []
     for s in reversed(steps):
       try:

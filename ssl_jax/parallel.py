@@ -1,8 +1,15 @@
 """The one module that knows about devices, hosts and axis names.
 
 Everything else takes an `axis_name` argument that is either `None` (one device,
-plain formulas: unit tests, notebooks) or `AXIS` (inside `pmap`, collectives
-across every device of every host). The helpers below turn into the identity
+plain formulas: unit tests, notebooks) or `AXIS` (inside `shard_map` over the
+mesh, or `pmap`: collectives across every device of every host).
+
+The engine: one `jax.sharding.Mesh` with the single axis `AXIS` over every
+device of every process (`default_mesh`). Per-device code written with pmap
+semantics runs on it through `data_parallel`, which is `jax.jit` around
+`jax.shard_map`: state and other replicated inputs are global `jax.Array`s
+with sharding `P()`, batches global arrays split on `P(AXIS)`, each process
+contributing its own share (`put_batch`). The helpers below turn into the identity
 when `axis_name` is None, so a loss written with them is the same code on one
 device and on a pod.
 
@@ -16,19 +23,28 @@ global loss. Gradients with respect to per-device *inputs* come back N times the
 global gradient; `ssl_jax.testing` accounts for that when it compares devices.
 """
 
+import collections
+import functools
+import itertools
 import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from orbax.checkpoint import multihost as ocp_multihost
 
 AXIS = 'batch'
+
+# Shorthand for the two layouts the library uses: `P()` replicated on every
+# device, `P(AXIS)` split along the leading (batch) axis.
+P = PartitionSpec
 
 PyTree = Any
 
@@ -191,23 +207,17 @@ def process_count() -> int:
 def wait_for_all_processes(name: str, timeout_s: int = 600) -> None:
   """Blocks until every process reaches the barrier `name` (no-op alone).
 
-  Uses the coordination service, whose timeout is ours to choose, so that the
-  first collective (on CPU, gloo sets up its context with a fixed 30 s
-  deadline) starts at about the same time on every process even when one of
-  them was slow to start.
+  Uses the coordination service (orbax's barrier over an explicit process
+  set), whose timeout is ours to choose, not a device collective: on CPU the
+  first collective sets up gloo with a fixed 30 s deadline, so it must start
+  at about the same time on every process even when one was slow to start
+  or to compile. Every process must pass the same, unique `name`.
   """
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
-
-
-def local_device_count() -> int:
-  return jax.local_device_count()
-
-
-def device_count() -> int:
-  return jax.device_count()
+  ocp_multihost.sync_global_processes(
+      name, timeout=int(timeout_s),
+      processes=set(range(jax.process_count())))
 
 
 def is_main_process() -> bool:
@@ -229,62 +239,247 @@ def check_batch_size(global_batch: int) -> None:
         f'multiple of {n_proc}.')
 
 
+
+
 # ---------------------------------------------------------------------------
-# Moving state and batches onto the local devices.
+# The mesh, shardings, and moving data onto it.
 
 
-def replicate(tree: PyTree) -> PyTree:
-  """One copy of `tree` per local device, laid out as `pmap` outputs are.
+def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A one-axis mesh (`AXIS`) over `devices` (default: all of every process).
 
-  `flax.jax_utils.replicate` alone yields arrays whose sharding names another
-  mesh axis than pmap's outputs, which makes the second train step compile
-  again (measured: +12 s); passing them through an identity pmap gives the
-  layout every later step sees.
+  Args:
+    devices: the devices, in the order of their batch shards; the default,
+      `jax.devices()`, lists process 0's devices first, so that process p's
+      share of the global batch is its p-th block, as the data order assumes.
+
+  Returns:
+    The mesh.
   """
-  return _identity_pmap(flax.jax_utils.replicate(tree))
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(np.asarray(devices), (AXIS,))
 
 
-_identity_pmap = jax.pmap(lambda x: x, axis_name=AXIS)
+@functools.lru_cache(maxsize=None)
+def default_mesh() -> Mesh:
+  """The run's mesh: every device of every process (built once per process,
+  after `initialize_distributed`)."""
+  return make_mesh()
 
 
-def unreplicate(tree: PyTree) -> PyTree:
-  """The copy of device 0, fetched to host memory as NumPy arrays."""
-  return jax.device_get(flax.jax_utils.unreplicate(tree))
+def replicated(mesh: Optional[Mesh] = None) -> NamedSharding:
+  """Sharding of arrays held whole by every device (state, parameters)."""
+  return NamedSharding(mesh or default_mesh(), P())
 
 
-def shard(batch: PyTree) -> PyTree:
-  """Splits the leading (host-local batch) axis into [devices, per_device]."""
-  n = jax.local_device_count()
-
-  def split(x):
-    if x.shape[0] % n:
-      raise ValueError(f'Host batch of {x.shape[0]} examples cannot be split '
-                       f'over {n} local devices.')
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-
-  return jax.tree.map(split, batch)
+def batch_sharded(mesh: Optional[Mesh] = None) -> NamedSharding:
+  """Sharding of arrays split over the devices along their leading axis."""
+  return NamedSharding(mesh or default_mesh(), P(AXIS))
 
 
-def prefetch_to_devices(batches: Iterable[PyTree],
-                        size: int = 2) -> Iterator[PyTree]:
-  """Shards host batches and keeps `size` of them in flight on the devices."""
-  return flax.jax_utils.prefetch_to_device(
-      (shard(b) for b in batches), size)
+def put_replicated(tree: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
+  """Global arrays replicated on every device of `mesh` from a host tree.
+
+  Every process must pass the same values. Leaves that already are global
+  arrays with this sharding are returned as they are (no copy).
+
+  Args:
+    tree: NumPy or jax arrays (e.g. a freshly initialised TrainState).
+    mesh: the mesh (default: `default_mesh()`).
+
+  Returns:
+    The same tree of replicated `jax.Array`s.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array):
+      if x.sharding == sharding:
+        return x
+      if not x.is_fully_addressable:  # another global layout: reshard on device
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree)
 
 
-def pmap(fn: Callable, *, donate_argnums: Sequence[int] = (),
-         static_broadcasted_argnums: Sequence[int] = ()) -> Callable:
-  """`jax.pmap` over all local devices with the library's axis name.
+def _check_local_batch(x: np.ndarray, mesh: Mesh) -> None:
+  n = len(mesh.local_devices)
+  if x.ndim == 0 or x.shape[0] % n:
+    raise ValueError(f'Host batch of shape {x.shape} cannot be split over '
+                     f'{n} local devices.')
+
+
+def put_batch(tree: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
+  """Global batch arrays from each process's own share (host-local rows).
+
+  Process p's rows become the p-th block of the global batch (the order of
+  `mesh.devices`), so the global batch is the processes' shares concatenated
+  in process order, as `data.TrainBatches` deals them.
+
+  Args:
+    tree: this process's batch, leading axis = its examples.
+    mesh: the mesh (default: `default_mesh()`).
+
+  Returns:
+    Global arrays sharded `P(AXIS)`, leading axis = the global batch.
+  """
+  mesh = mesh or default_mesh()
+  sharding = batch_sharded(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    _check_local_batch(x, mesh)
+    return jax.make_array_from_process_local_data(sharding, x)
+
+  return jax.tree.map(put, tree)
+
+
+def put_global_batch(tree: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
+  """Global batch arrays from a batch that every process holds whole.
+
+  For evaluation, where each process reads the same examples: each device
+  takes its own rows, so the work is split over all devices of all processes.
+
+  Args:
+    tree: the whole batch (same on every process).
+    mesh: the mesh (default: `default_mesh()`).
+
+  Returns:
+    Global arrays sharded `P(AXIS)`.
+  """
+  mesh = mesh or default_mesh()
+  sharding = batch_sharded(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    if x.ndim == 0 or x.shape[0] % mesh.size:
+      raise ValueError(f'Batch of shape {x.shape} cannot be split over '
+                       f'{mesh.size} devices.')
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree)
+
+
+def global_batches(batches: Iterable[PyTree], mesh: Optional[Mesh] = None,
+                   size: int = 2) -> Iterator[PyTree]:
+  """`put_batch` of each host batch, keeping `size` of them on the devices
+  ahead of the step that consumes them (the host-to-device copy overlaps the
+  running step)."""
+  iterator = iter(batches)
+  queue = collections.deque()
+
+  def enqueue(n):
+    for batch in itertools.islice(iterator, n):
+      queue.append(put_batch(batch, mesh))
+
+  enqueue(max(size, 1))
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """NumPy copies of (global) arrays, the same on every process.
+
+  A replicated array is read from one local device (no collective); a
+  sharded one that spans other processes is all-gathered (every process must
+  call this then).
+  """
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    # Fully addressable: one copy (a replicated array reads one device, and
+    # reuses a `copy_to_host_async` already under way).
+    return np.asarray(x)
+
+  return jax.tree.map(get, tree)
+
+
+# ---------------------------------------------------------------------------
+# Running per-device code on the mesh.
+
+_compilations = itertools.count()
+
+
+class MeshFunction:
+  """`jax.jit(jax.shard_map(fn))`, compiled ahead of its first call.
+
+  Each new input signature is lowered and compiled first, then every process
+  waits at a barrier, then the collective-bearing program runs: processes
+  that compile at different speeds (a loaded host) reach the first
+  collective together, within gloo's fixed 30 s connection window on CPU.
+  """
+
+  def __init__(self, jitted: Callable, name: str):
+    self._jitted = jitted
+    self._name = name
+    self._compiled: Dict[Any, Any] = {}
+
+  @staticmethod
+  def _signature(args) -> Any:
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (x.aval, x.sharding) if isinstance(x, jax.Array) else
+        (np.shape(x), np.result_type(x)) for x in leaves)
+
+  def lower(self, *args):
+    return self._jitted.lower(*args)
+
+  def eval_shape(self, *args):
+    """Output shapes for (abstract) global arguments; nothing is compiled."""
+    return jax.eval_shape(self._jitted, *args)
+
+  def __call__(self, *args):
+    key = self._signature(args)
+    compiled = self._compiled.get(key)
+    if compiled is None:
+      compiled = self._jitted.lower(*args).compile()
+      self._compiled[key] = compiled
+      wait_for_all_processes(
+          f'ssl_jax_compiled_{self._name}_{next(_compilations)}')
+    return compiled(*args)
+
+
+def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
+                  in_specs: Any, out_specs: Any = P(),
+                  donate_argnums: Sequence[int] = ()) -> MeshFunction:
+  """Runs per-device `fn` (pmap semantics, axis `AXIS`) on every device of `mesh`.
+
+  `fn` sees what a pmapped function sees: replicated arguments whole, batch
+  arguments as this device's rows, and collectives over `AXIS`. Its outputs
+  marked `P()` must be the same on every device (as pmap users take device 0's
+  copy); `check_vma=False` keeps pmap's gradient convention (module
+  docstring).
 
   Donation is skipped on the CPU backend: measured here (jax 0.10.2, 2 cores),
   a donated pmapped train step ran 7x slower than the same step without it,
   and host memory is not the constraint donation exists for.
+
+  Args:
+    fn: the per-device function.
+    mesh: the mesh (default: `default_mesh()`).
+    in_specs: a PartitionSpec (prefix) per positional argument: `P()` for
+      replicated, `P(AXIS)` for batch-split.
+    out_specs: the same for the outputs.
+    donate_argnums: arguments whose buffers the outputs may reuse
+      (accelerators only).
+
+  Returns:
+    A callable on global arrays (compiled on first call per signature).
   """
+  mesh = mesh or default_mesh()
   if jax.default_backend() == 'cpu':
     donate_argnums = ()
-  return jax.pmap(fn, axis_name=AXIS, donate_argnums=tuple(donate_argnums),
-                  static_broadcasted_argnums=tuple(static_broadcasted_argnums))
-
-
-def host_local_to_numpy(x: jax.Array) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs),
+                         out_specs=out_specs, check_vma=False)
+  to_sharding = lambda specs: jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec), specs,
+      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  jitted = jax.jit(mapped, in_shardings=to_sharding(tuple(in_specs)),
+                   out_shardings=to_sharding(out_specs),
+                   donate_argnums=tuple(donate_argnums))
+  return MeshFunction(jitted, getattr(fn, '__name__', 'fn'))

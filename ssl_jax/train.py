@@ -1,7 +1,6 @@
 """The training loop: set up or resume, step, log, checkpoint, stop cleanly."""
 
 import dataclasses
-import functools
 import logging
 import signal
 import threading
@@ -14,6 +13,7 @@ import numpy as np
 from ssl_jax import (checkpointing, data, divergence, interop, methods,
                      metric_writers, optim, parallel)
 from ssl_jax.durations import Durations
+from ssl_jax.evaluation import monitors
 from ssl_jax.methods.base import global_norm, init_probe
 from ssl_jax.train_state import TrainState
 from ssl_jax import validation
@@ -125,11 +125,23 @@ def setup(config: ml_collections.ConfigDict,
   return Setup(config, source, method, tx, lr_schedule, run, state)
 
 
-def make_train_step(s: Setup):
-  """The pmapped step over all local devices, donating the state."""
-  step = functools.partial(methods.train_step, method=s.method, tx=s.tx,
-                           lr_schedule=s.lr_schedule, axis_name=parallel.AXIS)
-  return parallel.pmap(step, donate_argnums=(0,))
+def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None):
+  """The step on every device of the mesh, donating the state.
+
+  Returns:
+    `step(state, batch, monitor) -> (state, metrics)` on global arrays: the
+    state and the boolean `monitor` replicated, the batch split on the batch
+    axis; the metrics come back replicated scalars.
+  """
+  def step(state, batch, monitor):
+    return methods.train_step(state, batch, method=s.method, tx=s.tx,
+                              lr_schedule=s.lr_schedule,
+                              axis_name=parallel.AXIS, monitor=monitor)
+
+  return parallel.data_parallel(step, mesh or parallel.default_mesh(),
+                                in_specs=(parallel.P(), parallel.P(parallel.AXIS),
+                                          parallel.P()),
+                                out_specs=parallel.P(), donate_argnums=(0,))
 
 
 class _StopSignal:
@@ -152,8 +164,7 @@ class _StopSignal:
 
 
 def _host_metrics(metrics) -> Dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in
-          jax.device_get(jax.tree.map(lambda x: x[0], metrics)).items()}
+  return {k: float(v) for k, v in parallel.to_host(metrics).items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -170,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     allow_config_change: fields a resume may change (`--allow_config_change`).
 
   Returns:
-    The final state (host copy).
+    The final state (global arrays, replicated on the mesh's devices).
 
   Raises:
     Preempted: after SIGTERM/SIGINT, once the checkpoint is written.
@@ -229,20 +240,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
       prefetch=config.training.get('prefetch', 2) + 2,
       crop_specs=data.crop_specs(config.augment.views),
       num_workers=data.resolve_num_workers(config.data.get('num_workers', 0)))
-  device_batches = parallel.prefetch_to_devices(
-      batches, config.training.get('prefetch', 2))
+  mesh = parallel.default_mesh()
+  device_batches = parallel.global_batches(
+      batches, mesh, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
   from ssl_jax.evaluation import periodic  # pylint: disable=g-import-not-at-top
   evaluator = periodic.make_evaluator(config)
-  rstate = parallel.replicate(state)
+  # The state lives on the devices from here on: replicated global arrays.
+  rstate = parallel.put_replicated(state, mesh)
+  # Collapse monitors run on the steps whose metrics are read (a traced flag,
+  # so both kinds of step share one compilation).
+  monitor_flags = {f: parallel.put_replicated(np.bool_(f), mesh)
+                   for f in (False, True)}
   parallel.wait_for_all_processes(f'ssl_jax_train_start_{start_step}')
   stop = _StopSignal()
 
   def save(rstate):
-    host_state = parallel.unreplicate(rstate)
-    checkpointer.save(host_state, {'data_position': int(host_state.step),
-                                   'steps_per_epoch': s.steps_per_epoch})
-    return host_state
+    # Orbax writes the global arrays from the devices (each process its own
+    # shards); no host copy of the whole state.
+    checkpointer.save(rstate, {'data_position': int(parallel.to_host(rstate.step)),
+                               'steps_per_epoch': s.steps_per_epoch})
 
   log_every = config.training.log_every
   checkpoint_every = config.training.checkpoint_every
@@ -261,10 +278,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     checkpointer.wait()
     return divergence.last_good_checkpoint(checkpointer.latest_step())
 
-  def record(step, metrics, evaluating, write):
+  def record(step, metrics, evaluating, write, monitored=True):
     """Checks one step's metrics and writes them (blocks until on host)."""
     nonlocal seen_nonfinite, last_checked_step
     host = _host_metrics(metrics)
+    if not monitored:  # skipped in the step: NaN placeholders
+      for name in monitors.METRICS:
+        host.pop(name, None)
     nonfinite = int(host['nonfinite_steps'])
     if nonfinite > seen_nonfinite:
       where = (f'at step {step}' if last_checked_step + 1 == step else
@@ -298,7 +318,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           'when healthy, 0 when every embedding is the same).', step,
           host['embedding_std'], collapse_threshold)
     if evaluating:
-      host.update(evaluator(parallel.unreplicate(rstate)))
+      host.update(evaluator(rstate))
     if write:
       host['images_per_sec'] = progress.images_per_second(step)
       writer.write(step, host)
@@ -315,17 +335,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
       if (step - 1) % s.steps_per_epoch == 0:
         rstate = s.method.on_epoch_start(rstate, s,
                                          (step - 1) // s.steps_per_epoch)
-      rstate, metrics = p_train_step(rstate, next(device_batches))
+      last = step == s.total_steps
+      evaluating = evaluator is not None and (evaluator.due(step) or last)
+      monitored = (step % log_every == 0 or last or evaluating or
+                   step % checkpoint_every == 0)
+      rstate, metrics = p_train_step(rstate, next(device_batches),
+                                     monitor_flags[monitored])
       if pending is not None:
         record(*pending, evaluating=False, write=True)
         pending = None
-      last = step == s.total_steps
       preempted = stop.received is not None
-      evaluating = evaluator is not None and (evaluator.due(step) or last)
       saving = step % checkpoint_every == 0 or last or preempted
       if saving or evaluating:
         record(step, metrics, evaluating,
-               write=step % log_every == 0 or last or evaluating)
+               write=step % log_every == 0 or last or evaluating,
+               monitored=monitored)
       elif step % log_every == 0:
         for x in jax.tree.leaves(metrics):
           x.copy_to_host_async()
@@ -343,4 +367,4 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   if s.source.bad_files:
     logging.warning('%d unreadable image file(s) were skipped (replaced by '
                     'black images).', s.source.bad_files)
-  return parallel.unreplicate(rstate)
+  return rstate

@@ -194,7 +194,8 @@ def test_moco_v3_momentum_encoder_follows_the_official_loop():
       methods.train_step, method=setup.method, tx=setup.tx,
       lr_schedule=setup.lr_schedule, axis_name=None))
   # The update on 8 devices: replicated inputs, no collective, equal copies.
-  after_update_8 = parallel.pmap(setup.method.after_update)
+  after_update_8 = parallel.data_parallel(setup.method.after_update,
+                                         in_specs=(parallel.P(),) * 3)
 
   state = setup.state
   xi = state.method_state['key_params']  # a copy of theta(0), builder.py l. 32-34
@@ -205,8 +206,8 @@ def test_moco_v3_momentum_encoder_follows_the_official_loop():
     m = adjust_moco_momentum((t + 1) / iters_per_epoch, epochs, 0.5)
     theta = {k: state.params[k] for k in xi}
     xi = jax.tree.map(lambda k, q: k * m + q * (1. - m), xi, theta)
-    replicated = parallel.replicate((state.params, previous.method_state,
-                                     previous.step))
+    replicated = parallel.put_replicated((state.params, previous.method_state,
+                                          previous.step))
     on_8 = after_update_8(*replicated)['key_params']
     for run, got in (('1 device', state.method_state['key_params']),
                      ('8 devices', on_8)):

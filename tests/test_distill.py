@@ -273,9 +273,10 @@ def test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official(name):
           for k in online_keys}
   step = jnp.asarray(t, jnp.int32)
   one = method.after_update(online, {key: teacher}, step)[key]
-  eight = parallel.pmap(method.after_update)(
-      *parallel.replicate((online, {key: teacher}, step)))[key]
-  for got in (one, jax.tree.map(lambda x: x[5], eight)):
+  eight = parallel.data_parallel(method.after_update,
+                                 in_specs=(parallel.P(),) * 3)(
+      *parallel.put_replicated((online, {key: teacher}, step)))[key]
+  for got in (one, parallel.to_host(eight)):
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6),
                  got, want)
 

@@ -1,4 +1,11 @@
-"""2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8."""
+"""2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8.
+
+One parametrised test over the methods whose state or collectives differ in
+kind: global BN and all-gathered negatives (SimCLR), a feature queue and
+Sinkhorn (SwAV), an EMA teacher and a center on a ViT (DINO), a key queue
+(MoCo v2), a memory bank scattered by dataset index (InstDisc), and k-means
+over the whole dataset before the first step (DeepCluster).
+"""
 
 import json
 import os
@@ -8,13 +15,14 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from ssl_jax import checkpointing, train
 from ssl_jax.evaluation.features import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ['--config=configs/simclr.py:smoke', '--config.num_steps=3',
-             '--config.training.log_every=1', '--config.training.checkpoint_every=3']
+STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
+         '--config.training.checkpoint_every=3']
 
 
 def _free_port():
@@ -24,35 +32,52 @@ def _free_port():
 
 
 def _env(devices):
+  """The test session's XLA flags (optimisation level included, so both runs
+  compile alike) with `devices` CPU devices."""
   env = dict(os.environ)
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
+      '--xla_force_host_platform_device_count=8',
+      f'--xla_force_host_platform_device_count={devices}')
+  assert f'device_count={devices}' in env['XLA_FLAGS']
   return env
 
 
 def _final(workdir):
   setup = train.setup(load_config(workdir))
-  state, _ = checkpointing.Checkpointer(workdir).restore(setup.state)
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    state, _ = ckpt.restore(setup.state)
+  finally:
+    ckpt.close()
   losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
   return state, losses
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize('config_file', [
+    'simclr', 'swav', 'dino', 'mocov2', 'instdisc', 'deepcluster'])
+def test_two_processes_equal_one(tmp_path, config_file):
+  overrides = [f'--config=configs/{config_file}.py:smoke', *STEPS]
   single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
   subprocess.run([sys.executable, '-m', 'ssl_jax.main', f'--workdir={single}',
-                  *OVERRIDES], cwd=ROOT, env=_env(8), check=True, timeout=600)
+                  *overrides], cwd=ROOT, env=_env(8), check=True, timeout=600)
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}', *OVERRIDES,
+      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}', *overrides,
        '--config.distributed.enabled=True',
        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
        '--config.distributed.num_processes=2',
        f'--config.distributed.process_id={i}'], cwd=ROOT, env=_env(4))
            for i in range(2)]
-  for p in procs:
-    assert p.wait(timeout=600) == 0
+  try:
+    for p in procs:
+      assert p.wait(timeout=600) == 0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   (a, losses_a), (b, losses_b) = _final(single), _final(multi)
   assert len(losses_a) == len(losses_b) == 3
   np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
   assert int(a.step) == int(b.step) == 3
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)

@@ -21,6 +21,7 @@ import pytest
 from configs import simclr as simclr_config
 from ssl_jax import divergence, parallel, train
 from ssl_jax.methods import base, memory
+from ssl_jax.durations import Durations
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
@@ -33,11 +34,11 @@ class _Toy(base.Method):
   """w . x regression; a bank row per example; an EMA teacher of w."""
 
   def __init__(self, teacher_gain: float = 1.0):
-    super().__init__(ml_collections.ConfigDict({}), None, 10)
+    super().__init__(ml_collections.ConfigDict({}), None, Durations(10, 1, 1))
     self.teacher_gain = teacher_gain
 
-  def make_views(self, rng, images, crops=None):
-    del rng, crops
+  def make_views(self, rng, images, crops=None, example_offset=0):
+    del rng, crops, example_offset
     return [images]
 
   def init(self, rng):
@@ -80,7 +81,8 @@ def _toy_batch(row_scale=None):
   scale = np.ones(n, np.float32) if row_scale is None else row_scale
   batch = {'image': x, 'index': np.arange(n, dtype=np.int32) * 2,
            'row_scale': scale}
-  return parallel.shard(batch)
+  return jax.tree.map(
+      lambda x: x.reshape((DEVICES, PER_DEVICE) + x.shape[1:]), batch)
 
 
 def _run_toy(method, tx, batch):
@@ -89,7 +91,9 @@ def _run_toy(method, tx, batch):
                                     axis_name=parallel.AXIS),
                   axis_name=parallel.AXIS)
   state = _toy_state(method, tx)
-  new, metrics = step(parallel.replicate(state), batch)
+  stacked = jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (DEVICES,) + np.shape(x)), state)
+  new, metrics = step(stacked, batch)
   return state, jax.device_get(new), jax.device_get(metrics)
 
 
@@ -173,9 +177,19 @@ def _ckpt_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-def test_nan_learning_rate_saves_nothing_and_says_none_was_saved(tmp_path):
+def test_nan_learning_rate_is_refused_before_anything_is_written(tmp_path):
+  # The step's guard also rejects it (test_nan_learning_rate_leaves_params_and_optimizer_unchanged
+  # above); validation stops it before compiling.
   config = _smoke(3, checkpoint_every=1, log_every=1)
   config.optimizer.lr = float('nan')
+  with pytest.raises(ValueError, match='optimizer.lr'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_first_step_non_finite_saves_nothing_and_says_none_was_saved(tmp_path):
+  config = _smoke(3, checkpoint_every=1, log_every=1)
+  config.training.inject_nonfinite_at_step = 1
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(config, str(tmp_path))
   message = str(e.value)

@@ -1,7 +1,9 @@
 """The train step across devices, EMA, resume after SIGKILL, metrics, errors."""
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,3 +178,67 @@ def test_cli_reports_unknown_name_without_traceback(tmp_path):
   assert 'Known backbones: convnet, ' in out.stderr
   assert 'resnet18, resnet34, resnet50' in out.stderr
   assert 'Traceback' not in out.stderr
+
+
+def test_pmap_of_the_train_step_equals_the_mesh_engine():
+  """The per-device step keeps pmap semantics: `jax.pmap(train_step)` and the
+  loop's jit(shard_map) over the mesh take the same step; the monitors the
+  loop skips on non-logging steps are the same values when it computes them."""
+  from ssl_jax import methods  # pylint: disable=g-import-not-at-top
+  config = simclr_config.get_config('smoke')
+  s = train.setup(config)
+  batch = s.source.get(np.arange(config.batch_size))
+  step = functools.partial(methods.train_step, method=s.method, tx=s.tx,
+                           lr_schedule=s.lr_schedule, axis_name=parallel.AXIS)
+  replicated = jax.tree.map(lambda x: np.broadcast_to(x, (8,) + np.shape(x)),
+                            s.state)
+  split = jax.tree.map(lambda x: x.reshape((8, -1) + x.shape[1:]), batch)
+  p_state, p_metrics = jax.pmap(step, axis_name=parallel.AXIS)(replicated,
+                                                               split)
+  mesh_step = train.make_train_step(s)
+  state = parallel.put_replicated(s.state)
+  global_batch = parallel.put_batch(batch)
+  m_state, m_metrics = mesh_step(state, global_batch,
+                                 parallel.put_replicated(np.bool_(True)))
+  _, quiet = mesh_step(state, global_batch,
+                       parallel.put_replicated(np.bool_(False)))
+  assert set(m_metrics) == set(p_metrics)
+  for name, value in p_metrics.items():
+    np.testing.assert_allclose(np.asarray(m_metrics[name]), value[0],
+                               rtol=1e-5, atol=1e-6, err_msg=name)
+  for x, y in zip(jax.tree.leaves(p_state), jax.tree.leaves(m_state)):
+    assert y.sharding.is_fully_replicated
+    np.testing.assert_allclose(np.asarray(y), x[0], rtol=1e-5, atol=1e-6)
+  assert np.isnan(float(quiet['embedding_std']))
+  np.testing.assert_allclose(float(quiet['loss']), float(m_metrics['loss']),
+                             rtol=1e-6)
+
+
+def test_checkpoint_of_eight_devices_resumes_on_four(tmp_path):
+  """Elastic resume: a checkpoint saved on 8 devices restores onto a mesh of
+  4 (a subprocess), which sees the same data and logs the next step's loss
+  of the uninterrupted 8-device run."""
+  config = simclr_config.get_config('smoke')
+  config.num_steps = 4
+  config.training.update(checkpoint_every=2, log_every=1, keep_checkpoints=3)
+  full, elastic = tmp_path / 'full', tmp_path / 'elastic'
+  train.train_and_evaluate(config, str(full))
+  os.makedirs(elastic / 'checkpoints')
+  shutil.copytree(full / 'checkpoints' / '2', elastic / 'checkpoints' / '2')
+  shutil.copy(full / 'config.json', elastic / 'config.json')
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+      'device_count=8', 'device_count=4')
+  subprocess.run(_main(elastic, '--config.num_steps=4',
+                       '--config.training.checkpoint_every=2',
+                       '--config.training.log_every=1',
+                       '--config.training.keep_checkpoints=3'),
+                 cwd=ROOT, env=env, check=True, timeout=600)
+  rows = {r['step']: r for r in map(json.loads, open(full / 'metrics.jsonl'))}
+  resumed = [json.loads(l) for l in open(elastic / 'metrics.jsonl')]
+  assert [r['step'] for r in resumed] == [3, 4]
+  for r in resumed:
+    np.testing.assert_allclose(r['loss'], rows[r['step']]['loss'], rtol=1e-4)
+  a, b = _params(str(full)), _params(str(elastic))
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)

@@ -16,7 +16,7 @@ A *view* is described by a ConfigDict (see `configs/common.py`):
 """
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -243,11 +243,17 @@ def normalize(images: jax.Array, mean: Sequence[float],
 def make_views(rng: jax.Array, images: Optional[jax.Array],
                views: ml_collections.ConfigDict, mean: Sequence[float],
                std: Sequence[float],
-               crops: Optional[Dict[str, jax.Array]] = None) -> List[jax.Array]:
+               crops: Optional[Dict[str, jax.Array]] = None,
+               example_offset: Any = 0) -> List[jax.Array]:
   """All augmented views of a batch, in the order of `views` (with counts).
 
+  Each example's key is the view's key folded with the example's index in
+  the global batch (`example_offset` + its row), so an example gets the same
+  augmentation however the global batch is split over devices: a run resumed
+  on another number of devices (elastic resume) sees the same views.
+
   Args:
-    rng: key for this device's batch.
+    rng: key of this step's global batch (the same on every device).
     images: [B, H, W, C] uint8 images to crop every view from (unused when
       `crops` is given).
     views: ConfigDict of named view specs (insertion order is kept); a spec
@@ -257,6 +263,8 @@ def make_views(rng: jax.Array, images: Optional[jax.Array],
       (batch['crops'] of files, see `data/pipeline.py`); the view's crop is
       then not made again here. Every other augmentation draws the same keys
       either way.
+    example_offset: global index of this device's first example (an int or
+      a traced scalar, `parallel.global_offset`).
 
   Returns:
     A list of [B, size, size, C] float32 arrays, one per crop.
@@ -267,8 +275,9 @@ def make_views(rng: jax.Array, images: Optional[jax.Array],
     spec = views[name]
     for j in range(spec.get('count', 1)):
       source = x if crops is None else to_float(crops[name][:, j])
-      keys = jax.random.split(jax.random.fold_in(rng, 1000 * i + j),
-                              source.shape[0])
+      view_key = jax.random.fold_in(rng, 1000 * i + j)
+      rows = example_offset + jnp.arange(source.shape[0])
+      keys = jax.vmap(lambda r: jax.random.fold_in(view_key, r))(rows)
       view = jax.vmap(lambda k, im: augment_one(k, im, spec, crop=crops is None)
                       )(keys, source)
       out.append(normalize(view, mean, std))

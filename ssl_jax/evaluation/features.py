@@ -80,7 +80,7 @@ def _load_run(config, checkpointer, workdir, step, with_init):
 
 def make_feature_fn(model_config: ml_collections.ConfigDict, size: int,
                     mean, std):
-  """A pmapped function: uint8 images -> pooled backbone features (eval mode).
+  """A mesh function: uint8 images -> pooled backbone features (eval mode).
 
   The same model, size and normalisation give the same (already compiled)
   function, so the evaluations during training and the ones after it compile
@@ -92,7 +92,9 @@ def make_feature_fn(model_config: ml_collections.ConfigDict, size: int,
     mean, std: per-channel normalisation of the inputs.
 
   Returns:
-    `fn(replicated_variables, images [devices, b, h, w, c]) -> [devices, b, d]`.
+    `fn(variables, images [B, h, w, c]) -> [B, d]` on global arrays
+    (`parallel.data_parallel` on the default mesh): the variables replicated,
+    the images and features split over the devices.
   """
   key = json.dumps(ml_collections.ConfigDict(model_config).to_dict(),
                    sort_keys=True, default=str)
@@ -110,7 +112,9 @@ def _feature_fn(model_json: str, size: int, mean: Tuple[float, ...],
     x = augment.eval_view(images, size, mean, std)
     return backbone.apply(variables, x, train=False)[0]
 
-  return jax.pmap(features, axis_name=parallel.AXIS)
+  return parallel.data_parallel(features, in_specs=(parallel.P(),
+                                                    parallel.P(parallel.AXIS)),
+                                out_specs=parallel.P(parallel.AXIS))
 
 
 def batches(feature_fn, variables, source: data.Source, batch_size: int
@@ -119,16 +123,18 @@ def batches(feature_fn, variables, source: data.Source, batch_size: int
 
   Args:
     feature_fn: from `make_feature_fn`.
-    variables: the backbone's {'params', 'batch_stats'} (host, unreplicated).
-    source: the examples.
+    variables: the backbone's {'params', 'batch_stats'} (host arrays, or
+      global arrays replicated on the mesh).
+    source: the examples (every process reads all of them; the devices of
+      every process share the work, and every process gets all features).
     batch_size: examples per call (rounded down to a multiple of the devices).
   """
-  n_dev = jax.local_device_count()
+  n_dev = parallel.default_mesh().size
   batch_size = max(n_dev, batch_size // n_dev * n_dev)
-  rvars = parallel.replicate(variables)
+  rvars = parallel.put_replicated(variables)
   for batch in data.eval_batches(source, batch_size):
-    out = feature_fn(rvars, parallel.shard(batch['image']))
-    out = np.asarray(out).reshape(batch_size, -1)
+    out = feature_fn(rvars, parallel.put_global_batch(batch['image']))
+    out = parallel.to_host(out).reshape(batch_size, -1)
     yield out[batch['mask']], batch['label'][batch['mask']]
 
 

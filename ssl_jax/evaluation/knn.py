@@ -7,7 +7,7 @@ DINO). Two implementations give the same scores:
 - `knn_predict`: the bank on one device, test features in chunks (memory:
   chunk x bank);
 - `knn_predict_sharded` (what `knn_accuracy` uses): the bank split over the
-  local devices, each holding a slice; every device finds the top-k of its
+  devices of the mesh, each holding a slice; every device finds the top-k of its
   slice for a chunk of queries, and the per-device candidates (devices x k) are
   merged into the global top-k. Memory per device is chunk x bank / devices,
   so a bank that does not fit one accelerator still works.
@@ -78,12 +78,13 @@ def knn_predict_sharded(train_x: np.ndarray, train_y: np.ndarray,
     temperature: T of the exp(sim / T) vote weights.
     num_classes: number of classes.
     chunk: queries compared with the bank at once (on every device).
-    num_devices: how many local devices hold slices (default: all).
+    num_devices: how many devices hold slices (default: all, of every
+      process; the first `num_devices` of `jax.devices()` otherwise).
 
   Returns:
     Scores [m, num_classes], equal to `knn_predict`'s.
   """
-  devices = jax.local_devices()[:num_devices or jax.local_device_count()]
+  devices = tuple(jax.devices()[:num_devices or jax.device_count()])
   n_dev = len(devices)
   n, d = train_x.shape
   k = min(k, n)
@@ -98,33 +99,31 @@ def knn_predict_sharded(train_x: np.ndarray, train_y: np.ndarray,
   labels = np.concatenate([np.asarray(train_y, np.int32),
                            np.zeros((pad,), np.int32)])
   valid = np.arange(per_device * n_dev) < n
-  shape = (n_dev, per_device)
+  mesh = _mesh(devices)
   # Placed once: each device keeps its slice for every chunk of queries.
-  to_devices = _placer(tuple(devices))
-  bank = to_devices(bank.reshape(shape + (d,)))
-  labels = to_devices(labels.reshape(shape))
-  valid = to_devices(valid.reshape(shape))
-  p_scores = _sharded_scores(k, float(temperature), num_classes,
-                             tuple(devices))
+  bank, labels, valid = parallel.put_global_batch((bank, labels, valid), mesh)
+  p_scores = _sharded_scores(k, float(temperature), num_classes, devices)
   out = []
   for lo in range(0, len(test_x), chunk):
     queries = np.asarray(test_x[lo:lo + chunk], np.float32)
     m = len(queries)
     # A fixed chunk shape keeps it to one compilation.
     queries = np.concatenate([queries, np.zeros((chunk - m, d), np.float32)])
-    out.append(np.asarray(p_scores(bank, labels, valid, queries)[0])[:m])
+    scores = p_scores(bank, labels, valid,
+                      parallel.put_replicated(queries, mesh))
+    out.append(parallel.to_host(scores)[:m])
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 
 @functools.lru_cache(maxsize=4)
-def _placer(devices: Tuple[jax.Device, ...]):
-  return jax.pmap(lambda x: x, devices=list(devices))
+def _mesh(devices: Tuple[jax.Device, ...]) -> parallel.Mesh:
+  return parallel.make_mesh(devices)
 
 
 @functools.lru_cache(maxsize=16)
 def _sharded_scores(k: int, temperature: float, num_classes: int,
                     devices: Tuple[jax.Device, ...]):
-  """The pmapped chunk scorer; cached so that repeated evaluations (every
+  """The chunk scorer on the devices' mesh; cached so that repeated evaluations (every
   `eval_every` steps, several checkpoints) compile it once per bank shape."""
 
   def scores(bank, labels, valid, queries):
@@ -140,15 +139,18 @@ def _sharded_scores(k: int, temperature: float, num_classes: int,
     top_labels = jnp.take_along_axis(cand_labels, pos, axis=1)
     return _vote(top_sims, top_labels, temperature, num_classes)
 
-  return jax.pmap(scores, axis_name=parallel.AXIS, devices=list(devices),
-                  in_axes=(0, 0, 0, None))
+  sharded = parallel.P(parallel.AXIS)
+  return parallel.data_parallel(scores, _mesh(devices),
+                                in_specs=(sharded, sharded, sharded,
+                                          parallel.P()),
+                                out_specs=parallel.P())
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, ks: Sequence[int] = (20, 200),
                  temperature: float = 0.07, num_classes: int,
                  chunk: int = 1024) -> Dict[str, float]:
-  """Weighted k-NN accuracy with the bank sharded over the local devices.
+  """Weighted k-NN accuracy with the bank sharded over the devices.
 
   Args:
     train_x, train_y: bank features and labels.

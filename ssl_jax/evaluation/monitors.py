@@ -1,4 +1,4 @@
-"""Collapse monitors computed on every step's embeddings (global batch).
+"""Collapse monitors of a step's embeddings (global batch), on logging steps.
 
 - `embedding_std`: mean over dimensions of the per-dimension std of the
   L2-normalised embeddings; about 1/sqrt(d) when the embeddings spread over
@@ -11,7 +11,7 @@
   all pairs of the batch.
 """
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +46,54 @@ def uniformity(z: jax.Array, t: float = 2.0) -> jax.Array:
 
 
 def collapse_metrics(embeddings: jax.Array,
-                     axis_name: Optional[str] = None) -> Dict[str, jax.Array]:
+                     axis_name: Optional[str] = None,
+                     enabled: Any = True) -> Dict[str, jax.Array]:
   """Monitors of a [views, b, d] (or [b, d]) embedding batch, over all devices.
 
   Computed on stop-gradient embeddings gathered from every device, so the
   values are those of the global batch and identical on every device.
+
+  Args:
+    embeddings: this device's embeddings.
+    axis_name: None or the device axis.
+    enabled: True (Python) computes them; a traced boolean computes them
+      under `lax.cond` (the same on every device), so a step that does not
+      log skips the SVD and the B x B matrix (the all-gather stays); skipped
+      monitors are NaN.
+
+  Returns:
+    {'embedding_std', 'effective_rank', 'uniformity', and 'alignment' with
+    two or more views}: float32 scalars.
   """
   z = jax.lax.stop_gradient(embeddings.astype(jnp.float32))
   if z.ndim == 2:
     z = z[None]
+  # The gather stays outside the `lax.cond`: a collective inside a
+  # conditional is not ordered with the step's other collectives on XLA's CPU
+  # backend, and 8 devices deadlocked with some in this all-gather and some
+  # in a gradient all-reduce (DINO smoke run). What the cond skips is the
+  # SVD and the B x B matrix.
   z = jax.vmap(lambda v: parallel.all_gather(v, axis_name))(z)
-  metrics = {'embedding_std': embedding_std(z[0]),
-             'effective_rank': effective_rank(z[0]),
-             'uniformity': uniformity(z[0])}
-  if z.shape[0] > 1:
-    metrics['alignment'] = alignment(z[0], z[1])
-  return metrics
+
+  def compute(z):
+    metrics = {'embedding_std': embedding_std(z[0]),
+               'effective_rank': effective_rank(z[0]),
+               'uniformity': uniformity(z[0])}
+    if z.shape[0] > 1:
+      metrics['alignment'] = alignment(z[0], z[1])
+    return {k: v.astype(jnp.float32) for k, v in metrics.items()}
+
+  if isinstance(enabled, bool):
+    return compute(z) if enabled else {}
+
+  def skip(z):
+    del z
+    names = METRICS if z_views > 1 else METRICS[:-1]
+    return {k: jnp.float32(jnp.nan) for k in names}
+
+  z_views = z.shape[0]
+  return jax.lax.cond(enabled, compute, skip, z)
+
+
+# The keys `collapse_metrics` returns (alignment only with two views or more).
+METRICS = ('embedding_std', 'effective_rank', 'uniformity', 'alignment')

@@ -17,11 +17,10 @@ evaluation costs one forward pass over the subsets plus the k-NN.
 
 from typing import Any, Dict, Optional
 
-import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import data
+from ssl_jax import data, parallel
 from ssl_jax.evaluation import features as feats
 from ssl_jax.evaluation import knn
 from ssl_jax.methods.base import probe_logits
@@ -53,10 +52,11 @@ class PeriodicEvaluator:
     return self.every > 0 and step % self.every == 0
 
   def __call__(self, state: Any) -> Dict[str, float]:
-    """Evaluates a host (unreplicated) train state.
+    """Evaluates a train state (every process must call this).
 
     Args:
-      state: TrainState on the host.
+      state: TrainState of host arrays or of global arrays replicated on the
+        mesh (the training loop's, used where it is: no host copy).
 
     Returns:
       {'eval_knn_acc', and 'eval_online_probe_acc' when the run has a probe},
@@ -74,7 +74,7 @@ class PeriodicEvaluator:
         temperature=self.config.eval.knn_temperature, num_classes=n_cls)
     metrics = {'eval_knn_acc': result['top1'] / 100}
     if state.probe:
-      logits = np.asarray(probe_logits(jax.device_get(state.probe['params']),
+      logits = np.asarray(probe_logits(parallel.to_host(state.probe['params']),
                                        test_x))
       metrics['eval_online_probe_acc'] = float(np.mean(logits.argmax(-1) == test_y))
     return metrics

@@ -13,8 +13,9 @@ In the linear protocol, as in MAE's linear probing (He et al. 2022, appendix
 A.2), the head's input is standardised by the frozen backbone's feature
 statistics on the clean training images (a BatchNorm without affine
 parameters), which makes one head learning rate work for backbones whose
-feature scales differ by orders of magnitude. Both run pmapped over the local devices and report top-1/top-5 on the test
-source's deterministic evaluation view.
+feature scales differ by orders of magnitude. Both run on every device of the
+mesh (`parallel.data_parallel`) and report top-1/top-5 on the test source's
+deterministic evaluation view.
 """
 
 from typing import Any, Dict, Sequence, Tuple
@@ -98,7 +99,7 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
   if mode not in ('linear', 'finetune'):
     raise ValueError(f"Unknown mode {mode!r}; known: finetune, linear.")
   finetune = mode == 'finetune'
-  n_dev = jax.local_device_count()
+  n_dev = parallel.default_mesh().size
   batch_size = max(n_dev, min(batch_size, len(train_source)) // n_dev * n_dev)
   steps_per_epoch = max(1, len(train_source) // batch_size)
   total = max(1, epochs * steps_per_epoch)
@@ -113,10 +114,9 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
     # from the eval-mode ones the standardisation would be measured on; a
     # barely trained backbone stayed at chance with it (13% vs 21% without,
     # 10 classes, tests/test_evaluation.py).
-    dim = jax.eval_shape(
-        lambda v, x: feature_fn(v, x), parallel.replicate(variables),
-        jax.ShapeDtypeStruct((n_dev, 1) + tuple(train_source.image_shape),
-                             np.uint8)).shape[-1]
+    dim = feature_fn.eval_shape(
+        variables, jax.ShapeDtypeStruct(
+            (n_dev,) + tuple(train_source.image_shape), np.uint8)).shape[-1]
     feat_mean = np.zeros((dim,), np.float32)
     feat_std = np.ones((dim,), np.float32)
   else:
@@ -171,18 +171,21 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
     new_stats = parallel.pmean(new_stats, parallel.AXIS)
     return (params, new_stats, opt_state), loss
 
-  p_step = jax.pmap(step, axis_name=parallel.AXIS, in_axes=(0, 0, 0, None))
-  carry = parallel.replicate((params, batch_stats, opt_state))
+  batch_spec = parallel.P(parallel.AXIS)
+  p_step = parallel.data_parallel(
+      step, in_specs=(parallel.P(), batch_spec, batch_spec, parallel.P()),
+      out_specs=parallel.P())
+  carry = parallel.put_replicated((params, batch_stats, opt_state))
   rng = jax.random.PRNGKey(seed)
   for epoch in range(epochs):
     perm = np.random.default_rng([seed, epoch]).permutation(len(train_source))
     for i in range(steps_per_epoch):
       batch = train_source.get(perm[i * batch_size:(i + 1) * batch_size])
       rng, step_rng = jax.random.split(rng)
-      carry, _ = p_step(carry, parallel.shard(batch['image']),
-                        parallel.shard(batch['label']), step_rng)
+      carry, _ = p_step(carry, *parallel.put_global_batch(
+          (batch['image'], batch['label'])), parallel.put_replicated(step_rng))
 
-  params, batch_stats, _ = parallel.unreplicate(carry)
+  params, batch_stats, _ = parallel.to_host(carry)
   variables = {'params': params['backbone'], 'batch_stats': batch_stats}
   logits, labels = [], []
   for f, y in feats.batches(feature_fn, variables, test_source,

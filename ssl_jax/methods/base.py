@@ -90,10 +90,16 @@ class Method(abc.ABC):
     return sum(self.view_specs[v].get('count', 1) for v in self.view_specs)
 
   def make_views(self, rng: jax.Array, images: Optional[jax.Array],
-                 crops: Optional[Dict[str, jax.Array]] = None) -> List[jax.Array]:
-    """The augmented views of `images`, or of the host's `crops` (files)."""
+                 crops: Optional[Dict[str, jax.Array]] = None,
+                 example_offset: Any = 0) -> List[jax.Array]:
+    """The augmented views of `images`, or of the host's `crops` (files).
+
+    `example_offset` is the global index of the first example (per-example
+    keys, see `augment.make_views`).
+    """
     return augment.make_views(rng, images, self.view_specs,
-                              self.data_info.mean, self.data_info.std, crops)
+                              self.data_info.mean, self.data_info.std, crops,
+                              example_offset)
 
   def sample_input(self) -> jax.Array:
     """A normalised dummy batch at the first view's resolution, for init."""
@@ -163,12 +169,13 @@ class Method(abc.ABC):
     """A host-side hook run by the training loop before each epoch's first step.
 
     Args:
-      state: the replicated train state (one copy per local device).
+      state: the train state (global arrays replicated on the mesh).
       setup: the run's `train.Setup` (config, data source, ...).
       epoch: index of the epoch about to start.
 
     Returns:
-      The (replicated) state to train on; the default returns it unchanged.
+      The state to train on (replicated on the mesh, e.g. through
+      `parallel.put_replicated`); the default returns it unchanged.
       DeepCluster extracts features, runs k-means and stores pseudo-labels.
     """
     del setup, epoch
@@ -267,9 +274,14 @@ def global_norm(tree) -> jax.Array:
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                method: Method, tx: optax.GradientTransformation,
-               lr_schedule: Any, axis_name: Optional[str]
+               lr_schedule: Any, axis_name: Optional[str],
+               monitor: Any = True
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimisation step of any method (pure; pmap it with axis_name).
+  """One optimisation step of any method (pure, per device).
+
+  The body has pmap semantics: `jax.pmap(step, axis_name='batch')` runs it,
+  and so does the training loop's `parallel.data_parallel` (jit of shard_map
+  over the mesh); with axis_name=None it is the one-device step.
 
   A step whose loss, gradients or updated state (parameters, optimizer,
   BatchNorm, probe, method state) are not finite on any device leaves the
@@ -277,13 +289,30 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   a bad batch or learning rate can never write NaNs into the parameters or a
   checkpoint; the training loop decides whether to go on or stop
   (config.training.nonfinite_policy).
+  Args:
+    state: the train state (whole on every device).
+    batch: this device's examples.
+    method, tx, lr_schedule: the run's method, optimizer and its schedule.
+    axis_name: None or `parallel.AXIS`.
+    monitor: whether to compute the collapse monitors (an all-gather of the
+      embeddings, an SVD and a B x B matrix). A Python bool decides at trace
+      time; a traced boolean (the loop passes one, True on logging steps)
+      skips them with `lax.cond` without a second compilation, and the
+      skipped monitors read NaN.
+
+  Returns:
+    (new state, metrics of this step).
   """
   rng, next_rng = jax.random.split(state.rng)
-  rng = parallel.per_device_rng(rng, axis_name)
   view_rng, loss_rng = jax.random.split(rng)
+  loss_rng = parallel.per_device_rng(loss_rng, axis_name)
+  # Views draw per-example keys from the global example index rather than a
+  # per-device key, so they do not depend on how many devices share the batch.
+  offset = parallel.global_offset(jax.tree.leaves(batch)[0].shape[0], axis_name)
   # Batches of files carry views the host cropped from the original images
   # (data/pipeline.py); in-memory datasets carry images the device crops.
-  views = method.make_views(view_rng, batch.get('image'), batch.get('crops'))
+  views = method.make_views(view_rng, batch.get('image'), batch.get('crops'),
+                            example_offset=offset)
 
   inject_at = method.config.get('training', {}).get('inject_nonfinite_at_step', 0)
 
@@ -343,5 +372,6 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
       # it (the state's buffers are donated to the next step).
       nonfinite_steps=new_state.nonfinite_steps)
   if out.embeddings is not None:
-    metrics.update(monitors.collapse_metrics(out.embeddings, axis_name))
+    metrics.update(monitors.collapse_metrics(out.embeddings, axis_name,
+                                             enabled=monitor))
   return new_state, metrics

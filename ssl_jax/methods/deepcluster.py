@@ -2,7 +2,7 @@
 
 Both alternate, once per epoch (`on_epoch_start`, a host hook of the training
 loop), between clustering features of the whole training set with k-means
-(`losses.clustering.kmeans`, distributed over the local devices) and training
+(`losses.clustering.kmeans`, distributed over every device of the mesh) and training
 the network to predict the resulting pseudo-labels, looked up by the dataset
 index that every batch carries.
 
@@ -30,9 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from ssl_jax import data, losses, models, parallel
+from ssl_jax import losses, models, parallel
 from ssl_jax.data import augment
 from ssl_jax.losses.clustering import kmeans
 from ssl_jax.losses.contrastive import l2_normalize
@@ -74,12 +73,43 @@ class _DeepClusterBase(Method):
                                   train=False)
     return l2_normalize(out['projection'])  # [V, b, d]
 
+  def _embed_on_device(self, variables, key, images):
+    """Per device: [b, V, d] embeddings (batch first, split on the mesh)."""
+    rng = parallel.per_device_rng(key, parallel.AXIS)
+    return jnp.swapaxes(self._embed(variables, rng, images), 0, 1)
+
+  def _cluster_on_device(self, feats, indices, masks, keys):
+    """Per device: k-means of every device's points (one run per view).
+
+    Args:
+      feats, indices, masks: lists (one entry per batch) of this device's
+        [b, V, d] embeddings, [b] dataset indices and [b] validity.
+      keys: [V] k-means keys, the same on every device.
+
+    Returns:
+      (centroids [V, K, d], the same on every device; labels [n, V], indices
+      [n] and masks [n] of this device's points, in one order).
+    """
+    x = jnp.swapaxes(jnp.concatenate(feats, 0), 0, 1)  # [V, n, d]
+    mask = jnp.concatenate(masks, 0)
+    m = self.config.method
+    centroids, labels = jax.vmap(
+        lambda x, key: kmeans(
+            x, m.num_clusters, key, num_iters=m.kmeans_iterations,
+            spherical=self.spherical, init=m.get('kmeans_init', 'kmeans++'),
+            mask=mask, empty_clusters=self.empty_clusters,
+            axis_name=parallel.AXIS))(x, keys)
+    return centroids, labels.T, jnp.concatenate(indices, 0), mask
+
   def cluster_dataset(self, state: TrainState, setup: Any, epoch: int
                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-means of every training image's embeddings (one run per view).
 
+    Every process embeds its devices' share of the dataset; k-means then
+    runs over the points of every device of the mesh.
+
     Args:
-      state: replicated train state.
+      state: the train state (global arrays replicated on the mesh).
       setup: the run's Setup (its `source` is clustered).
       epoch: epoch index (seeds the augmentations and the k-means init).
 
@@ -87,54 +117,47 @@ class _DeepClusterBase(Method):
       (centroids [V, K, d], labels [V, N] of every dataset index, counts
       [V, K]) as NumPy arrays, identical on every host.
     """
-    n_dev = jax.local_device_count()
+    mesh = parallel.default_mesh()
+    split = parallel.P(parallel.AXIS)
     if self._extract_fn is None:
-      self._extract_fn = jax.pmap(self._embed, axis_name=parallel.AXIS)
-      k = self.config.method.num_clusters
-      self._kmeans_fn = jax.pmap(
-          jax.vmap(lambda x, m, key: kmeans(
-              x, k, key, num_iters=self.config.method.kmeans_iterations,
-              spherical=self.spherical,
-              init=self.config.method.get('kmeans_init', 'kmeans++'), mask=m,
-              empty_clusters=self.empty_clusters, axis_name=parallel.AXIS),
-              in_axes=(0, None, 0), axis_name=None),
-          axis_name=parallel.AXIS, in_axes=(0, 0, None))
+      self._extract_fn = parallel.data_parallel(
+          self._embed_on_device, mesh,
+          in_specs=(parallel.P(), parallel.P(), split), out_specs=split)
+      self._kmeans_fn = parallel.data_parallel(
+          self._cluster_on_device, mesh,
+          in_specs=(split, split, split, parallel.P()),
+          out_specs=(parallel.P(), split, split, split))
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    batch_size = max(n_dev, self.config.eval.batch_size // n_dev * n_dev)
+    # Device d embeds the contiguous index range [d * per_device, (d + 1) *
+    # per_device), `per_device_batch` at a time, so the points k-means
+    # gathers from the devices are in dataset order whatever the number of
+    # devices and processes (padding only at the end, masked): the same
+    # seeding and clusters on 8 devices as on 2 processes x 4.
+    n = len(setup.source)
+    per_device_batch = max(1, self.config.eval.batch_size // mesh.size)
+    per_device = -(-n // (mesh.size * per_device_batch)) * per_device_batch
+    all_devices = list(mesh.devices.flat)
+    positions = sorted(all_devices.index(d) for d in mesh.local_devices)
     feats, indices, masks = [], [], []
-    for i, batch in enumerate(data.eval_batches(
-        setup.source, batch_size, parallel.process_index(),
-        parallel.process_count())):
-      keys = jax.random.split(jax.random.fold_in(key, i), n_dev)
-      out = self._extract_fn(variables, keys, parallel.shard(batch['image']))
-      feats.append(np.asarray(out))  # [n_dev, V, b/n_dev, d]
-      indices.append(parallel.shard(batch['index']))
-      masks.append(parallel.shard(batch['mask']))
-    # Every host must run the same number of k-means collectives: hosts with
-    # a shorter share of the dataset add fully masked (ignored) batches.
-    per_process = -(-len(setup.source) // parallel.process_count())
-    while len(feats) < -(-per_process // batch_size):
-      feats.append(np.zeros_like(feats[0]))
-      indices.append(np.zeros_like(indices[0]))
-      masks.append(np.zeros_like(masks[0]))
-    feats = np.concatenate(feats, axis=2)
-    indices, masks = np.concatenate(indices, 1), np.concatenate(masks, 1)
-    num_views = feats.shape[1]
+    for i, lo in enumerate(range(0, per_device, per_device_batch)):
+      idx = np.concatenate([pos * per_device + lo + np.arange(per_device_batch)
+                            for pos in positions])
+      mask = idx < n
+      images = setup.source.get(np.where(mask, idx, 0))['image']
+      step_key = parallel.put_replicated(jax.random.fold_in(key, i), mesh)
+      feats.append(self._extract_fn(variables, step_key,
+                                    parallel.put_batch(images, mesh)))
+      indices.append(parallel.put_batch(idx.astype(np.int32), mesh))
+      masks.append(parallel.put_batch(mask, mesh))
+    num_views = feats[0].shape[1]
     km_keys = jax.random.split(jax.random.fold_in(key, 10**6), num_views)
-    centroids, local_labels = self._kmeans_fn(feats, masks, km_keys)
-    centroids = np.asarray(centroids[0])  # [V, K, d], same on every device
-    local_labels = np.asarray(local_labels)  # [n_dev, V, n]
-    flat_idx, flat_mask = indices.reshape(-1), masks.reshape(-1)
-    flat_labels = local_labels.transpose(1, 0, 2).reshape(num_views, -1)
-    if parallel.process_count() > 1:
-      flat_idx, flat_mask, flat_labels = (
-          np.asarray(a) for a in multihost_utils.process_allgather(
-              (flat_idx, flat_mask, flat_labels)))
-      flat_idx, flat_mask = flat_idx.reshape(-1), flat_mask.reshape(-1)
-      flat_labels = np.moveaxis(flat_labels, 0, 1).reshape(num_views, -1)
+    centroids, point_labels, flat_idx, flat_mask = parallel.to_host(
+        self._kmeans_fn(feats, indices, masks,
+                        parallel.put_replicated(km_keys, mesh)))
+    flat_mask = flat_mask.astype(bool)
     labels = np.zeros((num_views, len(setup.source)), np.int32)
-    labels[:, flat_idx[flat_mask]] = flat_labels[:, flat_mask]
+    labels[:, flat_idx[flat_mask]] = point_labels[flat_mask].T
     k = self.config.method.num_clusters
     counts = np.stack([np.bincount(l, minlength=k) for l in labels])
     return centroids, labels, counts
@@ -174,7 +197,7 @@ class DeepCluster(_DeepClusterBase):
 
   def on_epoch_start(self, state, setup, epoch):
     _, labels, counts = self.cluster_dataset(state, setup, epoch)
-    host = parallel.unreplicate(state)
+    host = parallel.to_host(state)
     counts = counts[0].astype(np.float32)
     # 1/|c| per image, scaled so that the mean weight over the dataset is 1.
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
@@ -187,7 +210,7 @@ class DeepCluster(_DeepClusterBase):
                         cluster_weights=weights.astype(np.float32))
     host = host.replace(params=params, method_state=method_state,
                         opt_state=reset_subtree(host.opt_state, 'classifier'))
-    return parallel.replicate(host)
+    return parallel.put_replicated(host)
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del rng
@@ -246,14 +269,14 @@ class DeepClusterV2(_DeepClusterBase):
 
   def on_epoch_start(self, state, setup, epoch):
     centroids, labels, _ = self.cluster_dataset(state, setup, epoch)
-    host = parallel.unreplicate(state)
+    host = parallel.to_host(state)
     params = dict(host.params, prototypes=np.asarray(
         l2_normalize(jnp.asarray(centroids))))
     host = host.replace(
         params=params,
         method_state=dict(host.method_state, assignments=labels),
         opt_state=reset_subtree(host.opt_state, 'prototypes'))
-    return parallel.replicate(host)
+    return parallel.put_replicated(host)
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del rng

@@ -144,7 +144,7 @@ def load_teacher(workdir: str, head: bool, head_examples: int,
   source = data.get_source(config.data, config.data.train_split, head_examples)
   feature_fn = feats.make_feature_fn(config.model, size, source.mean,
                                      source.std)
-  n_dev = jax.local_device_count()
+  n_dev = parallel.default_mesh().size
   x, y = feats.extract(feature_fn, variables, source, 32 * n_dev)
   linear = None
   if head:

@@ -5,7 +5,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from ssl_jax import parallel
 
@@ -115,7 +115,7 @@ def _compiled(loss_fn: Callable[..., jax.Array], kwargs_key: Any,
                    compiler_options=COMPILER_OPTIONS)
 
   # jax.pmap in this JAX is exactly this: a jit of shard_map with
-  # check_vma=False over a 1-D mesh (jax/_src/pmap.py), hence the same
+  # check_vma=False over a 1-D mesh (see jax.pmap's source), hence the same
   # collectives and the same gradient convention as the train step's pmap.
   # Built directly so that it can be compiled at optimisation level 0.
   def per_device(*a):
@@ -126,7 +126,7 @@ def _compiled(loss_fn: Callable[..., jax.Array], kwargs_key: Any,
   batch = PartitionSpec(parallel.AXIS)
   multi = jax.jit(jax.shard_map(
       per_device,
-      mesh=Mesh(np.array(jax.devices()[:num_devices]), (parallel.AXIS,)),
+      mesh=parallel.make_mesh(jax.devices()[:num_devices]),
       in_specs=tuple(batch if i in sharded else PartitionSpec()
                      for i in range(num_args)),
       out_specs=(batch, [batch] * len(differentiated)), check_vma=False),
