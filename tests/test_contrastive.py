@@ -19,6 +19,7 @@ from ssl_jax.data import jigsaw
 from ssl_jax.losses import instance
 from ssl_jax.methods import memory
 from ssl_jax.testing import device_equivalence
+from ssl_jax.durations import Durations
 
 METHOD_CONFIGS = ('mocov2', 'mochi', 'mocov3', 'instdisc', 'pirl')
 
@@ -468,11 +469,11 @@ def test_mocov2_key_momentum_constant_or_cosine():
   base_tau 0.99 -> final_tau 0.999)."""
   from ssl_jax.methods import moco  # pylint: disable=g-import-not-at-top
   config = importlib.import_module('configs.mocov2').get_config('smoke')
-  constant = moco.MoCoV2(config, None, 100)
+  constant = moco.MoCoV2(config, None, Durations(100, 10, config.batch_size))
   assert [float(constant.ema_momentum(t)) for t in (0, 50, 100)] == [
       np.float32(0.99)] * 3
   config.method.ema_momentum_final = 0.999
-  cosine = moco.MoCoV2(config, None, 100)
+  cosine = moco.MoCoV2(config, None, Durations(100, 10, config.batch_size))
   np.testing.assert_allclose(
       [float(cosine.ema_momentum(t)) for t in (0, 50, 100)],
       [0.99, 0.9945, 0.999], rtol=1e-6)

@@ -9,6 +9,7 @@ evaluation and export commands run in a scratch folder, which must stay empty.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -242,3 +243,48 @@ def test_config_check_atomic_writes_and_metrics_repair_on_gcs(emulator):
   rows = [json.loads(l) for l in _read(f'{workdir}/metrics.jsonl').splitlines()]
   assert [(r['step'], r['loss']) for r in rows] == [(2, 1.0), (4, 1.0), (6, 0.5)]
   assert not [f for f in _bucket_files('checks') if 'tmp' in f]
+
+
+def test_changed_bytes_on_gcs_are_caught_and_the_previous_checkpoint_used(
+    emulator, caplog):
+  # The checksum guarantee of tests/test_reliability.py on a gs:// workdir.
+  del emulator
+  import gcsfs
+  import jax
+  import numpy as np
+  from ssl_jax import checkpointing
+  from ssl_jax.train_state import TrainState
+  workdir = f'gs://{BUCKET}/checksums'
+  ckpt = checkpointing.Checkpointer(workdir)
+  states = {}
+  for step in (1, 2):
+    states[step] = TrainState.create(
+        params={'w': np.full(4096, step, np.float32)}, batch_stats={},
+        opt_state={}, rng=jax.random.PRNGKey(0)).replace(step=step)
+    ckpt.save(states[step], {})
+  ckpt.close()
+  files = _bucket_files('checksums')
+  for step in (1, 2):
+    assert f'checkpoints/{step}/{checkpointing.CHECKSUM_FILE}' in files, files
+  fs = gcsfs.GCSFileSystem(token='anon', skip_instance_cache=True)
+  arrays = [f for f in files if f.startswith('checkpoints/2/state/')
+            and not f.endswith('.json')]
+  path = f'{BUCKET}/checksums/' + max(
+      arrays, key=lambda f: fs.size(f'{BUCKET}/checksums/{f}'))
+  data = bytearray(fs.cat_file(path))
+  assert len(data) > 256
+  middle = len(data) // 2 - 32
+  data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+  fs.pipe_file(path, bytes(data))
+
+  ckpt = checkpointing.Checkpointer(workdir)
+  with caplog.at_level(logging.WARNING):
+    try:
+      state, _ = ckpt.restore(states[1], set_aside_unreadable=True)
+    finally:
+      ckpt.close()
+  assert int(state.step) == 1
+  np.testing.assert_array_equal(np.asarray(state.params['w']), 1.0)
+  assert 'changed since it was written' in caplog.text
+  assert not any(f.startswith('checkpoints/2/')
+                 for f in _bucket_files('checksums'))
