@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from ssl_jax import losses, models, parallel
+from ssl_jax import losses, models
 from ssl_jax.losses.contrastive import l2_normalize
 from ssl_jax.methods import common, memory
 from ssl_jax.methods.base import METHODS, Method, StepOutput
@@ -109,14 +109,24 @@ class SwAV(Method):
       use_queue = ms['queue_count'] >= length
       started = state.step >= self.queue_start_step
       # Sinkhorn treats the queue's rows alike, so a ring buffer serves as
-      # well as swav's shift of the newest embeddings to the front.
-      pushed = memory.enqueue(queue, ms['queue_ptr'],
-                              z[:self.num_global_crops].astype(jnp.float32),
-                              axis_name)
-      n_global = parallel.global_batch_size(z.shape[1], axis_name)
-      pushed['queue_count'] = jnp.minimum(ms['queue_count'] + n_global, length)
-      method_state = jax.tree.map(lambda new, old: jnp.where(started, new, old),
-                                  pushed, dict(ms))
+      # well as swav's shift of the newest embeddings to the front. A pending
+      # write (applied once the step is accepted), so neither the guard nor
+      # the not-yet-started case copies the whole queue.
+      pushed = memory.enqueue_write(
+          queue, ms['queue_ptr'],
+          z[:self.num_global_crops].astype(jnp.float32), axis_name)
+      n_global = pushed['queue'].values.shape[-2]
+      unchanged = jax.lax.dynamic_slice_in_dim(queue, ms['queue_ptr'],
+                                               n_global, axis=-2)
+      method_state = {
+          'queue': memory.SliceWrite(
+              start=ms['queue_ptr'],
+              values=jnp.where(started, pushed['queue'].values, unchanged)),
+          'queue_ptr': jnp.where(started, pushed['queue_ptr'],
+                                 ms['queue_ptr']),
+          'queue_count': jnp.where(
+              started, jnp.minimum(ms['queue_count'] + n_global, length),
+              ms['queue_count'])}
     loss = losses.get_loss('swav')(
         z, prototypes, temperature=m.temperature, epsilon=m.epsilon,
         sinkhorn_iterations=m.sinkhorn_iterations,
