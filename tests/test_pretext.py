@@ -238,7 +238,10 @@ def _np_dim(g, l, estimator):
   if estimator == 'infonce':
     terms = []
     for m in range(b):
-      neg = np.concatenate([scores[m, n] for n in range(b) if n != m])
+      # The image's own h*w positions stay in the denominator at -10, as in
+      # the official infonce_loss (tests/test_official_ports.py).
+      neg = np.concatenate([scores[m, n] for n in range(b) if n != m] +
+                           [np.full(h * w, -10.0)])
       for p in range(h * w):
         logits = np.concatenate([[pos[m, p]], neg])
         terms.append(-_np_log_softmax(logits)[0])

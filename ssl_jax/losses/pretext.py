@@ -252,6 +252,9 @@ def cpc_infonce(predictions: jax.Array, targets: jax.Array, *,
 
 
 DIM_ESTIMATORS = ('infonce', 'jsd')
+# rdevon/DIM at bac4765, cortex_DIM/functions/dim_losses.py line 96: the
+# score the InfoNCE denominator gives the image's own (masked) positions.
+DIM_SELF_SCORE = -10.0
 
 
 @LOSSES.register('deep_infomax')
@@ -267,8 +270,9 @@ def deep_infomax(global_embeddings: jax.Array, local_embeddings: jax.Array, *,
 
   'infonce' (eq. 5): for each image m and position p,
   -log exp(T(m,p,m)) / (exp(T(m,p,m)) + sum_{n != m, p'} exp(T(n,p',m))),
-  averaged over m and p. (The DIM code lowers the self-pairs in the
-  denominator by a constant; here they are left out exactly.)
+  averaged over m and p. As in the official code (rdevon/DIM
+  `cortex_DIM/functions/dim_losses.py`, `infonce_loss`), the image's own h*w
+  positions stay in the denominator with the score -10.
 
   'jsd' (eq. 4, the Jensen-Shannon dual): E_neg[softplus(T)] +
   E_pos[softplus(-T)] - 2 log 2, each expectation over its pairs.
@@ -295,8 +299,10 @@ def deep_infomax(global_embeddings: jax.Array, local_embeddings: jax.Array, *,
   own = parallel.global_offset(b, axis_name) + jnp.arange(b)
   is_negative = (jnp.arange(n)[None, :] != own[:, None])[:, :, None]
   if estimator == 'infonce':
+    # The official code keeps the image's own positions in the denominator,
+    # shifted to a score of -10 (cortex_DIM infonce_loss).
     neg_lse = jax.nn.logsumexp(
-        jnp.where(is_negative, scores, -jnp.inf).reshape(b, -1), axis=-1)
+        jnp.where(is_negative, scores, DIM_SELF_SCORE).reshape(b, -1), axis=-1)
     local_loss = jnp.logaddexp(positive, neg_lse[:, None]) - positive
     return parallel.pmean(jnp.mean(local_loss), axis_name)
   negative_term = jnp.sum(jnp.where(is_negative, jax.nn.softplus(scores), 0.0)

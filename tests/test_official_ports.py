@@ -1,0 +1,756 @@
+"""Our losses and updates against ports of the official code, on 1 and 8 devices.
+
+Each port below is the official function rewritten in jax.numpy (so that its
+gradient can be taken) or NumPy, line by line, with the repository, commit,
+file and lines it comes from. `replicas` in a port stands for the official
+code's data-parallel processes (DDP in PyTorch, pmap in JAX): each holds a
+contiguous slice of the global batch, exactly as our 8 CPU devices do, and
+its cross-process operations (all_gather, all_reduce, DDP's gradient mean)
+are written out. Ports of the other methods live next to their other tests
+(test_losses, test_contrastive, test_clustering, test_distill, test_pretext);
+`official_ports.PORTS` lists them all and the last test here fails when a
+config in configs/ has none on 1 and 8 devices.
+"""
+
+import importlib
+import inspect
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from official_ports import (CITATION, MODULES, NO_OFFICIAL_CODE, PORTS,
+                            official_port)
+from ssl_jax import data, losses, methods, parallel
+from ssl_jax.durations import Durations
+from ssl_jax.losses import teacher_student
+from ssl_jax.methods import memory
+from ssl_jax.testing import device_equivalence
+
+N_DEV = 8
+
+
+def _normal(*shape, seed=0, scale=1.0):
+  return (scale * np.random.default_rng(seed).normal(size=shape)).astype(
+      np.float32)
+
+
+def _slices(x, replicas):
+  """The replicas' contiguous slices of a global batch (axis 0)."""
+  return jnp.split(x, replicas)
+
+
+def _check(ours, port, args, *, sharded=None, grad_argnums=None, kwargs=None,
+           port_kwargs=None, rtol=1e-5, grad_rtol=1e-4, atol=1e-6,
+           value_of=None):
+  """Our loss on 1 and N_DEV devices against `port(*args, replicas=R)`.
+
+  `port` returns the scalar whose gradient the official code applies (the
+  replicas' mean, DDP's gradient average); `value_of` (default: the same)
+  the value our loss should report on every device.
+  """
+  sharded = tuple(range(len(args))) if sharded is None else tuple(sharded)
+  grad_argnums = sharded if grad_argnums is None else tuple(grad_argnums)
+  (v1, g1), (vn, gn) = device_equivalence(
+      ours, args, N_DEV, sharded_argnums=sharded, grad_argnums=grad_argnums,
+      kwargs=kwargs)
+  for replicas, value, grads in ((1, v1, g1), (N_DEV, vn, gn)):
+    fn = lambda *a: port(*a, replicas=replicas, **(port_kwargs or {}))
+    want, want_grads = jax.value_and_grad(fn, argnums=grad_argnums)(*args)
+    if value_of is not None:
+      want = value_of(*args, replicas=replicas, **(port_kwargs or {}))
+    np.testing.assert_allclose(
+        value, np.broadcast_to(want, np.shape(value)), rtol=rtol, atol=1e-6,
+        err_msg=f'value, {replicas} devices')
+    for i, got, w in zip(grad_argnums, grads, want_grads):
+      np.testing.assert_allclose(got, w, rtol=grad_rtol, atol=atol,
+                                 err_msg=f'gradient {i}, {replicas} devices')
+  return g1
+
+
+# ---------------------------------------------------------------------------
+# BYOL: google-deepmind/deepmind-research, JAX, pmap over replicas.
+
+BYOL_SOURCE = ('deepmind/deepmind-research at '
+               'd8df4155dc72fc3dfff9f857412168993348ca23, '
+               'byol/utils/helpers.py lines 74-82 and 109-112, '
+               'byol/byol_experiment.py lines 243-250 and 325')
+
+
+def byol_official_l2_normalize(x, axis=None, epsilon=1e-12):
+  """helpers.py lines 74-82."""
+  square_sum = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(square_sum, epsilon))
+
+
+def byol_official_regression_loss(x, y):
+  """helpers.py lines 109-112."""
+  normed_x = byol_official_l2_normalize(x, axis=-1)
+  normed_y = byol_official_l2_normalize(y, axis=-1)
+  return jnp.sum((normed_x - normed_y) ** 2, axis=-1)
+
+
+def byol_official_loss(p1, p2, z1, z2, replicas=1):
+  """byol_experiment.py lines 243-250 per replica; line 325 pmeans the
+  gradients, so the applied gradient is that of the replicas' mean."""
+  total = 0.0
+  for p1r, p2r, z1r, z2r in zip(*(_slices(a, replicas)
+                                  for a in (p1, p2, z1, z2))):
+    repr_loss = byol_official_regression_loss(p1r, jax.lax.stop_gradient(z2r))
+    repr_loss = repr_loss + byol_official_regression_loss(
+        p2r, jax.lax.stop_gradient(z1r))
+    total += jnp.mean(repr_loss) / replicas
+  return total
+
+
+@official_port('byol', source=BYOL_SOURCE)
+def test_byol_loss_and_gradient_match_official_code():
+  """BYOL's symmetric loss as methods/byol.py sums it, against
+  deepmind-research byol (see BYOL_SOURCE); the target EMA is compared in
+  test_distill.py::test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official."""
+  byol = losses.get_loss('byol')
+
+  def ours(p1, p2, z1, z2, *, axis_name):
+    return byol(p1, z2, axis_name=axis_name) + byol(p2, z1, axis_name=axis_name)
+
+  args = tuple(_normal(32, 8, seed=s) for s in range(4))
+  grads = _check(ours, byol_official_loss, args)
+  np.testing.assert_array_equal(grads[2], 0.0)  # the target: stop-gradient
+
+
+# ---------------------------------------------------------------------------
+# SimSiam: facebookresearch/simsiam, PyTorch DDP.
+
+SIMSIAM_SOURCE = ('facebookresearch/simsiam at '
+                  'a7bc1772896d0dad0806c51f0bb6f3b16d290468, '
+                  'main_simsiam.py lines 191 and 295, '
+                  'simsiam/builder.py lines 44-61')
+
+
+def simsiam_official_cosine(x1, x2, eps=1e-8):
+  """nn.CosineSimilarity(dim=1) (main_simsiam.py line 191), eps 1e-8."""
+  n1 = jnp.maximum(jnp.linalg.norm(x1, axis=1), eps)
+  n2 = jnp.maximum(jnp.linalg.norm(x2, axis=1), eps)
+  return jnp.sum(x1 * x2, axis=1) / (n1 * n2)
+
+
+def simsiam_official_loss(p1, p2, z1, z2, replicas=1):
+  """main_simsiam.py line 295 per DDP process; builder.py line 61 detaches
+  z; DDP averages the processes' gradients."""
+  total = 0.0
+  for p1r, p2r, z1r, z2r in zip(*(_slices(a, replicas)
+                                  for a in (p1, p2, z1, z2))):
+    z1r, z2r = jax.lax.stop_gradient(z1r), jax.lax.stop_gradient(z2r)
+    total += -(simsiam_official_cosine(p1r, z2r).mean() +
+               simsiam_official_cosine(p2r, z1r).mean()) * 0.5 / replicas
+  return total
+
+
+@official_port('simsiam', source=SIMSIAM_SOURCE)
+def test_simsiam_loss_and_gradient_match_official_code():
+  """SimSiam's loss against facebookresearch/simsiam (SIMSIAM_SOURCE)."""
+  args = tuple(_normal(32, 8, seed=10 + s) for s in range(4))
+  grads = _check(losses.get_loss('simsiam'), simsiam_official_loss, args)
+  np.testing.assert_array_equal(grads[2], 0.0)
+  np.testing.assert_array_equal(grads[3], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# MoCo v2: facebookresearch/moco, PyTorch DDP. The queue is [dim, K] there,
+# [K, dim] here.
+
+MOCO_COMMIT = '7397dfe146c7ca6bbb58e9c382498069178ba764'
+MOCO_SOURCE = (f'facebookresearch/moco at {MOCO_COMMIT}, moco/builder.py '
+               f'lines 55-79 and 137-173, main_moco.py lines 164, 289 and 418')
+
+
+def moco_official_loss(q, k, queue, replicas=1, T=0.2):
+  """builder.py lines 137-168 and CrossEntropyLoss (main_moco.py line 289,
+  418) per process; keys and queue carry no gradient (lines 142, 159)."""
+  total = 0.0
+  queue = jax.lax.stop_gradient(queue).T  # [dim, K], the official layout
+  for qr, kr in zip(_slices(q, replicas), _slices(k, replicas)):
+    qr = qr / jnp.linalg.norm(qr, axis=1, keepdims=True)
+    kr = jax.lax.stop_gradient(kr / jnp.linalg.norm(kr, axis=1, keepdims=True))
+    l_pos = jnp.einsum('nc,nc->n', qr, kr)[:, None]
+    l_neg = jnp.einsum('nc,ck->nk', qr, queue)
+    logits = jnp.concatenate([l_pos, l_neg], axis=1) / T
+    total += -jnp.mean(jax.nn.log_softmax(logits, axis=1)[:, 0]) / replicas
+  return total
+
+
+def moco_official_dequeue_and_enqueue(queue, queue_ptr, keys_per_process):
+  """builder.py lines 65-79: concat_all_gather, then write at the pointer.
+  The keys were normalised by the key encoder's forward (line 149)."""
+  keys = np.concatenate(keys_per_process)
+  keys = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+  queue = np.array(queue.T)  # [dim, K]
+  batch_size = keys.shape[0]
+  ptr = int(queue_ptr)
+  assert queue.shape[1] % batch_size == 0
+  queue[:, ptr:ptr + batch_size] = keys.T
+  ptr = (ptr + batch_size) % queue.shape[1]
+  return queue.T, ptr
+
+
+def moco_official_momentum_update(param_k, param_q, m):
+  """builder.py lines 55-63."""
+  return param_k * m + param_q * (1.0 - m)
+
+
+@official_port('mocov2', source=MOCO_SOURCE)
+def test_mocov2_loss_queue_and_key_encoder_match_official_code():
+  """MoCo v2's InfoNCE (loss and gradient), its queue update and its key
+  encoder's momentum update, against facebookresearch/moco (MOCO_SOURCE)."""
+  q, k = _normal(32, 8, seed=20), _normal(32, 8, seed=21)
+  queue = np.asarray(memory.init_queue(jax.random.PRNGKey(0), 64, 8)['queue'])
+  grads = _check(losses.get_loss('info_nce'), moco_official_loss,
+                 (q, k, queue), sharded=(0, 1), grad_argnums=(0,),
+                 kwargs={'temperature': 0.2})
+  assert np.abs(grads[0]).max() > 0
+
+  # The queue: a global batch of 32 written at pointer 32 of 64.
+  ptr = jnp.asarray(32, jnp.int32)
+  want_queue, want_ptr = moco_official_dequeue_and_enqueue(
+      queue, 32, np.split(k, N_DEV))
+  one = memory.enqueue(jnp.asarray(queue), ptr, k)
+  eight = jax.pmap(lambda kk: memory.enqueue(jnp.asarray(queue), ptr, kk,
+                                             parallel.AXIS),
+                   axis_name=parallel.AXIS)(k.reshape(N_DEV, -1, 8))
+  for got_queue, got_ptr in ((one['queue'], one['queue_ptr']),
+                             *zip(eight['queue'], eight['queue_ptr'])):
+    np.testing.assert_allclose(got_queue, want_queue, rtol=1e-6, atol=1e-7)
+    assert int(got_ptr) == want_ptr
+
+  # The key encoder: m = 0.999 (main_moco.py line 164) towards the query
+  # encoder's parameters, in the paper recipe.
+  config = importlib.import_module('configs.mocov2').get_config()
+  method = methods.get_method(
+      config, data.DataInfo(640, (28, 28, 1), 10, (0.5,), (0.5,)),
+      Durations(10, 640 // config.batch_size, config.batch_size))
+  online = {n: {'w': _normal(3, 2, seed=22 + i)}
+            for i, n in enumerate(('backbone', 'projector'))}
+  keys = {n: {'w': _normal(3, 2, seed=24 + i)}
+          for i, n in enumerate(('backbone', 'projector'))}
+  m = 0.999
+  assert float(method.ema_momentum(jnp.asarray(3))) == pytest.approx(m)
+  want = jax.tree.map(lambda pk, pq: moco_official_momentum_update(pk, pq, m),
+                      keys, online)
+  state = {'key_params': keys}
+  step = jnp.asarray(3, jnp.int32)
+  one = method.after_update(online, state, step)['key_params']
+  eight = parallel.data_parallel(method.after_update,
+                                 in_specs=(parallel.P(),) * 3)(
+      *parallel.put_replicated((online, state, step)))['key_params']
+  for got in (one, parallel.to_host(eight)):
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6),
+                 got, want)
+
+
+# ---------------------------------------------------------------------------
+# MoCo v3: facebookresearch/moco-v3, PyTorch DDP.
+
+MOCOV3_SOURCE = ('facebookresearch/moco-v3 at '
+                 'c349e6e24f40d3fedb22d973f92defa4cedf37a7, moco/builder.py '
+                 'lines 63-96')
+
+
+def mocov3_official_loss(q1, q2, k1, k2, replicas=1, T=0.2):
+  """builder.py lines 63-73 (`contrastive_loss`) and 96 per process:
+  concat_all_gather of the keys, labels offset by N * rank; DDP averages."""
+  def contrastive_loss(q, k, rank):
+    q = q / jnp.linalg.norm(q, axis=1, keepdims=True)
+    k = k / jnp.linalg.norm(k, axis=1, keepdims=True)
+    logits = jnp.einsum('nc,mc->nm', q, k) / T
+    n = logits.shape[0]
+    labels = jnp.arange(n) + n * rank
+    log_p = jax.nn.log_softmax(logits, axis=1)
+    return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None], 1)) * (2 * T)
+
+  k1, k2 = jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)  # no_grad
+  total = 0.0
+  for rank, (q1r, q2r) in enumerate(zip(_slices(q1, replicas),
+                                        _slices(q2, replicas))):
+    total += (contrastive_loss(q1r, k2, rank) +
+              contrastive_loss(q2r, k1, rank)) / replicas
+  return total
+
+
+@official_port('mocov3', source=MOCOV3_SOURCE)
+def test_mocov3_loss_and_gradient_match_official_code():
+  """MoCo v3's symmetric loss and its gradient against moco-v3
+  (MOCOV3_SOURCE); the momentum encoder's timing is compared in
+  test_contrastive.py::test_moco_v3_momentum_encoder_follows_the_official_loop."""
+  args = tuple(_normal(32, 8, seed=30 + s) for s in range(4))
+  grads = _check(losses.get_loss('moco_v3'), mocov3_official_loss, args,
+                 kwargs={'temperature': 0.2})
+  np.testing.assert_array_equal(grads[2], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Barlow Twins: facebookresearch/barlowtwins, PyTorch DDP + SyncBatchNorm.
+
+BARLOW_SOURCE = ('facebookresearch/barlowtwins at '
+                 '8e8d284ca0bc02f88b92328e53f9b901e86b4a3c, main.py lines '
+                 '180-221 (off_diagonal, BarlowTwins.forward) and 89 '
+                 '(SyncBatchNorm)')
+
+
+def barlow_official_c(z1, z2, replicas, batch_size):
+  """main.py lines 205, 212-216: an affine-free SyncBatchNorm (statistics of
+  the global batch, biased variance, eps 1e-5), each process's
+  bn(z1).T @ bn(z2) / batch_size, all_reduce-summed. Returns the processes'
+  local terms; their sum is c."""
+  def bn(z):
+    mean = jnp.mean(z, axis=0)
+    var = jnp.mean(jnp.square(z - mean), axis=0)
+    return (z - mean) / jnp.sqrt(var + 1e-5)
+  return [a.T @ b / batch_size
+          for a, b in zip(_slices(bn(z1), replicas), _slices(bn(z2), replicas))]
+
+
+def barlow_official_value(z1, z2, replicas=1, lambd=0.0051):
+  """main.py lines 218-220 on the all-reduced c: every process's loss."""
+  c = sum(barlow_official_c(z1, z2, replicas, z1.shape[0]))
+  off = jnp.sum(jnp.square(c)) - jnp.sum(jnp.square(jnp.diagonal(c)))
+  return jnp.sum(jnp.square(jnp.diagonal(c) - 1)) + lambd * off
+
+
+def barlow_official_loss(z1, z2, replicas=1, lambd=0.0051):
+  """The scalar whose gradient the official step applies.
+  torch.distributed.all_reduce (line 216) is outside autograd: a process's
+  backward reaches only its own term c_r of c; SyncBatchNorm's backward
+  (line 89) sums the processes' gradients through the batch statistics; DDP
+  then averages over the processes. Net: 1/replicas of the gradient of the
+  loss."""
+  terms = barlow_official_c(z1, z2, replicas, z1.shape[0])
+  c = sum(terms)
+  total = 0.0
+  for c_r in terms:
+    c_seen = c_r + jax.lax.stop_gradient(c - c_r)
+    off = (jnp.sum(jnp.square(c_seen)) -
+           jnp.sum(jnp.square(jnp.diagonal(c_seen))))
+    total += (jnp.sum(jnp.square(jnp.diagonal(c_seen) - 1)) +
+              lambd * off) / replicas
+  return total
+
+
+@official_port('barlow_twins', source=BARLOW_SOURCE)
+def test_barlow_twins_loss_and_gradient_against_official_code():
+  """Barlow Twins' loss against facebookresearch/barlowtwins
+  (BARLOW_SOURCE). The value agrees on 1 and 8 devices. The gradient agrees
+  on one device; on R processes the official gradient is 1/R of the loss's
+  (the all_reduce of c is not differentiated), ours is the loss's on any
+  device count: a deliberate difference, tabled in configs/barlow_twins.py."""
+  z1 = _normal(32, 16, seed=40)
+  z2 = z1 + 0.5 * _normal(32, 16, seed=41)
+  fn = losses.get_loss('barlow_twins')
+  (v1, g1), (vn, gn) = device_equivalence(fn, (z1, z2), N_DEV,
+                                          kwargs={'lambda_offdiag': 0.0051})
+  for replicas, value, grads in ((1, v1, g1), (N_DEV, vn, gn)):
+    want = barlow_official_value(z1, z2, replicas)
+    np.testing.assert_allclose(value, np.broadcast_to(want, np.shape(value)),
+                               rtol=1e-5)
+    want_grads = jax.grad(barlow_official_loss, argnums=(0, 1))(
+        z1, z2, replicas)
+    for got, w in zip(grads, want_grads):
+      np.testing.assert_allclose(got, replicas * np.asarray(w), rtol=1e-4,
+                                 atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# VICReg: facebookresearch/vicreg, PyTorch DDP with FullGatherLayer.
+
+VICREG_SOURCE = ('facebookresearch/vicreg at '
+                 '4e12602fd495af83efd1631fbe82523e6db092e0, main_vicreg.py '
+                 'lines 194-220 (VICReg.forward) and 307-323 (FullGatherLayer)')
+
+
+def vicreg_official_terms(x, y, replicas, sim=25.0, std=25.0, cov=1.0):
+  """main_vicreg.py lines 198-219: the processes' local repr_loss and the
+  std and cov terms of the gathered batch (the same on every process)."""
+  repr_losses = [jnp.mean(jnp.square(a - b))
+                 for a, b in zip(_slices(x, replicas), _slices(y, replicas))]
+  batch_size, num_features = x.shape
+  x = x - x.mean(axis=0)
+  y = y - y.mean(axis=0)
+  std_x = jnp.sqrt(jnp.var(x, axis=0, ddof=1) + 0.0001)
+  std_y = jnp.sqrt(jnp.var(y, axis=0, ddof=1) + 0.0001)
+  std_loss = (jnp.mean(jax.nn.relu(1 - std_x)) / 2 +
+              jnp.mean(jax.nn.relu(1 - std_y)) / 2)
+  off = lambda m: jnp.sum(jnp.square(m)) - jnp.sum(jnp.square(jnp.diagonal(m)))
+  cov_x = (x.T @ x) / (batch_size - 1)
+  cov_y = (y.T @ y) / (batch_size - 1)
+  cov_loss = off(cov_x) / num_features + off(cov_y) / num_features
+  return [sim * r for r in repr_losses], std * std_loss + cov * cov_loss
+
+
+def vicreg_official_loss(x, y, replicas=1):
+  """The applied gradient: FullGatherLayer's backward sums the processes'
+  gradients of the gathered terms, DDP averages: the gradient of the mean
+  local repr_loss plus the gathered terms."""
+  local, shared = vicreg_official_terms(x, y, replicas)
+  return sum(local) / replicas + shared
+
+
+@official_port('vicreg', source=VICREG_SOURCE)
+def test_vicreg_loss_and_gradient_match_official_code():
+  """VICReg against facebookresearch/vicreg (VICREG_SOURCE). Each official
+  process reports its own local repr_loss; ours reports their mean, the
+  global batch's, on every device."""
+  x = _normal(32, 16, seed=50)
+  y = x + 0.3 * _normal(32, 16, seed=51)
+  _check(losses.get_loss('vicreg'), vicreg_official_loss, (x, y),
+         grad_rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Knowledge distillation: Hinton et al. 2015 released no code; the loss as in
+# HobbitLong/RepDistiller (CRD), the reference implementation of KD baselines.
+
+KD_SOURCE = ('HobbitLong/RepDistiller at '
+             'b84f547c5db6a35318d4671d7d5c4de74c822403, distiller_zoo/KD.py '
+             'lines 7-17 (DistillKL)')
+
+
+def kd_official_loss(y_s, y_t, replicas=1, T=4.0):
+  """KD.py lines 13-17 on the global batch (RepDistiller trains on one
+  GPU): kl_div summed, times T^2, over the batch size."""
+  p_s = jax.nn.log_softmax(y_s / T, axis=1)
+  p_t = jax.lax.stop_gradient(jax.nn.softmax(y_t / T, axis=1))
+  kl = jnp.sum(p_t * (jnp.log(p_t) - p_s))
+  return kl * (T ** 2) / y_s.shape[0]
+
+
+@official_port('distill', source=KD_SOURCE)
+def test_kd_loss_and_gradient_match_repdistiller():
+  """The distill method's soft loss against RepDistiller's DistillKL."""
+  args = (_normal(32, 10, seed=60, scale=3.0), _normal(32, 10, seed=61,
+                                                       scale=3.0))
+  grads = _check(losses.get_loss('kd'), kd_official_loss, args,
+                 kwargs={'temperature': 4.0})
+  np.testing.assert_array_equal(grads[1], 0.0)
+
+
+# ---------------------------------------------------------------------------
+# Deep InfoMax: rdevon/DIM (cortex_DIM), one GPU.
+
+DIM_SOURCE = ('rdevon/DIM at bac4765a8126746675f517c7bfa1b04b88044d51, '
+              'cortex_DIM/functions/dim_losses.py lines 13-106 '
+              '(fenchel_dual_loss, infonce_loss) and '
+              'cortex_DIM/functions/gan_losses.py lines 22-95')
+
+
+def dim_official_infonce(l, m):
+  """dim_losses.py lines 62-106; l [N, units, n_locals], m [N, units, 1]."""
+  N, units, n_locals = l.shape
+  n_multis = m.shape[2]
+  l_p = jnp.transpose(l, (0, 2, 1))
+  m_p = jnp.transpose(m, (0, 2, 1))
+  l_n = l_p.reshape(-1, units)
+  m_n = m_p.reshape(-1, units)
+  u_p = jnp.matmul(l_p, m)[:, :, None]  # [N, n_locals, 1, n_multis]
+  u_n = m_n @ l_n.T
+  u_n = jnp.transpose(u_n.reshape(N, n_multis, N, n_locals), (0, 2, 3, 1))
+  mask = jnp.eye(N)[:, :, None, None]
+  n_mask = 1 - mask
+  u_n = (n_mask * u_n) - (10. * (1 - n_mask))  # mask out "self" examples
+  u_n = jnp.broadcast_to(u_n.reshape(N, N * n_locals, n_multis)[:, None],
+                         (N, n_locals, N * n_locals, n_multis))
+  pred_lgt = jnp.concatenate([u_p, u_n], axis=2)
+  pred_log = jax.nn.log_softmax(pred_lgt, axis=2)
+  return -pred_log[:, :, 0].mean()
+
+
+def dim_official_jsd(l, m):
+  """dim_losses.py lines 13-59 with measure 'JSD' (gan_losses.py lines 39
+  and 78)."""
+  N, units, n_locals = l.shape
+  n_multis = m.shape[2]
+  l = jnp.transpose(l, (0, 2, 1)).reshape(-1, units)
+  m = jnp.transpose(m, (0, 2, 1)).reshape(-1, units)
+  u = m @ l.T
+  u = jnp.transpose(u.reshape(N, n_multis, N, n_locals), (0, 2, 3, 1))
+  mask = jnp.eye(N)
+  n_mask = 1 - mask
+  log_2 = np.log(2.)
+  E_pos = (log_2 - jax.nn.softplus(-u)).mean(2).mean(2)
+  E_neg = (jax.nn.softplus(-u) + u - log_2).mean(2).mean(2)
+  E_pos = (E_pos * mask).sum() / mask.sum()
+  E_neg = (E_neg * n_mask).sum() / n_mask.sum()
+  return E_neg - E_pos
+
+
+def dim_official_loss(g, local, replicas=1, estimator='infonce'):
+  """The official code trains on one GPU: the port sees the global batch."""
+  del replicas
+  b, h, w, e = local.shape
+  l = jnp.transpose(local.reshape(b, h * w, e), (0, 2, 1))
+  m = g[:, :, None]
+  fn = dim_official_infonce if estimator == 'infonce' else dim_official_jsd
+  return fn(l, m)
+
+
+@official_port('deep_infomax', source=DIM_SOURCE)
+@pytest.mark.parametrize('estimator', ['infonce', 'jsd'])
+def test_deep_infomax_loss_and_gradient_match_official_code(estimator):
+  """DIM(L)'s estimators against cortex_DIM (DIM_SOURCE), the self-image
+  entries of infonce's denominator included at the official -10."""
+  g = _normal(16, 6, seed=70, scale=0.3)
+  local = _normal(16, 2, 3, 6, seed=71, scale=0.3)
+  _check(losses.get_loss('deep_infomax'), dim_official_loss, (g, local),
+         kwargs={'estimator': estimator},
+         port_kwargs={'estimator': estimator})
+
+
+# ---------------------------------------------------------------------------
+# DeepCluster-v2: facebookresearch/swav main_deepclusterv2.py, PyTorch DDP.
+# (Its k-means is compared in test_clustering.py.)
+
+DCV2_SOURCE = ('facebookresearch/swav at '
+               '06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, '
+               'main_deepclusterv2.py lines 249 and 270-276, '
+               'src/resnet50.py lines 297-305')
+
+
+def dcv2_official_loss(emb, assignments, prototypes, replicas=1, T=0.1):
+  """resnet50.py lines 301-305 (L2-normalised embedding times each head's
+  prototype matrix) and main_deepclusterv2.py lines 270-276 per process
+  (targets repeated over the crops); emb [b, crops, d], assignments [b, H],
+  prototypes [H, K, d]; DDP averages."""
+  total = 0.0
+  for e_r, a_r in zip(_slices(emb, replicas), _slices(assignments, replicas)):
+    x = jnp.swapaxes(e_r, 0, 1).reshape(-1, e_r.shape[-1])  # crop-major
+    x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+    loss = 0.0
+    for h in range(prototypes.shape[0]):
+      scores = x @ prototypes[h].T / T
+      targets = jnp.tile(a_r[:, h], e_r.shape[1])  # .repeat(sum(nmb_crops))
+      log_p = jax.nn.log_softmax(scores, axis=1)
+      loss += -jnp.mean(jnp.take_along_axis(log_p, targets[:, None], 1))
+    total += loss / prototypes.shape[0] / replicas
+  return total
+
+
+@official_port('deepclusterv2', source=DCV2_SOURCE)
+def test_deepclusterv2_loss_and_gradient_match_official_code():
+  """DeepCluster-v2's loss, against swav's main_deepclusterv2.py, with its
+  gradient for the embeddings and the prototypes (DCV2_SOURCE)."""
+  b, crops, d, heads, k = 32, 3, 8, 2, 5
+  emb = _normal(b, crops, d, seed=80)
+  protos = _normal(heads, k, d, seed=81)
+  protos = protos / np.linalg.norm(protos, axis=-1, keepdims=True)
+  assignments = np.random.default_rng(82).integers(0, k, (b, heads))
+
+  def ours(e, a, p, *, axis_name):
+    return losses.get_loss('deepclusterv2')(
+        jnp.swapaxes(e, 0, 1), p, a.T, temperature=0.1, axis_name=axis_name)
+
+  _check(ours, dcv2_official_loss, (emb, assignments, protos), sharded=(0, 1),
+         grad_argnums=(0, 2))
+
+
+# ---------------------------------------------------------------------------
+# data2vec: facebookresearch/data2vec_vision (BEiT code base), PyTorch DDP.
+
+DATA2VEC_SOURCE = ('facebookresearch/data2vec_vision at '
+                   'af9a36349aaed59ae66e69b5dabeef2d62fdc5da, '
+                   'beit/engine_for_cyclical.py lines 66-124')
+
+
+def data2vec_official_targets(layer_results, top_k, eps=1e-5):
+  """engine_for_cyclical.py lines 66-99 with the ViT-B run's flags
+  (target_layer_norm_last, post_target_layer_norm): the top-K blocks'
+  patch tokens, F.layer_norm each, averaged, F.layer_norm again."""
+  def layer_norm(x):
+    mean = x.mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(jnp.mean(jnp.square(x - mean), -1,
+                                          keepdims=True) + eps)
+  vals = [layer_norm(y[:, 1:]) for y in layer_results[-top_k:]]
+  return layer_norm(sum(vals) / top_k)
+
+
+def data2vec_official_loss(outputs, targets, mask, replicas=1, beta=2.0):
+  """engine_for_cyclical.py lines 97-124 per process (var_w0 = 0): the
+  masked positions' features, F.smooth_l1_loss(beta) with mean reduction;
+  DDP averages. `mask` is float here, 1 where masked."""
+  total = 0.0
+  for o, t, m in zip(*(_slices(a, replicas) for a in (outputs, targets, mask))):
+    sel = np.asarray(m, bool)
+    d = o[sel] - jax.lax.stop_gradient(t[sel])
+    per = jnp.where(jnp.abs(d) < beta, 0.5 * d * d / beta,
+                    jnp.abs(d) - 0.5 * beta)
+    total += jnp.mean(per) / replicas
+  return total
+
+
+@official_port('data2vec', source=DATA2VEC_SOURCE)
+def test_data2vec_targets_loss_and_gradient_match_official_code():
+  """data2vec's targets (built on each device from its own examples) and its
+  masked smooth-L1 against data2vec_vision (DATA2VEC_SOURCE). Every image
+  masks the same number of patches, as the official block masking does, so
+  each process's mean is the global one."""
+  blocks = [_normal(16, 7, 6, seed=90 + i, scale=3.0) for i in range(4)]
+  want_targets = data2vec_official_targets(blocks, 3)
+  one = teacher_student.data2vec_targets(blocks, top_k=3)
+  eight = jax.pmap(lambda *bl: teacher_student.data2vec_targets(bl, top_k=3))(
+      *(x.reshape(N_DEV, 2, 7, 6) for x in blocks))
+  for got in (one, np.asarray(eight).reshape(16, 6, 6)):
+    np.testing.assert_allclose(got, want_targets, rtol=1e-4, atol=1e-5)
+
+  pred = _normal(16, 6, 6, seed=95, scale=2.0)
+  targets = np.asarray(want_targets, np.float32)
+  rng = np.random.default_rng(96)
+  mask = np.stack([rng.permutation(6) < 3 for _ in range(16)]).astype(
+      np.float32)
+
+  def ours(p, t, m, *, axis_name):
+    return losses.get_loss('data2vec')(p, t, m > 0.5, beta=2.0,
+                                       axis_name=axis_name)
+
+  _check(ours, data2vec_official_loss, (pred, targets, mask),
+         grad_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------
+# Rotation: gidariss/FeatureLearningRotNet, one process (DataParallel).
+
+ROTNET_SOURCE = ('gidariss/FeatureLearningRotNet at '
+                 'edafaba6561003292017d0a44272414356c959ff, dataloader.py '
+                 'lines 216-226 and 266-274 (rotate_img, the four rotations '
+                 'labelled 0-3), algorithms/ClassificationModel.py line 77 '
+                 '(CrossEntropyLoss)')
+
+
+def rotnet_official_rotate_img(img, rot):
+  """dataloader.py lines 216-226, an HxWxC image."""
+  if rot == 0:
+    return img
+  elif rot == 90:
+    return np.flipud(np.transpose(img, (1, 0, 2)))
+  elif rot == 180:
+    return np.fliplr(np.flipud(img))
+  elif rot == 270:
+    return np.transpose(np.flipud(img), (1, 0, 2))
+  raise ValueError(rot)
+
+
+def cross_entropy_official(logits, labels, replicas=1):
+  """torch.nn.CrossEntropyLoss (mean) per process; DDP averages."""
+  total = 0.0
+  for lg, lb in zip(_slices(logits, replicas), _slices(labels, replicas)):
+    log_p = jax.nn.log_softmax(lg, axis=1)
+    total += -jnp.mean(jnp.take_along_axis(log_p, lb[:, None], 1)) / replicas
+  return total
+
+
+@official_port('rotation', source=ROTNET_SOURCE)
+def test_rotation_images_labels_loss_and_gradient_match_rotnet():
+  """RotNet's four rotations and labels, and its cross entropy (with the
+  gradient) on 1 and 8 devices (ROTNET_SOURCE)."""
+  images = _normal(4, 5, 5, 2, seed=100)
+  rotated, labels = losses.pretext.rotate_images(jnp.asarray(images))
+  rotated, labels = np.asarray(rotated), np.asarray(labels)
+  for k, rot in enumerate((0, 90, 180, 270)):
+    for i in range(4):
+      np.testing.assert_array_equal(rotated[k * 4 + i],
+                                    rotnet_official_rotate_img(images[i], rot))
+      assert labels[k * 4 + i] == k
+  logits = _normal(32, 4, seed=101, scale=2.0)
+  labels = np.tile(np.arange(4), 8)
+  _check(losses.get_loss('pretext_classification'), cross_entropy_official,
+         (logits, labels), grad_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------
+# Jigsaw: facebookresearch/vissl (the maintained Noroozi & Favaro port).
+
+JIGSAW_SOURCE = ('facebookresearch/vissl at '
+                 '09270ed25a6c2cf71263d955b64cbe076d34ac45, '
+                 'vissl/data/ssl_transforms/shuffle_img_patches.py lines 55-72 '
+                 '(ShuffleImgPatches) and '
+                 'vissl/losses/cross_entropy_multiple_output_single_target.py '
+                 'lines 30-38 and 69-117 (cross entropy, mean)')
+
+
+def vissl_shuffle_img_patches(input_patches, perms, perm_index):
+  """shuffle_img_patches.py lines 65-72, the permutation index given."""
+  shuffled = [input_patches[i] for i in perms[perm_index]]
+  return np.stack(shuffled), perm_index
+
+
+@official_port('jigsaw', source=JIGSAW_SOURCE)
+def test_jigsaw_tiles_labels_loss_and_gradient_match_vissl():
+  """Jigsaw's tile order for a labelled permutation against vissl's
+  ShuffleImgPatches, and its cross entropy (with the gradient) on 1 and 8
+  devices (JIGSAW_SOURCE)."""
+  from ssl_jax.data import jigsaw
+  rng = np.random.default_rng(110)
+  images = rng.integers(0, 255, (4, 9, 9, 1)).astype(np.float32)
+  perms = jigsaw.permutation_set(10)
+  tiles, labels = jigsaw.jigsaw_from_set(jax.random.PRNGKey(1),
+                                         jnp.asarray(images), perms,
+                                         grid=3, tile_size=3)
+  for b in range(4):
+    cells = [images[b, r * 3:r * 3 + 3, c * 3:c * 3 + 3]
+             for r in range(3) for c in range(3)]
+    want, label = vissl_shuffle_img_patches(cells, np.asarray(perms),
+                                            int(labels[b]))
+    np.testing.assert_array_equal(np.asarray(tiles[b]), want)
+  logits = _normal(32, 10, seed=111, scale=2.0)
+  labels = rng.integers(0, 10, 32)
+  _check(losses.get_loss('pretext_classification'), cross_entropy_official,
+         (logits, labels), grad_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------
+# The registry: every config has an official-port test on 1 and 8 devices.
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'configs')
+CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
+                      if f.endswith('.py') and f not in ('__init__.py',
+                                                         'common.py'))
+
+
+def _registered():
+  for name in MODULES:
+    importlib.import_module(name)
+  return PORTS
+
+
+def test_every_config_has_an_official_port():
+  """Fails if a method is left without a test against its official code
+  (or, for NO_OFFICIAL_CODE, its paper) on 1 and on 8 devices, or if a
+  registered test's citation cannot be followed to the exact lines."""
+  ports = _registered()
+  missing = [n for n in CONFIG_NAMES
+             if not {1, N_DEV} <= {d for p in ports.get(n, ()) for d in p.devices}]
+  assert not missing, (f'No official-port test on 1 and {N_DEV} devices for: '
+                       f'{missing}; see tests/official_ports.py.')
+  unknown = sorted(set(ports) - set(CONFIG_NAMES))
+  assert not unknown, f'Ports registered for unknown configs: {unknown}'
+  for name, entries in ports.items():
+    for port in entries:
+      if name in NO_OFFICIAL_CODE:
+        assert 'released no code' in port.source, port
+      else:
+        assert CITATION.search(port.source), (
+            f'{port.test}: cite "owner/repo at <commit>, <file> lines N", '
+            f'got {port.source!r}')
+      module, fn_name = port.test.split('::')
+      fn = getattr(importlib.import_module(module), fn_name)
+      if N_DEV in port.devices:
+        # The test must run something on several devices.
+        assert any(s in inspect.getsource(fn) for s in (
+            'device_equivalence', 'pmap', 'data_parallel', '_check(',
+            '_kmeans_1_and_8', 'N_DEV', '_assert_devices')), port.test
+
+
+def test_the_registry_catches_a_method_left_untested():
+  ports = {n: v for n, v in _registered().items() if n != 'simclr'}
+  missing = [n for n in CONFIG_NAMES
+             if not {1, N_DEV} <= {d for p in ports.get(n, ()) for d in p.devices}]
+  assert missing == ['simclr']
