@@ -41,13 +41,14 @@ class Port(NamedTuple):
   test: str  # module::function
   source: str
   devices: tuple
+  differs: str  # what of the official code the test shows we do not follow
 
 
 PORTS: Dict[str, List[Port]] = {}
 
 
 def official_port(*methods: str, source: str,
-                  devices: Sequence[int] = (1, 8)) -> Callable:
+                  devices: Sequence[int] = (1, 8), differs: str = '') -> Callable:
   """Registers the decorated test as the official-code test of `methods`.
 
   Args:
@@ -55,6 +56,8 @@ def official_port(*methods: str, source: str,
     source: the citation, `owner/repo at <commit>, <file> lines N-M`; for a
       method in NO_OFFICIAL_CODE, the paper's section and equations.
     devices: the device counts on which the test compares with the port.
+    differs: empty when ours follows the ported code; otherwise the
+      deliberate difference the test pins down (and where it is documented).
 
   Returns:
     The decorator; it leaves the test unchanged.
@@ -63,7 +66,7 @@ def official_port(*methods: str, source: str,
     for method in methods:
       PORTS.setdefault(method, []).append(
           Port(method, f'{fn.__module__}::{fn.__name__}', source,
-               tuple(devices)))
+               tuple(devices), differs))
     fn.official_port = methods
     return fn
   return register

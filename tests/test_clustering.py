@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_ports import official_port
 from ssl_jax import checkpointing, data, losses, methods, parallel, train
 from ssl_jax.durations import Durations
 from ssl_jax.losses import clustering
@@ -275,6 +276,10 @@ def swav_official_loss(embedding, prototypes_weight, temperature, epsilon,
   return sum(l / len(crops_for_assign) for l in losses_r) / replicas
 
 
+@official_port('swav', 'seer', source='facebookresearch/swav at '
+               '06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, main_swav.py lines '
+               '277-315 and 353-376, src/resnet50.py lines 297-305 (SEER is '
+               'this loss on a RegNet: vissl swav_loss)')
 def test_swav_loss_gradient_and_prototype_update_match_official_code():
   crops, b, d, k = 4, 16, 8, 6
   emb = _random((crops, b, d), 20)
@@ -462,6 +467,9 @@ def deepclusterv2_official_kmeans(local_memories, centroids, nmb_kmeans_iters):
   return centroids, local_assignments
 
 
+@official_port('deepclusterv2', source='facebookresearch/swav at '
+               '06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, '
+               'main_deepclusterv2.py lines 352-389 (cluster_memory)')
 def test_deepclusterv2_kmeans_matches_official_code_empty_cluster_kept():
   # Three blobs, four centroids, one planted on the far side of the sphere:
   # it never wins a point, and the official loop leaves it where it is
@@ -503,6 +511,9 @@ def test_split_empty_clusters_halves_the_largest():
 # SwAV's queue.
 
 
+@official_port('swav', 'seer', source='facebookresearch/swav at '
+               '06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, main_swav.py lines '
+               '283-286 (the queue)')
 def test_swav_queue_holds_the_last_features_of_each_crop_across_devices():
   # swav main_swav.py L283-L286 shifts the queue and puts the newest batch in
   # front; ours is MoCo's ring buffer (methods/memory.py). Sinkhorn treats

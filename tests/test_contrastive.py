@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_ports import official_port
 from ssl_jax import data, losses, methods, parallel, train
 from ssl_jax.data import jigsaw
 from ssl_jax.losses import instance
@@ -175,6 +176,9 @@ def adjust_moco_momentum(epoch, epochs, moco_m):
   return 1. - 0.5 * (1. + np.cos(np.pi * epoch / epochs)) * (1. - moco_m)
 
 
+@official_port('mocov3', source='facebookresearch/moco-v3 at '
+               'c349e6e24f40d3fedb22d973f92defa4cedf37a7, main_moco.py lines '
+               '337-362 and 431-434, moco/builder.py lines 57-61 and 89-94')
 def test_moco_v3_momentum_encoder_follows_the_official_loop():
   # main_moco.py lines 337-362 and moco/builder.py lines 57-61, 89-94: at
   # iteration t, m(t) is computed, the momentum encoder moves towards the
@@ -221,6 +225,9 @@ MOCHI = dict(temperature=0.2, num_hard=6, num_mix_negatives=5,
              num_mix_queries=4, max_query_weight=0.5)
 
 
+@official_port('mochi', devices=(1,), source='Kalantidis et al. 2020 '
+               'released no code; mochi_reference ports sec. 4, eq. 1 with '
+               'the mixed negatives')
 def test_mochi_matches_numpy_given_its_synthetic_negatives():
   q, k, queue = _random((16, 8), 0), _random((16, 8), 1), _random((24, 8), 2)
   rng = jax.random.PRNGKey(3)
@@ -256,6 +263,9 @@ def test_mochi_mixes_only_the_hardest_negatives():
       assert (coef >= -1e-5).all() and 0 < coef[0] < coef[1:].sum()
 
 
+@official_port('mochi', devices=(8,), source='Kalantidis et al. 2020 '
+               'released no code; 8 devices equal the 1-device run that '
+               'matches the paper (test above)')
 def test_mochi_eight_devices_equal_one():
   # Per-example randomness comes from the global index, so splitting the batch
   # over devices synthesises exactly the same negatives.
@@ -283,6 +293,9 @@ def test_nce_matches_numpy_and_eight_devices():
                             kwargs)
 
 
+@official_port('instdisc', source='zhirongw/lemniscate.pytorch at '
+               'f7cfe298357cb2b169cd59eb540aca24bed1f9b8, lib/NCEAverage.py '
+               'lines 9-68, lib/NCECriterion.py lines 12-37')
 def test_instdisc_nce_normalizer_and_bank_match_official_code():
   n, b, k, d = 200, 16, 7, 8
   v = _random((b, d), 30)

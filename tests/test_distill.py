@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_ports import official_port
 from ssl_jax import data, losses, methods, parallel, train
 from ssl_jax.durations import Durations
 from ssl_jax.losses.teacher_student import data2vec_targets, dino_center_update
@@ -176,6 +177,9 @@ def dino_official_update_center(center, teacher_outputs, center_momentum=0.9):
   return center * center_momentum + batch_center * (1 - center_momentum)
 
 
+@official_port('dino', source='facebookresearch/dino at '
+               '7c446df5b9f45747937fb0d72314eb9f7b66930a, main_dino.py lines '
+               '363-416 (DINOLoss: temperature schedule, loss, center)')
 def test_dino_teacher_temperature_loss_and_center_match_official_code():
   config = importlib.import_module('configs.dino').get_config('smoke')
   config.num_epochs, config.num_steps = 6, 0
@@ -243,6 +247,12 @@ def dino_official_momentum_schedule(momentum_teacher, epochs, niter_per_ep):
   return 1 + 0.5 * (momentum_teacher - 1) * (1 + np.cos(np.pi * iters / len(iters)))
 
 
+@official_port('byol', 'dino', source='deepmind/deepmind-research at '
+               '8457046b2c2ec259158efff7e238d006a9e6a224, '
+               'byol/utils/schedules.py lines 20-24 and 46-53 (target_ema); '
+               'facebookresearch/dino at '
+               '7c446df5b9f45747937fb0d72314eb9f7b66930a, utils.py lines '
+               '187-198, main_dino.py lines 335-350')
 @pytest.mark.parametrize('name', ['byol', 'dino'])
 def test_ema_teacher_pairs_m_t_with_the_stepped_parameters_as_official(name):
   # BYOL: byol_experiment.py (deepmind-research at 4822a45504cb05042841a358f

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_ports import official_port
 from ssl_jax import losses
 from ssl_jax.testing import device_equivalence
 
@@ -62,6 +63,9 @@ def simclr_official_loss(hidden1_all, hidden2_all, temperature, replicas=1):
   return total
 
 
+@official_port('simclr', source='google-research/simclr at '
+               '383d4143fd8cf7879ae10f1046a9baeb753ff438, tf2/objective.py '
+               'lines 35-89, tf2/run.py line 617')
 def test_nt_xent_matches_official_code_on_1_and_8_devices():
   z1, z2 = _random((32, 8), 5), _random((32, 8), 6)
   fn = losses.get_loss('nt_xent')

@@ -706,6 +706,308 @@ def test_jigsaw_tiles_labels_loss_and_gradient_match_vissl():
 
 
 # ---------------------------------------------------------------------------
+# PIRL: facebookresearch/vissl's NCELossWithMemory (written by PIRL's first
+# author), PyTorch DDP.
+
+VISSL_COMMIT = '09270ed25a6c2cf71263d955b64cbe076d34ac45'
+PIRL_SOURCE = (f'facebookresearch/vissl at {VISSL_COMMIT}, '
+               f'vissl/losses/nce_loss.py lines 122-171 (forward), 237-288 '
+               f'(NCEAverage), 331-352 (update_memory), 453-484 '
+               f'(NCECriterion); configs/config/pretrain/pirl/'
+               f'pirl_jigsaw_4node_resnet50.yaml lines 67-85')
+
+
+def vissl_nce_criterion(x, n_lem):
+  """nce_loss.py lines 453-484 (eps: float32's, lemniscate's is 1e-7)."""
+  eps = float(np.finfo('float32').eps)
+  batch_size, K = x.shape[0], x.shape[1] - 1
+  Pnt = Pns = 1 / float(n_lem)
+  lnPmt = jnp.log(x[:, 0] / (x[:, 0] + K * Pnt + eps))
+  lnPon = jnp.log((K * Pns) / (x[:, 1:] + K * Pns + eps))
+  return -(jnp.sum(lnPmt) + jnp.sum(lnPon)) / batch_size
+
+
+def vissl_pirl_loss(patches, images, memory_bank, y, noise, replicas=1,
+                    T=0.07, loss_weights=(0.5, 0.5)):
+  """nce_loss.py lines 122-171 per process with the PIRL config (outputs
+  [patches, images], norm_embedding, loss_weights [0.5, 0.5]) and NCEAverage
+  lines 237-288 with the negatives `noise` given (do_negative_sampling draws
+  them; column 0 is y): one Z, computed on the first output's scores of the
+  first step (norm_constant -1) from every process's batch mean. DDP
+  averages the processes' gradients."""
+  normalize = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  n_lem = memory_bank.shape[0]
+
+  def scores(emb, idx):
+    weight = jax.lax.stop_gradient(memory_bank[idx])  # index_select .detach()
+    return jnp.exp(jnp.einsum('bkd,bd->bk', weight, emb) / T)
+
+  slices = list(zip(*(_slices(a, replicas) for a in (patches, images, y, noise))))
+  idx = [jnp.concatenate([yr[:, None], nr], 1) for _, _, yr, nr in slices]
+  # compute_partition_function (lines 274-288): gather_from_all of the
+  # processes' batch means, their mean, times the memory size.
+  batch_means = [jnp.mean(scores(normalize(p), i))
+                 for (p, _, _, _), i in zip(slices, idx)]
+  Z = jax.lax.stop_gradient(sum(batch_means) / replicas * n_lem)
+  total = 0.0
+  for (p, im, _, _), i in zip(slices, idx):
+    loss = 0.0
+    for w, out in zip(loss_weights, (p, im)):
+      loss += w * vissl_nce_criterion(scores(normalize(out), i) / Z, n_lem)
+    total += loss / replicas
+  return total, Z
+
+
+def vissl_update_memory(memory_bank, embedding, y, momentum=0.5):
+  """nce_loss.py lines 188-195 and 331-352: the gathered, normalised image
+  embeddings (update_mem_with_emb_index 1) moved into their rows."""
+  embedding = embedding / np.linalg.norm(embedding, axis=1, keepdims=True)
+  l_pos = memory_bank[y] * momentum + embedding * (1 - momentum)
+  out = np.array(memory_bank)
+  out[y] = l_pos / np.linalg.norm(l_pos, axis=1, keepdims=True)
+  return out
+
+
+@official_port('pirl', source=PIRL_SOURCE)
+def test_pirl_loss_normalizer_gradient_and_bank_match_vissl():
+  """PIRL's first step (Z estimated from the jigsaw term and shared with the
+  image term), its gradients and its bank update, against vissl
+  (PIRL_SOURCE), on 1 and 8 devices. The negatives are given: vissl draws
+  them per term, we share one draw between the terms (same distribution)."""
+  n, b, k, d = 200, 16, 7, 8
+  config = importlib.import_module('configs.pirl').get_config()
+  config.method.num_negatives = k
+  method = methods.get_method(
+      config, data.DataInfo(n, (28, 28, 1), 10, (0.5,), (0.5,)),
+      Durations(10, n // config.batch_size + 1, config.batch_size))
+  bank = np.asarray(memory.init_bank(jax.random.PRNGKey(3), n, d))
+  rng = np.random.default_rng(120)
+  y = rng.permutation(n)[:b]
+  noise = rng.integers(0, n, (b, k))
+  patches, images = _normal(b, d, seed=121), _normal(b, d, seed=122)
+
+  def ours(p, im, yy, nz, *, axis_name):
+    loss, z, _ = method.contrast(p, im, jnp.asarray(bank), yy, nz,
+                                 jnp.zeros(()), axis_name)
+    return loss
+
+  def port(p, im, yy, nz, replicas=1):
+    return vissl_pirl_loss(p, im, bank, yy, nz, replicas)[0]
+
+  _check(ours, port, (patches, images, y, noise), grad_argnums=(0, 1))
+  _, z_one, _ = method.contrast(patches, images, jnp.asarray(bank), y, noise,
+                                jnp.zeros(()), None)
+  np.testing.assert_allclose(z_one, vissl_pirl_loss(patches, images, bank, y,
+                                                    noise)[1], rtol=1e-5)
+  # Once estimated, Z stays.
+  _, z_kept, _ = method.contrast(patches, images, jnp.asarray(bank), y, noise,
+                                 jnp.asarray(3.0), None)
+  assert float(z_kept) == 3.0
+
+  want = vissl_update_memory(bank, images, y, config.method.bank_momentum)
+  one = memory.update_bank(jnp.asarray(bank), y, images,
+                           config.method.bank_momentum)
+  eight = jax.pmap(lambda i, e: memory.update_bank(
+      jnp.asarray(bank), i, e, config.method.bank_momentum, parallel.AXIS),
+                   axis_name=parallel.AXIS)(y.reshape(N_DEV, -1),
+                                            images.reshape(N_DEV, -1, d))
+  for got in (one, *eight):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# DeepCluster: facebookresearch/deepcluster, one sampler per epoch.
+
+DEEPCLUSTER_SOURCE = ('facebookresearch/deepcluster at '
+                      '2d1927e8e3dd272329e879e510fbbdf1b1d02d17, util.py lines '
+                      '49-86 (UnifLabelSampler), main.py lines 92 and 164 '
+                      '(CrossEntropyLoss)')
+
+
+def deepcluster_official_indexes(N, images_lists, rs):
+  """util.py lines 61-86 (generate_indexes_epoch), np.random as `rs`."""
+  nmb_non_empty_clusters = sum(len(l) != 0 for l in images_lists)
+  size_per_pseudolabel = int(N / nmb_non_empty_clusters) + 1
+  res = np.array([])
+  for i in range(len(images_lists)):
+    if len(images_lists[i]) == 0:
+      continue
+    indexes = rs.choice(images_lists[i], size_per_pseudolabel,
+                        replace=(len(images_lists[i]) <= size_per_pseudolabel))
+    res = np.concatenate((res, indexes))
+  rs.shuffle(res)
+  res = list(res.astype('int'))
+  if len(res) >= N:
+    return res[:N]
+  res += res[: (N - len(res))]
+  return res
+
+
+@official_port('deepcluster', source=DEEPCLUSTER_SOURCE,
+               differs='an epoch of the official uniform-over-clusters '
+                       'sampler is replaced by its expectation: every image '
+                       'once, weighted 1/|cluster| (losses/clustering.py)')
+def test_deepcluster_loss_is_the_official_sampler_in_expectation():
+  """DeepCluster's weighted cross entropy (value and gradient, 1 and 8
+  devices) against the official epoch: images drawn by UnifLabelSampler,
+  then the mean cross entropy (DEEPCLUSTER_SOURCE). Ours is the sampler's
+  expectation: the port's counts, averaged over 3000 epochs, agree to Monte
+  Carlo precision."""
+  n, k = 32, 4
+  labels = np.random.default_rng(130).choice(k, n, p=[0.5, 0.3, 0.2, 0.0])
+  logits = _normal(n, k, seed=131, scale=2.0)
+  images_lists = [np.flatnonzero(labels == c) for c in range(k)]
+  counts = np.bincount(labels, minlength=k).astype(np.float32)
+  # The method's weights (methods/deepcluster.py): 1/|c|, 0 for empty ones.
+  weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
+  rs = np.random.RandomState(132)
+  draws = np.zeros(n)
+  epochs = 3000
+  for _ in range(epochs):
+    np.add.at(draws, deepcluster_official_indexes(n, images_lists, rs), 1.0)
+  expected_counts = draws / epochs
+
+  def port(lg, lb, replicas=1):
+    del replicas  # one process per epoch's CE mean over the sampled images
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(lg, 1), lb[:, None], 1)[:, 0]
+    return jnp.sum(expected_counts * ce) / n
+
+  def ours(lg, lb, *, axis_name):
+    return losses.get_loss('deepcluster')(lg, lb, jnp.asarray(weights),
+                                          axis_name=axis_name)
+
+  (v1, g1), (vn, gn) = device_equivalence(ours, (logits, labels), N_DEV,
+                                          grad_argnums=(0,))
+  want, want_grad = jax.value_and_grad(port)(logits, labels)
+  for value, grads in ((v1, g1), (vn, gn)):
+    np.testing.assert_allclose(value, np.broadcast_to(want, np.shape(value)),
+                               rtol=0.02)
+    np.testing.assert_allclose(grads[0], want_grad, rtol=0.1, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------
+# Relative position: cdoersch/deepcontext (Caffe, one GPU).
+
+DEEPCONTEXT_SOURCE = ('cdoersch/deepcontext at '
+                      '5307282c82fd2aae8e6c2e76ba0573eba7ada784, train.py '
+                      'lines 82 (SoftmaxWithLoss, normalization NONE), '
+                      '121-131 (sample_patch), 218-249 (pairs, pos2lbl)')
+
+
+def deepcontext_pos2lbl(pos):
+  """train.py lines 240-249: an (x, y) offset to a label in 0..7."""
+  posx, posy = pos
+  if posy == -1:
+    return posx + 1
+  elif posy == 0:
+    return (posx + 7) // 2
+  assert posy == 1
+  return posx + 6
+
+
+def deepcontext_patch_corner(x, y, gridstartx, gridstarty, patch_sz, gap,
+                             noise):
+  """train.py lines 121-131 with the random jitter `noise` (dx, dy) given."""
+  return (gridstartx + x * (patch_sz + gap) + noise[0],
+          gridstarty + y * (patch_sz + gap) + noise[1])
+
+
+def deepcontext_loss(logits, labels, replicas=1):
+  """SoftmaxWithLoss with normalization NONE (line 82): the sum over the
+  batch of pairs, on one GPU."""
+  del replicas
+  log_p = jax.nn.log_softmax(logits, 1)
+  return -jnp.sum(jnp.take_along_axis(log_p, labels[:, None], 1))
+
+
+@official_port('relative_position', source=DEEPCONTEXT_SOURCE,
+               differs='the cross entropy is averaged over the batch, not '
+                       'summed (the learning rate absorbs the batch size; '
+                       'configs/relative_position.py)')
+def test_relative_position_labels_patches_and_loss_match_deepcontext():
+  """The label of each neighbour, where its patch is cut, and the loss
+  (value and gradient on 1 and 8 devices, up to the batch-size factor)
+  against Doersch et al.'s deepcontext (DEEPCONTEXT_SOURCE)."""
+  from ssl_jax.losses import pretext
+  patch, gap, jitter = 4, 2, 1
+  image = np.arange(20 * 20, dtype=np.float32).reshape(20, 20, 1)
+  origin = np.array([1, 2])  # (y, x) of the jitter-margin corner
+  for label, (dy, dx) in enumerate(pretext.NEIGHBOUR_OFFSETS):
+    # deepcontext's pair [centre j, neighbour] carries pos2lbl of the
+    # neighbour's (x, y) offset from the centre (lines 225-231).
+    assert deepcontext_pos2lbl((dx, dy)) == label
+    jc, jn = np.array([1, -1]), np.array([-1, 0])
+    centre, neighbour = pretext.relative_position_pair(
+        jnp.asarray(image), label, jnp.asarray(origin), jnp.asarray(jc),
+        jnp.asarray(jn), patch_size=patch, gap=gap, jitter=jitter)
+    start = origin + jitter  # deepcontext's gridstart (y, x)
+    for got, (gx, gy), noise in ((centre, (1, 1), jc),
+                                 (neighbour, (1 + dx, 1 + dy), jn)):
+      x0, y0 = deepcontext_patch_corner(gx, gy, start[1], start[0], patch,
+                                        gap, (noise[1], noise[0]))
+      np.testing.assert_array_equal(got, image[y0:y0 + patch, x0:x0 + patch])
+  logits = _normal(32, 8, seed=140, scale=2.0)
+  labels = np.random.default_rng(141).integers(0, 8, 32)
+  fn = losses.get_loss('pretext_classification')
+  (v1, g1), (vn, gn) = device_equivalence(fn, (logits, labels), N_DEV,
+                                          grad_argnums=(0,))
+  want, want_grad = jax.value_and_grad(deepcontext_loss)(logits, labels)
+  for value, grads in ((v1, g1), (vn, gn)):
+    np.testing.assert_allclose(value * 32, np.broadcast_to(want,
+                                                           np.shape(value)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(grads[0] * 32, want_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# AVID+CMA: facebookresearch/AVID-CMA, PyTorch DDP.
+
+AVID_SOURCE = ('facebookresearch/AVID-CMA at '
+               '4538e404c79eb1b7459122a31508d918038705fd, criterions/avid.py '
+               'lines 88-130 (init_memory, update_memory)')
+
+
+def avid_official_update_memory(view1_mem, view2_mem, video_emb, audio_emb,
+                                y, momentum=0.5):
+  """avid.py lines 103-130: gathered, L2-normalised embeddings (they arrive
+  normalised from forward, avid_cma.py lines 152-153) into both banks."""
+  out = []
+  for mem, emb in ((view1_mem, video_emb), (view2_mem, audio_emb)):
+    emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    l_pos = mem[y] * momentum + emb * (1 - momentum)
+    mem = np.array(mem)
+    mem[y] = l_pos / np.linalg.norm(l_pos, axis=1, keepdims=True)
+    out.append(mem)
+  return out
+
+
+@official_port('avid_cma', source=AVID_SOURCE,
+               differs='the loss: InfoNCE with the live other-modality '
+                       'embedding as positive and CMA sets from top-k '
+                       'agreement, instead of NCE against bank positives and '
+                       'consensus top-k (criterions/avid_cma.py, nce.py); '
+                       'documented in losses/crossmodal.py')
+def test_avid_banks_follow_the_official_update():
+  """Both memory banks' update on 1 and 8 devices against AVID-CMA's
+  update_memory (AVID_SOURCE). The loss is not the official one (see
+  `differs`); the method's own tests compare it with the paper."""
+  n, b, d = 40, 16, 6
+  banks = [np.asarray(memory.init_bank(jax.random.PRNGKey(s), n, d))
+           for s in (4, 5)]
+  y = np.random.default_rng(150).permutation(n)[:b]
+  video, audio = _normal(b, d, seed=151), _normal(b, d, seed=152)
+  want = avid_official_update_memory(*banks, video, audio, y)
+  for bank, emb, w in zip(banks, (video, audio), want):
+    one = memory.update_bank(jnp.asarray(bank), y, emb, 0.5)
+    eight = jax.pmap(lambda i, e: memory.update_bank(
+        jnp.asarray(bank), i, e, 0.5, parallel.AXIS),
+                     axis_name=parallel.AXIS)(y.reshape(N_DEV, -1),
+                                              emb.reshape(N_DEV, -1, d))
+    for got in (one, *eight):
+      np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
 # The registry: every config has an official-port test on 1 and 8 devices.
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from official_ports import official_port
 from ssl_jax import data, losses, models, train
 from ssl_jax.data import jigsaw, paired
 from ssl_jax.losses import crossmodal, pretext
@@ -192,6 +193,8 @@ def _cpc_inputs(b=8, rows=4, cols=3, d=5, offsets=(1, 2)):
   return pred, z
 
 
+@official_port('cpc', source='Henaff et al. 2020 (CPC v2) released no '
+               'code; _np_cpc ports sec. 2, eq. 1-2')
 def test_cpc_infonce_matches_numpy_and_eight_devices():
   pred, z = _cpc_inputs()
   got = losses.get_loss('cpc_infonce')(jnp.asarray(pred), jnp.asarray(z),

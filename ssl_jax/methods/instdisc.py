@@ -209,10 +209,31 @@ class PIRL(_BankLoss, Method):
     method_state = {
         'bank': memory.init_bank(bank_rng, self.num_data,
                                  self.config.model.projector.output_dim),
-        # One fixed Z per NCE term: the jigsaw and image scores differ.
-        'normalizer': jnp.zeros((2,), jnp.float32)}
+        # One Z for both NCE terms, as the official code keeps one.
+        'normalizer': jnp.zeros((), jnp.float32)}
     return (variables['params'], variables.get('batch_stats', {}),
             method_state)
+
+  def contrast(self, jigsaw_embeddings: jax.Array, image_embeddings: jax.Array,
+               bank: jax.Array, indices: jax.Array, negatives: jax.Array,
+               normalizer: jax.Array, axis_name: Optional[str]
+               ) -> Tuple[jax.Array, jax.Array, Tuple[jax.Array, jax.Array]]:
+    """PIRL's two NCE terms against the images' bank rows.
+
+    As vissl's NCELossWithMemory (the official PIRL code) does, one Z serves
+    both terms: estimated from the jigsaw term's scores on the first step
+    (its first output), then kept.
+
+    Returns:
+      (weighted loss, Z, (jigsaw term, image term)).
+    """
+    w = self.config.method.jigsaw_weight
+    jigsaw_loss, z = self.bank_loss(jigsaw_embeddings, bank, indices,
+                                    negatives, normalizer, axis_name)
+    image_loss, _ = self.bank_loss(image_embeddings, bank, indices, negatives,
+                                   z, axis_name)
+    return (w * jigsaw_loss + (1.0 - w) * image_loss, z,
+            (jigsaw_loss, image_loss))
 
   def loss(self, params: Any, state: TrainState, views: Sequence[jax.Array],
            batch: Dict[str, jax.Array], rng: jax.Array,
@@ -227,18 +248,13 @@ class PIRL(_BankLoss, Method):
     indices = batch['index']
     negatives = memory.sample_negatives(noise_rng, indices, m.num_negatives,
                                         self.num_data)
-    jigsaw_loss, z_jigsaw = self.bank_loss(out['jigsaw'], ms['bank'], indices,
-                                           negatives, ms['normalizer'][0],
-                                           axis_name)
-    image_loss, z_image = self.bank_loss(out['projection'], ms['bank'], indices,
-                                         negatives, ms['normalizer'][1],
-                                         axis_name)
-    loss = m.jigsaw_weight * jigsaw_loss + (1.0 - m.jigsaw_weight) * image_loss
+    loss, normalizer, (jigsaw_loss, image_loss) = self.contrast(
+        out['jigsaw'], out['projection'], ms['bank'], indices, negatives,
+        ms['normalizer'], axis_name)
     bank = memory.bank_write(ms['bank'], indices, out['projection'],
                               m.bank_momentum, axis_name)
     return loss, StepOutput(
         batch_stats=mutated['batch_stats'],
-        method_state={'bank': bank,
-                      'normalizer': jnp.stack([z_jigsaw, z_image])},
+        method_state={'bank': bank, 'normalizer': normalizer},
         metrics={'jigsaw_loss': jigsaw_loss, 'image_loss': image_loss},
         features=out['features'], embeddings=out['projection'])
