@@ -11,7 +11,11 @@ Against facebookresearch/barlowtwins@8e8d284 (`main.py`):
   schedule         | 10 warm-up, cosine to 1e-3 | 10 epochs, end 0.001 x base (L157-L166)
   lambda           | 0.0051                     | 0.0051 (L39)
   projector        | 8192-8192-8192             | 8192-8192-8192 (L41)
-Deliberate: the LARS momentum is optax's (after the lr), torch's before.
+  loss gradient    | the loss's, on any device count | 1/R of it on R GPUs (32 in the recipe): all_reduce of c outside autograd, then DDP's mean (L215-L216; tests/test_official_ports.py)
+Deliberate: the LARS momentum is optax's (after the lr), torch's before; the
+gradient is the loss's own, not the official 1/R, so that a run does not
+depend on its device count (with LARS only the weight-decay and bias/BN
+steps feel the factor).
 
 The `cifar10` variant is solo-learn's scripts/pretrain/cifar/barlow.yaml
 (ResNet-18, projector 2048-2048-2048, loss x 0.1, LARS lr 0.3, wd 1e-4,

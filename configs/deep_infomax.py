@@ -15,6 +15,7 @@ cortex framework):
   field            | ours                  | official
   objective        | DIM(L), InfoNCE       | --local.mode nce (README.md L89)
   estimators       | infonce or jsd        | local.mode nce / jsd (README.md L66 --help)
+  InfoNCE denominator | own positions at -10 | rdevon/DIM@bac4765 cortex_DIM/functions/dim_losses.py L96
   critic           | 1x1-conv / MLP + shortcuts, dot product | encoder-and-dot architecture (paper appendix A.2)
   network, length  | ResNet-50, AdamW 1e-4, 100 epochs | DCGAN / folded ResNet on 32x32 and 64x64, 1000 epochs (README.md L59-L61, L89)
 Deliberate: ImageNet-scale backbone (the official runs are CIFAR/STL).

@@ -18,8 +18,16 @@ vit_small` with every other argument at its default, 8 GPUs x 64 images for
   teacher temp.      | 0.04 -> 0.04, 0 warm-up epochs | warmup_teacher_temp 0.04, teacher_temp 0.04, 0 epochs (L68, L71, L74)
   student temp., centre | 0.1, 0.9             | DINOLoss student_temp 0.1, center_momentum 0.9 (L365-L366)
   crops              | 2x224 (0.4, 1) + 8x96 (0.05, 0.4) | L108, L112, L115; blur 1.0 / 0.1 + solarize 0.2 / 0.5 (L438, L445-L446, L454)
+  precision          | float32                  | use_fp16 True (L78): GradScaler, gradients unscaled before clipping (L337-L343)
+  frozen last layer  | gradient zeroed           | p.grad = None (utils.py L144-L149): AdamW skips it
 Deliberate: no stochastic depth (drop_path_rate 0.1, L105: our ViT has
-none) and float32 instead of fp16 (L78).
+none) and float32 instead of fp16 (L78): fp16 with a loss scaler is the
+GPUs' speed choice, its unscaled updates are the float32 ones
+(`model.dtype=bfloat16` is the low-precision option here). Not yet followed: during
+the frozen epoch AdamW skips the official last layer, so its moments (and
+bias correction) start at epoch 1; ours start at step 0 with zero
+gradients, which makes the first post-freeze steps of that layer several times
+larger (its weight decay is moot: the layer is weight-normalised).
 
 Variant `resnet` (README.md L205-L207): ResNet-50, SGD lr 0.03 x B/256,
 weight decay 1e-4 constant, crops (0.14, 1) / (0.05, 0.14), the other

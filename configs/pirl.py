@@ -17,6 +17,7 @@ Against facebookresearch/vissl@09270ed, the released PIRL recipe
   weight decay     | 1e-4, not biases/BN    | 1e-4 (L88), regularize_bn False (L93; biases decayed)
   T, negatives, m  | 0.07, 32000, 0.5       | temperature 0.07 (L72), num_negatives 32000 (L76), momentum 0.5 (L81)
   lambda           | 0.5                    | loss_weights [0.5, 0.5] (L73)
+  Z                | one, from the jigsaw term's first batch | norm_constant -1 (L74): NCEAverage's one Z, set on its first call, the patches output (vissl/losses/nce_loss.py L258-L265)
   heads            | linear 128-d           | image head: mlp [2048, 128] without BN/ReLU (L58); patch head [1152, 128] (L60)
 Deliberate: biases are not decayed (one mask covers biases and norms).
 

@@ -9,8 +9,10 @@ The paper's network is AlexNet-style; batch, learning rate and length for
 ResNet-50 are this config's choices.
 
   field            | ours                      | official
-  grid             | 96-px patches, 48-px gaps, jitter 7 | paper sec. 3 (cdoersch/deepcontext is Caffe; not read here)
-  classes          | 8 neighbours              | 8 (paper fig. 2)
+  grid             | 96-px patches, 48-px gaps, jitter 7 | paper sec. 3; train.py L16 (gap 48)
+  classes          | 8 neighbours              | 8, pos2lbl raster order (cdoersch/deepcontext@5307282 train.py L240-L249)
+  patch placement  | cells patch+gap apart, each jittered | sample_patch (train.py L121-L131)
+  loss             | mean over the batch       | SoftmaxWithLoss, normalization NONE: summed (train.py L82); the lr absorbs the factor
   network, length  | ResNet-50, SGD, 70 epochs | AlexNet-style, this config's choice
 Deliberate: no chromatic-aberration projection (paper sec. 3.1) and the
 network; every number above the line is the paper's.
