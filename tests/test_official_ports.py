@@ -557,7 +557,8 @@ def test_deepclusterv2_loss_and_gradient_match_official_code():
 
 DATA2VEC_SOURCE = ('facebookresearch/data2vec_vision at '
                    'af9a36349aaed59ae66e69b5dabeef2d62fdc5da, '
-                   'beit/engine_for_cyclical.py lines 66-124')
+                   'beit/engine_for_cyclical.py lines 42-54, 66-124 and '
+                   '148-149, beit/run_cyclical.py lines 222-223')
 
 
 def data2vec_official_targets(layer_results, top_k, eps=1e-5):
@@ -612,6 +613,26 @@ def test_data2vec_targets_loss_and_gradient_match_official_code():
 
   _check(ours, data2vec_official_loss, (pred, targets, mask),
          grad_argnums=(0,))
+
+  # The teacher: after the optimizer step, e <- d e + (1 - d) m with
+  # d = --ema_decay 0.9998 from the first step (ema_start_at 0; lines 42,
+  # 148-149), in the paper recipe.
+  config = importlib.import_module('configs.data2vec').get_config()
+  method = methods.get_method(
+      config, data.DataInfo(640, (224, 224, 3), 1000, (0.5,) * 3, (0.5,) * 3),
+      Durations(10, 640 // config.batch_size + 1, config.batch_size))
+  online = {'backbone': {'w': _normal(3, 2, seed=97)}, 'head': {'w': _normal(2)}}
+  state = {'teacher_params': {'w': _normal(3, 2, seed=98)}}
+  want = {'w': 0.9998 * state['teacher_params']['w'] +
+               (1 - 0.9998) * online['backbone']['w']}
+  for t in (0, 7):
+    step = jnp.asarray(t, jnp.int32)
+    one = method.after_update(online, state, step)['teacher_params']
+    eight = parallel.data_parallel(method.after_update,
+                                   in_specs=(parallel.P(),) * 3)(
+        *parallel.put_replicated((online, state, step)))['teacher_params']
+    for got in (one, parallel.to_host(eight)):
+      np.testing.assert_allclose(got['w'], want['w'], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------
