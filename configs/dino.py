@@ -19,15 +19,11 @@ vit_small` with every other argument at its default, 8 GPUs x 64 images for
   student temp., centre | 0.1, 0.9             | DINOLoss student_temp 0.1, center_momentum 0.9 (L365-L366)
   crops              | 2x224 (0.4, 1) + 8x96 (0.05, 0.4) | L108, L112, L115; blur 1.0 / 0.1 + solarize 0.2 / 0.5 (L438, L445-L446, L454)
   precision          | float32                  | use_fp16 True (L78): GradScaler, gradients unscaled before clipping (L337-L343)
-  frozen last layer  | gradient zeroed           | p.grad = None (utils.py L144-L149): AdamW skips it
+  frozen last layer  | skipped: no step, no decay, Adam count from its first gradient | p.grad = None (utils.py L144-L149): torch's AdamW skips it
 Deliberate: no stochastic depth (drop_path_rate 0.1, L105: our ViT has
 none) and float32 instead of fp16 (L78): fp16 with a loss scaler is the
 GPUs' speed choice, its unscaled updates are the float32 ones
-(`model.dtype=bfloat16` is the low-precision option here). Not yet followed: during
-the frozen epoch AdamW skips the official last layer, so its moments (and
-bias correction) start at epoch 1; ours start at step 0 with zero
-gradients, which makes the first post-freeze steps of that layer several times
-larger (its weight decay is moot: the layer is weight-normalised).
+(`model.dtype=bfloat16` is the low-precision option here).
 
 Variant `resnet` (README.md L205-L207): ResNet-50, SGD lr 0.03 x B/256,
 weight decay 1e-4 constant, crops (0.14, 1) / (0.05, 0.14), the other
@@ -85,7 +81,11 @@ def get_config(variant=None):
                      weight_decay=0.04, weight_decay_schedule='cosine',
                      weight_decay_end=0.4, clip_grad_norm=3.0,
                      clip_grad_mode='per_parameter',
-                     final_lr_fraction=1e-6 / (0.0005 * 512 / 256))
+                     final_lr_fraction=1e-6 / (0.0005 * 512 / 256),
+                     # The frozen last layer is skipped, as torch skips a
+                     # parameter whose grad is None (not just given zeros).
+                     wait_for_gradient_params=('prototypes',
+                                               'prototype_gain'))
   if variant == 'resnet':
     c.model.update(backbone='resnet50')
     c.augment.views = dino_views(224, 96, 8, global_scale=(0.14, 1.0),

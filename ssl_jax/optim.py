@@ -1,7 +1,7 @@
 """Optimizers, learning-rate and EMA schedules, built once from the config."""
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +160,48 @@ def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), clip)
 
 
+class WaitState(NamedTuple):
+  started: jax.Array  # bool scalar: a non-zero gradient has arrived
+  inner: Any
+
+
+def wait_for_first_gradient(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, left untouched until its parameters get a non-zero gradient.
+
+  PyTorch optimizers skip a parameter whose `.grad` is None: no step, no
+  weight decay, and AdamW's per-parameter step count, hence its bias
+  correction, starts at the first real gradient. DINO sets the last layer's
+  gradients to None for its first epoch (facebookresearch/dino utils.py
+  `cancel_gradients_last_layer`); our step zeroes them instead, and a plain
+  optax AdamW would then start that layer's moments at step 0 and make its
+  first real steps several times larger. Until a gradient is non-zero the
+  update here is zero and Adam's state (moments and count) keeps its initial
+  value; the other states (the learning-rate and weight-decay schedules'
+  counts) advance, as torch reads both from the global iteration.
+  """
+  def is_adam(x):
+    return isinstance(x, optax.ScaleByAdamState)
+
+  def init(params):
+    return WaitState(jnp.zeros((), bool), inner.init(params))
+
+  def update(updates, state, params=None):
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    started = state.started | jnp.any(jnp.stack(
+        [jnp.any(g != 0) for g in jax.tree.leaves(updates)] or
+        [jnp.zeros((), bool)]))
+    merged = jax.tree.map(
+        lambda old, new: (jax.tree.map(
+            lambda o, n: jnp.where(started, n, o), old, new)
+                          if is_adam(old) else new),
+        state.inner, new_inner, is_leaf=is_adam)
+    new_updates = jax.tree.map(lambda u: jnp.where(started, u, 0), new_updates)
+    return new_updates, WaitState(started, merged)
+
+  return optax.GradientTransformation(init, update)
+
+
 def _scaled(schedule: Schedule, factor: float) -> Schedule:
   return lambda step: factor * schedule(step)
 
@@ -181,7 +223,10 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
       constant_lr_params (names of top-level parameter groups, e.g.
       ('predictor',), that keep a constant learning rate: `constant_lr`,
       batch-scaled like `lr`, by default the schedule's peak; SimSiam's
-      `--fix-pred-lr`).
+      `--fix-pred-lr`); wait_for_gradient_params (names of parameter
+      leaves, e.g. ('prototypes',), optimized apart and left untouched until
+      their first non-zero gradient, see `wait_for_first_gradient`; DINO's
+      frozen last layer).
     lr: the learning-rate schedule of the weights.
     total_steps: the run's length, for a weight-decay schedule.
     global_batch: the global batch size, to scale `constant_lr`.
@@ -219,6 +264,22 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
         lambda p: 'weights' if p.ndim > 1 else 'bias_norm', params)
     bias_tx = build(opt, bias_lr, weight_decay=weight_decay)
     tx = optax.multi_transform({'weights': tx, 'bias_norm': bias_tx}, labels)
+  waiting = tuple(opt.get('wait_for_gradient_params', ()) or ())
+  if waiting:
+    def wait_labels(params):
+      labels = jax.tree_util.tree_map_with_path(
+          lambda path, _: 'wait' if getattr(path[-1], 'key', None) in waiting
+          else 'rest', params)
+      if 'wait' not in jax.tree.leaves(labels):
+        raise ValueError(
+            f'optimizer.wait_for_gradient_params names {list(waiting)}, '
+            f'which no parameter of the model is called.')
+      return labels
+
+    tx = optax.multi_transform(
+        {'wait': wait_for_first_gradient(
+            build(opt, lr, weight_decay=weight_decay)), 'rest': tx},
+        wait_labels)
   if opt.get('clip_grad_norm', 0.0):
     mode = opt.get('clip_grad_mode', 'global')
     if mode == 'global':

@@ -176,3 +176,71 @@ def test_constant_lr_params_keep_the_peak_rate_like_simsiam_fix_pred_lr():
   with pytest.raises(ValueError, match='predictor'):
     optim.get_optimizer(_opt(constant_lr_params=('predictor',)),
                         0.1).init(PARAMS)
+
+
+def _torch_adamw_step(p, grad, state, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+  """torch.optim.AdamW's step for one parameter (torch/optim/adamw.py,
+  single-tensor path); a parameter whose grad is None is skipped whole."""
+  if grad is None:
+    return p, state
+  step, m, v = state
+  step += 1
+  p = p * (1 - lr * wd)
+  m = b1 * m + (1 - b1) * grad
+  v = b2 * v + (1 - b2) * grad * grad
+  denom = np.sqrt(v) / np.sqrt(1 - b2 ** step) + eps
+  return p - lr / (1 - b1 ** step) * m / denom, (step, m, v)
+
+
+def test_frozen_last_layer_is_skipped_like_dino_cancel_gradients():
+  # dino utils.py L144-L149 (cancel_gradients_last_layer: p.grad = None for
+  # `freeze_last_layer` epochs) under torch's AdamW, main_dino.py L331-L343:
+  # the layer gets neither a step nor weight decay while frozen, and its
+  # Adam step count starts at its first gradient. The rest of the model
+  # steps as usual; lr and weight decay come from the global iteration.
+  frozen_steps, steps = 3, 7
+  opt = _opt(name='adamw', weight_decay=0.04, weight_decay_schedule='cosine',
+             weight_decay_end=0.4, wait_for_gradient_params=('prototypes',))
+  lr = lambda t: 0.01 * (t + 1)
+  wd = optim.weight_decay_schedule(opt, steps)
+  params = {'head': {'prototypes': jnp.full((3, 2), 2.0),
+                     'kernel': jnp.full((2, 2), 1.0)}}
+  rng = np.random.default_rng(0)
+  grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32),
+                        params) for _ in range(steps)]
+  for t in range(frozen_steps):  # our step: the frozen layer's grads are 0
+    grads[t]['head']['prototypes'] = np.zeros((3, 2), np.float32)
+  tx = optim.get_optimizer(opt, lr, steps)
+  state = tx.init(params)
+  ours = params
+  torch = {k: np.asarray(v, np.float64) for k, v in params['head'].items()}
+  torch_state = {k: (0, 0.0, 0.0) for k in torch}
+  for t in range(steps):
+    updates, state = tx.update(grads[t], state, ours)
+    ours = optax.apply_updates(ours, updates)
+    for k in torch:
+      g = None if (k == 'prototypes' and t < frozen_steps) else grads[t]['head'][k]
+      torch[k], torch_state[k] = _torch_adamw_step(
+          torch[k], g, torch_state[k], lr(t), float(wd(t)))
+    for k in torch:
+      np.testing.assert_allclose(ours['head'][k], torch[k], rtol=1e-5,
+                                 err_msg=f'{k}, step {t}')
+    if t == frozen_steps:
+      first_real_step = np.asarray(ours['head']['prototypes'])
+  # Without the option, the first step after the freeze differs.
+  opt.wait_for_gradient_params = ()
+  tx = optim.get_optimizer(opt, lr, steps)
+  state, plain = tx.init(params), params
+  for t in range(frozen_steps + 1):
+    updates, state = tx.update(grads[t], state, plain)
+    plain = optax.apply_updates(plain, updates)
+  assert not np.allclose(plain['head']['prototypes'], first_real_step,
+                         rtol=1e-3)
+
+
+def test_wait_for_gradient_params_must_name_a_parameter():
+  opt = _opt(name='adamw', wait_for_gradient_params=('last_layer',))
+  tx = optim.get_optimizer(opt, lambda t: 0.1, 10)
+  with pytest.raises(ValueError, match="names \\['last_layer'\\], which no "
+                     "parameter"):
+    tx.init(PARAMS)
