@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, NamedTuple, Sequence
 # The test modules that hold official ports; the meta-test imports them all so
 # that their decorators have run whichever tests pytest selected.
 MODULES = ('test_losses', 'test_contrastive', 'test_clustering',
-           'test_distill', 'test_pretext', 'test_official_ports')
+           'test_distill', 'test_pretext', 'test_optim', 'test_official_ports')
 
 # Methods without released code, and why their test ports the paper instead.
 NO_OFFICIAL_CODE = {

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from configs import common
+from official_ports import official_port
 from ssl_jax import optim
 
 PARAMS = {'dense': {'kernel': jnp.full((3, 2), 2.0), 'bias': jnp.full((2,), 3.0)},
@@ -192,6 +193,9 @@ def _torch_adamw_step(p, grad, state, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
   return p - lr / (1 - b1 ** step) * m / denom, (step, m, v)
 
 
+@official_port('dino', devices=(1,), source='facebookresearch/dino at '
+               '7c446df5b9f45747937fb0d72314eb9f7b66930a, utils.py lines '
+               '144-149, main_dino.py lines 331-343; torch AdamW')
 def test_frozen_last_layer_is_skipped_like_dino_cancel_gradients():
   # dino utils.py L144-L149 (cancel_gradients_last_layer: p.grad = None for
   # `freeze_last_layer` epochs) under torch's AdamW, main_dino.py L331-L343:
