@@ -279,7 +279,8 @@ def swav_official_loss(embedding, prototypes_weight, temperature, epsilon,
 @official_port('swav', 'seer', source='facebookresearch/swav at '
                '06b1b7cbaf6ba2a792300d79c7299db98b93b7f9, main_swav.py lines '
                '277-315 and 353-376, src/resnet50.py lines 297-305 (SEER is '
-               'this loss on a RegNet: vissl swav_loss)')
+               'this loss on a RegNet: vissl/losses/swav_loss.py, whose '
+               'distibuted_sinkhornknopp.py lines 26-80 is the same algorithm)')
 def test_swav_loss_gradient_and_prototype_update_match_official_code():
   crops, b, d, k = 4, 16, 8, 6
   emb = _random((crops, b, d), 20)
