@@ -11,11 +11,11 @@ Against facebookresearch/barlowtwins@8e8d284 (`main.py`):
   schedule         | 10 warm-up, cosine to 1e-3 | 10 epochs, end 0.001 x base (L157-L166)
   lambda           | 0.0051                     | 0.0051 (L39)
   projector        | 8192-8192-8192             | 8192-8192-8192 (L41)
-  loss gradient    | the loss's, on any device count | 1/R of it on R GPUs (32 in the recipe): all_reduce of c outside autograd, then DDP's mean (L215-L216; tests/test_official_ports.py)
-Deliberate: the LARS momentum is optax's (after the lr), torch's before; the
-gradient is the loss's own, not the official 1/R, so that a run does not
-depend on its device count (with LARS only the weight-decay and bias/BN
-steps feel the factor).
+  loss scale       | 1/16 on any device count   | 1/R of the loss's gradient on R GPUs: all_reduce of c outside autograd, then DDP's mean (L215-L216); R = 16 (README.md L60)
+Deliberate: the LARS momentum is optax's (after the lr), torch's before.
+The official update uses 1/16 of the loss's gradient (it matters where LARS
+does not rescale: against the weight decay, and for biases and BN); the
+loss scale makes ours that update on any number of devices.
 
 The `cifar10` variant is solo-learn's scripts/pretrain/cifar/barlow.yaml
 (ResNet-18, projector 2048-2048-2048, loss x 0.1, LARS lr 0.3, wd 1e-4,
@@ -38,7 +38,6 @@ def get_config(variant=None):
   c.model.projector = common.mlp((8192, 8192), 8192)
   # BYOL's asymmetric augmentations (the paper follows BYOL).
   c.augment.views = common.byol_views(224)
-  c.method.loss_scale = 1.0
   # LARS, batch 2048, 1000 epochs, 10 warm-up epochs, lr 0.2 * B/256 for the
   # weights and 0.0048 * B/256 for biases and BN parameters, cosine decay by
   # a factor 1000, weight decay 1e-6 (barlowtwins main.py defaults).
@@ -48,12 +47,17 @@ def get_config(variant=None):
   c.optimizer.update(name='lars', lr=0.2, lr_scaling='linear',
                      weight_decay=1e-6, final_lr_fraction=0.001,
                      bias_norm_lr=0.0048)
+  # The official update is 1/R of the loss's gradient on R = 16 GPUs
+  # (tests/test_official_ports.py); the scale gives it on any device count.
+  c.method.loss_scale = 1.0 / 16
   if variant == 'cifar10':
     common.cifar10(c, lr=0.3, weight_decay=1e-4, views='asymmetric')
     c.model.projector = common.mlp((2048, 2048), 2048)
     c.method.loss_scale = 0.1
     return c
   common.apply_variant(c, variant)
+  if variant:
+    c.method.loss_scale = 1.0  # the CPU recipes were tuned unscaled
   if variant == 'fmnist':
     # Redundancy reduction wants a wider output than the shared 64-d head.
     c.model.projector = common.mlp((512,), 256)

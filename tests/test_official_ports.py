@@ -295,7 +295,7 @@ def test_mocov3_loss_and_gradient_match_official_code():
 BARLOW_SOURCE = ('facebookresearch/barlowtwins at '
                  '8e8d284ca0bc02f88b92328e53f9b901e86b4a3c, main.py lines '
                  '180-221 (off_diagonal, BarlowTwins.forward) and 89 '
-                 '(SyncBatchNorm)')
+                 '(SyncBatchNorm), README.md line 60 (16 GPUs)')
 
 
 def barlow_official_c(z1, z2, replicas, batch_size):
@@ -337,15 +337,14 @@ def barlow_official_loss(z1, z2, replicas=1, lambd=0.0051):
   return total
 
 
-@official_port('barlow_twins', source=BARLOW_SOURCE,
-               differs='on R devices the official gradient is 1/R of the '
-                       "loss's; ours is the loss's (configs/barlow_twins.py)")
+@official_port('barlow_twins', source=BARLOW_SOURCE)
 def test_barlow_twins_loss_and_gradient_against_official_code():
   """Barlow Twins' loss against facebookresearch/barlowtwins
   (BARLOW_SOURCE). The value agrees on 1 and 8 devices. The gradient agrees
   on one device; on R processes the official gradient is 1/R of the loss's
-  (the all_reduce of c is not differentiated), ours is the loss's on any
-  device count: a deliberate difference, tabled in configs/barlow_twins.py."""
+  (the all_reduce of c is not differentiated) while the loss function's is
+  the loss's on any device count, so the paper recipe scales the loss by
+  1/16, the official run's R (README.md line 60)."""
   z1 = _normal(32, 16, seed=40)
   z2 = z1 + 0.5 * _normal(32, 16, seed=41)
   fn = losses.get_loss('barlow_twins')
@@ -360,6 +359,8 @@ def test_barlow_twins_loss_and_gradient_against_official_code():
     for got, w in zip(grads, want_grads):
       np.testing.assert_allclose(got, replicas * np.asarray(w), rtol=1e-4,
                                  atol=1e-6)
+  config = importlib.import_module('configs.barlow_twins').get_config()
+  assert config.method.loss_scale == 1.0 / 16
 
 
 # ---------------------------------------------------------------------------
