@@ -27,9 +27,9 @@ from typing import Dict, Optional
 
 from absl import app, flags, logging
 
-from ssl_jax import cli, cpu
+from ssl_jax import cli, cpu, experiment
+from ssl_jax import features as feats
 from ssl_jax import workdir as workdir_lib
-from ssl_jax.evaluation import features as feats
 from ssl_jax.evaluation import knn, linear, supervised
 
 PROTOCOLS = ('linear', 'knn', 'finetune')
@@ -107,9 +107,9 @@ def score(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   start = time.time()
   # The run's own config.json holds every eval field (configs.common's
   # defaults at training time): evaluation needs no config file.
-  config = feats.load_config(workdir)
+  config = experiment.load_config(workdir)
   baselines = config.eval.get('baselines', True)
-  _, s, state = feats.load_run(workdir, step, with_init=baselines)
+  _, s, state = experiment.load_run(workdir, step, with_init=baselines)
   mode = config.eval.linear_mode
   if mode not in LINEAR_MODES:
     raise ValueError(f'Unknown config.eval.linear_mode {mode!r}; known: '

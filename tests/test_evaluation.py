@@ -13,8 +13,9 @@ import pytest
 
 from configs import simclr as simclr_config
 from ssl_jax import evaluate, export, models
-from ssl_jax.evaluation import features as feats
-from ssl_jax.evaluation import knn, linear, monitors
+from ssl_jax import features as feats
+from ssl_jax import experiment, monitors
+from ssl_jax.evaluation import knn, linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +205,7 @@ def test_cli_finetune_and_augmented_linear(runs, tmp_path):
 
 def test_export_round_trip_gives_the_same_features(runs, tmp_path):
   out = export.export(runs['full'], str(tmp_path / 'export'))
-  config, _, state = feats.load_run(runs['full'], with_init=False)
+  config, _, state = experiment.load_run(runs['full'], with_init=False)
   _, test_source = feats.eval_sources(config)
   fn = feats.make_feature_fn(config.model, feats.view_size(config),
                              test_source.mean, test_source.std)

@@ -20,10 +20,9 @@ from typing import Any, Dict, Optional
 import ml_collections
 import numpy as np
 
-from ssl_jax import data, parallel
-from ssl_jax.evaluation import features as feats
+from ssl_jax import data, linear_probe, parallel
+from ssl_jax import features as feats
 from ssl_jax.evaluation import knn
-from ssl_jax.methods.base import probe_logits
 
 
 class PeriodicEvaluator:
@@ -74,7 +73,7 @@ class PeriodicEvaluator:
         temperature=self.config.eval.knn_temperature, num_classes=n_cls)
     metrics = {'eval_knn_acc': result['top1'] / 100}
     if state.probe:
-      logits = np.asarray(probe_logits(parallel.to_host(state.probe['params']),
+      logits = np.asarray(linear_probe.logits(parallel.to_host(state.probe['params']),
                                        test_x))
       metrics['eval_online_probe_acc'] = float(np.mean(logits.argmax(-1) == test_y))
     return metrics
