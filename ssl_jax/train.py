@@ -14,7 +14,7 @@ from ssl_jax import (checkpointing, data, divergence, features, methods,
                      metric_writers, monitors, parallel)
 from ssl_jax import validation
 from ssl_jax import workdir as workdir_lib
-from ssl_jax.evaluation import periodic
+from ssl_jax.evaluation import registry as evaluators
 # The pieces a config builds before the loop (also evaluation's restore
 # template); re-exported because `train.setup(config)` is how tests and
 # experiments build a run.
@@ -153,7 +153,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   device_batches = parallel.global_batches(
       batches, mesh, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
-  evaluator = periodic.make_evaluator(config)
+  evaluator = evaluators.make_evaluations(config, s.durations)
   # The state lives on the devices from here on: replicated global arrays.
   rstate = parallel.put_replicated(state, mesh)
   # Collapse monitors run on the steps whose metrics are read (a traced flag,
@@ -227,7 +227,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           'when healthy, 0 when every embedding is the same).', step,
           host['embedding_std'], collapse_threshold)
     if evaluating:
-      host.update(evaluator(rstate))
+      host.update(evaluator(rstate, step, last=step == s.total_steps))
     if write:
       host['images_per_sec'] = progress.images_per_second(step)
       writer.write(step, host)
