@@ -6,7 +6,11 @@ import that dodges a cycle as surely as a module-level one.
 """
 
 import ast
+import os
 import pathlib
+import shutil
+import subprocess
+import sys
 from typing import Dict, List, Set, Tuple
 
 import pytest
@@ -218,3 +222,69 @@ def test_no_dead_module_level_helpers():
 @pytest.mark.parametrize('name', ['local_device_count', 'device_count', 'host_local_to_numpy'])
 def test_named_dead_helpers_are_gone(name):
   assert not hasattr(__import__('ssl_jax.parallel', fromlist=['x']), name)
+
+
+# ---------------------------------------------------------------------------
+# CONTRIBUTING.md's worked example: a method is four files, nothing else.
+
+
+def _contributing_blocks() -> Tuple[Dict[str, str], str]:
+  """The files CONTRIBUTING.md's example writes, and its test entry."""
+  text = (ROOT / 'CONTRIBUTING.md').read_text()
+  blocks = text.split('```python\n')[1:]
+  files, entry = {}, None
+  for block in blocks:
+    code = block.split('```')[0]
+    first, _, rest = code.partition('\n')
+    if first.startswith('# ') and first[2:].endswith('.py'):
+      files[first[2:]] = rest
+    else:
+      entry = code
+  return files, entry
+
+
+_EXAMPLE_RUN = r'''
+import json, sys
+import numpy as np
+import configs.align_variance as recipe
+from ssl_jax import losses, train
+from ssl_jax.testing import LossCase, strategies
+from ssl_jax.testing.properties import run_property
+
+entry = eval('{' + open(sys.argv[2]).read() + '}')
+case = entry['align_variance']
+rng = np.random.default_rng(0)
+z1, z2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+run_property('collapse', losses.get_loss('align_variance'), (z1, z2), case)
+config = recipe.get_config('smoke')
+config.num_steps = 4
+train.train_and_evaluate(config, sys.argv[1])
+rows = [json.loads(l) for l in open(sys.argv[1] + '/metrics.jsonl')]
+assert rows and all(np.isfinite(r['loss']) for r in rows), rows
+print('WORKED', rows[-1]['loss'])
+'''
+
+
+def test_contributing_worked_example_adds_a_method_with_four_files(tmp_path):
+  """Copies the package, writes CONTRIBUTING.md's files into it (no other
+  edit), and trains the new method's smoke config; its test entry is the
+  LossCase of the property suite, checked here on its collapse value."""
+  files, entry = _contributing_blocks()
+  assert sorted(files) == ['configs/align_variance.py',
+                           'ssl_jax/losses/align_variance.py',
+                           'ssl_jax/methods/align_variance.py']
+  assert entry and 'LossCase' in entry
+  tree = tmp_path / 'tree'
+  for name in ('ssl_jax', 'configs'):
+    shutil.copytree(ROOT / name, tree / name,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+  for path, code in files.items():
+    assert not (tree / path).exists()
+    (tree / path).write_text(code)
+  (tmp_path / 'entry.py').write_text(entry)
+  env = dict(os.environ, PYTHONPATH=str(tree))
+  out = subprocess.run(
+      [sys.executable, '-c', _EXAMPLE_RUN, str(tmp_path / 'run'),
+       str(tmp_path / 'entry.py')],
+      cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and 'WORKED' in out.stdout, out.stderr[-3000:]
