@@ -130,6 +130,22 @@ def test_import_graph_has_no_cycle():
   assert find_cycles(import_graph()) == []
 
 
+def test_no_function_level_import_of_our_modules():
+  """Inside a function, an import of ours only ever dodged a cycle."""
+  found = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ''])
+        if (any(n.split('.')[0] == 'ssl_jax' for n in names)
+            or getattr(node, 'level', 0)):
+          found.append(f'{path.relative_to(ROOT)}:{node.lineno}')
+  assert not found, f'function-level imports of ssl_jax: {found}'
+
+
 def test_losses_import_only_parallel():
   graph = import_graph()
   bad = {(m, t) for m, edges in graph.items() if _in(m, 'ssl_jax.losses')

@@ -6,7 +6,7 @@ over the batch become `psum`s, so the global batch is clustered without any
 device holding all of it.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
