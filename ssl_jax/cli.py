@@ -24,7 +24,6 @@ from ssl_jax import workdir as workdir_lib
 
 USAGE_EXIT_CODE = 2
 FAILURE_EXIT_CODE = 1
-PREEMPTED_EXIT_CODE = divergence.PREEMPTED_EXIT_CODE
 
 
 def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
