@@ -304,3 +304,10 @@ def test_contributing_worked_example_adds_a_method_with_four_files(tmp_path):
        str(tmp_path / 'entry.py')],
       cwd=tree, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and 'WORKED' in out.stdout, out.stderr[-3000:]
+  shutil.copytree(ROOT / 'tests', tree / 'tests',
+                  ignore=shutil.ignore_patterns('__pycache__'))
+  out = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
+       'tests/test_configs.py', '-k', 'align_variance or every_method'],
+      cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
