@@ -180,6 +180,10 @@ class Distill(Method):
           f'restore that teacher, or start a new --workdir.')
 
   def _student(self, axis_name):
+    if self.teacher is None:
+      raise ValueError('The distillation teacher is not loaded: call '
+                       'method.bind_inputs(experiment.load_backbone) before '
+                       'init (experiment.setup does).')
     return DistillStudent(models.get_backbone(self.config.model, axis_name),
                           self.num_classes, self.teacher.dim)
 
