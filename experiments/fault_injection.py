@@ -82,7 +82,7 @@ def _checkpoints(workdir):
 
 def _final_state(workdir):
   from ssl_jax import checkpointing, train  # pylint: disable=g-import-not-at-top
-  from ssl_jax.evaluation.features import load_config  # pylint: disable=g-import-not-at-top
+  from ssl_jax.experiment import load_config  # pylint: disable=g-import-not-at-top
   setup = train.setup(load_config(workdir))
   ckpt = checkpointing.Checkpointer(workdir)
   state, _ = ckpt.restore(setup.state)

@@ -33,7 +33,8 @@ import numpy as np  # noqa: E402
 
 from ssl_jax import data, models, parallel  # noqa: E402
 from ssl_jax.data import augment  # noqa: E402
-from ssl_jax.evaluation import features as feats  # noqa: E402
+from ssl_jax import experiment  # noqa: E402
+from ssl_jax import features as feats  # noqa: E402
 from ssl_jax.evaluation import linear  # noqa: E402
 
 # Duplicates of another entry (a ViT's last block without its class token).
@@ -109,7 +110,7 @@ def probe_run(workdir: str, *, step: Optional[int] = None, grid: int = 1,
     {'workdir', 'method', 'step', 'stages', 'feature_dims', 'top1'
     [, 'top1_random_init']}, accuracies in percent.
   """
-  config, s, state = feats.load_run(workdir, step)
+  config, s, state = experiment.load_run(workdir, step)
   if max_train_examples:
     config.eval.max_train_examples = max_train_examples
   if max_test_examples:

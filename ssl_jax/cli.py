@@ -19,13 +19,11 @@ from typing import Callable, List, NoReturn, Sequence
 
 from absl import flags
 
+from ssl_jax import checkpointing, divergence, parallel
+from ssl_jax import workdir as workdir_lib
+
 USAGE_EXIT_CODE = 2
 FAILURE_EXIT_CODE = 1
-PREEMPTED_EXIT_CODE = 75
-
-
-class UsageError(ValueError):
-  """A user error found by a command line itself (not by the library)."""
 
 
 def fail(message: str, code: int = USAGE_EXIT_CODE) -> NoReturn:
@@ -89,18 +87,16 @@ def run(fn: Callable[[], None]) -> None:
   Args:
     fn: the command's work; it prints its own results.
   """
-  from ssl_jax import checkpointing, parallel, train  # pylint: disable=g-import-not-at-top
-  from ssl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   try:
     fn()
-  except train.Preempted as e:
+  except divergence.Preempted as e:
     sys.stderr.write(f'{e}\n')
-    sys.exit(train.PREEMPTED_EXIT_CODE)
+    sys.exit(divergence.PREEMPTED_EXIT_CODE)
   except workdir_lib.WorkdirLockedError as e:
     fail(str(e), FAILURE_EXIT_CODE)
   except parallel.DistributedInitError as e:
     fail(str(e), FAILURE_EXIT_CODE)
-  except (ValueError, FileNotFoundError, train.NonFiniteError) as e:
+  except (ValueError, FileNotFoundError, divergence.NonFiniteError) as e:
     # Bad input (flags, config values, paths, steps): the command must change.
     fail(str(e), USAGE_EXIT_CODE)
   except checkpointing.CheckpointError as e:

@@ -14,6 +14,20 @@ import math
 from typing import Optional
 
 
+# Exit status after a checkpoint written on SIGTERM/SIGINT: EX_TEMPFAIL, "try
+# again"; schedulers can requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+  """Raised after the checkpoint written on SIGTERM/SIGINT is complete."""
+
+  def __init__(self, step: int):
+    super().__init__(f'Preempted at step {step}; checkpoint saved. Run the same '
+                     f'command again to resume.')
+    self.step = step
+
+
 class NonFiniteError(FloatingPointError):
   """The step's loss, gradients or updated state became NaN/inf (policy 'stop')."""
 

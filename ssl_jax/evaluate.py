@@ -4,15 +4,8 @@ r"""Evaluates a run's checkpoint on its dataset.
   python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=knn --step=2000
   python -m ssl_jax.evaluate --workdir=runs/simclr --protocol=finetune
 
-Protocols:
-  linear    a linear classifier on the frozen backbone; `config.eval.linear_mode`
-            'features' (logistic regression on precomputed features) or
-            'augmented' (random crop + flip through the frozen backbone, SGD or
-            LARS, cosine schedule: the standard protocol);
-  knn       weighted k-NN (k = config.eval.knn_k, T = config.eval.knn_temperature)
-            with the training features as a bank sharded over the devices;
-  finetune  the whole network with a new linear head, the backbone at a lower
-            learning rate.
+Protocols: the evaluators of ssl_jax/evaluation/protocols.py, from the
+registry (`ssl_jax.evaluation.get_evaluator`): linear, knn, finetune.
 
 Writes `workdir/eval_<protocol>.json` with `top1` and `top5` of the trained
 encoder. With `config.eval.baselines` (the default) the same
@@ -27,53 +20,18 @@ from typing import Dict, Optional
 
 from absl import app, flags, logging
 
-from ssl_jax import cli, cpu
+from ssl_jax import cli, cpu, experiment
 from ssl_jax import workdir as workdir_lib
-from ssl_jax.evaluation import features as feats
-from ssl_jax.evaluation import knn, linear, supervised
+from ssl_jax.evaluation import get_evaluator
 
+# The registry's protocols that score a checkpoint on their own.
 PROTOCOLS = ('linear', 'knn', 'finetune')
-LINEAR_MODES = ('features', 'augmented')
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
 flags.DEFINE_enum('protocol', 'linear', PROTOCOLS, 'Evaluation protocol.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.mark_flags_as_required(['workdir'])
-
-
-def _score(protocol, config, num_classes, train, test) -> Dict[str, float]:
-  (train_x, train_y), (test_x, test_y) = train, test
-  if protocol == 'linear':
-    return linear.train_linear_probe(
-        train_x, train_y, test_x, test_y, num_classes=num_classes,
-        epochs=config.eval.linear_epochs, batch_size=config.eval.linear_batch_size,
-        lr=config.eval.linear_lr, weight_decay=config.eval.linear_weight_decay,
-        seed=config.seed)
-  return knn.knn_accuracy(train_x, train_y, test_x, test_y,
-                          ks=tuple(config.eval.knn_k),
-                          temperature=config.eval.knn_temperature,
-                          num_classes=num_classes)
-
-
-def _on_the_fly(protocol, config, variables, train_source, test_source
-                ) -> Dict[str, float]:
-  """Protocols that run images through the backbone while training a head."""
-  e = config.eval
-  prefix = 'finetune' if protocol == 'finetune' else 'linear_aug'
-  batch_size = e[f'{prefix}_batch_size']
-  return supervised.train_classifier(
-      config.model, variables, train_source, test_source,
-      mode='finetune' if protocol == 'finetune' else 'linear',
-      size=feats.view_size(config), epochs=e[f'{prefix}_epochs'],
-      batch_size=batch_size,
-      # Learning rates are given per 256 examples (SimCLR's lr x B/256).
-      lr=e[f'{prefix}_lr'] * min(batch_size, len(train_source)) / 256,
-      optimizer=e[f'{prefix}_optimizer'],
-      weight_decay=e[f'{prefix}_weight_decay'],
-      backbone_lr_mult=e.get('finetune_backbone_lr_mult', 0.1),
-      crop_scale=tuple(e.get('linear_aug_crop_scale', (0.08, 1.0))),
-      eval_batch_size=e.batch_size, seed=config.seed)
 
 
 def evaluate(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
@@ -107,45 +65,21 @@ def score(workdir: str, protocol: str, step: Optional[int] = None) -> Dict:
   start = time.time()
   # The run's own config.json holds every eval field (configs.common's
   # defaults at training time): evaluation needs no config file.
-  config = feats.load_config(workdir)
+  config = experiment.load_config(workdir)
   baselines = config.eval.get('baselines', True)
-  _, s, state = feats.load_run(workdir, step, with_init=baselines)
-  mode = config.eval.linear_mode
-  if mode not in LINEAR_MODES:
-    raise ValueError(f'Unknown config.eval.linear_mode {mode!r}; known: '
-                     f'{", ".join(LINEAR_MODES)}.')
-  train_source, test_source = feats.eval_sources(config)
-  n_cls = train_source.num_classes
+  evaluator = get_evaluator(protocol)(config)
+  _, s, state = experiment.load_run(workdir, step, with_init=baselines)
   result = {'protocol': protocol, 'step': int(state.step),
-            'num_train_examples': len(train_source),
-            'num_test_examples': len(test_source)}
-  if protocol == 'finetune' or (protocol == 'linear' and mode == 'augmented'):
-    result['linear_mode'] = mode if protocol == 'linear' else None
-    result.update(_on_the_fly(protocol, config, feats.backbone_variables(state),
-                              train_source, test_source))
-    if baselines:
-      result['top1_random_init'] = _on_the_fly(
-          protocol, config, feats.backbone_variables(s.state), train_source,
-          test_source)['top1']
-    return _finish(result, start)
-  if protocol == 'linear':
-    result['linear_mode'] = mode
-  feature_fn = feats.make_feature_fn(config.model, feats.view_size(config),
-                                     train_source.mean, train_source.std)
-  bs = config.eval.batch_size
-
-  def encoder_features(st):
-    variables = feats.backbone_variables(st)
-    return (feats.extract(feature_fn, variables, train_source, bs),
-            feats.extract(feature_fn, variables, test_source, bs))
-
-  result.update(_score(protocol, config, n_cls, *encoder_features(state)))
+            'num_train_examples': len(evaluator.train_source),
+            'num_test_examples': len(evaluator.test_source)}
+  if protocol != 'knn':
+    result['linear_mode'] = config.eval.linear_mode if protocol == 'linear' else None
+  result.update(evaluator(state))
   if baselines:
-    random_init = _score(protocol, config, n_cls, *encoder_features(s.state))
-    pixels = _score(protocol, config, n_cls, feats.raw_pixels(train_source),
-                    feats.raw_pixels(test_source))
-    result['top1_random_init'] = random_init['top1']
-    result['top1_raw_pixels'] = pixels['top1']
+    result['top1_random_init'] = evaluator(s.state)['top1']
+    pixels = evaluator.raw_pixels()
+    if pixels is not None:
+      result['top1_raw_pixels'] = pixels['top1']
   return _finish(result, start)
 
 

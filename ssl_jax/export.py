@@ -33,12 +33,14 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from absl import app, flags, logging
 import flax.serialization
 import flax.traverse_util
 import ml_collections
 import numpy as np
 
-from ssl_jax import cpu
+from ssl_jax import cli, cpu, data, experiment, interop, models
+from ssl_jax import features as feats
 from ssl_jax import workdir as workdir_lib
 
 MSGPACK, NPZ, CONFIG = 'backbone.msgpack', 'backbone.npz', 'config.json'
@@ -86,7 +88,6 @@ def save_torch_backbone(out: str, variables: Dict[str, Any],
   Raises:
     ValueError: the backbone has no PyTorch counterpart (ssl_jax/interop.py).
   """
-  from ssl_jax import interop  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(model_config))
   state_dict = interop.to_torch_state_dict(config, variables)
   interop.save_state_dict(state_dict, out)
@@ -114,7 +115,6 @@ def load_backbone(path: str, fmt: str = 'msgpack') -> Tuple[Any, Dict[str, Any]]
     (module, variables): a flax module whose `apply(variables, images,
     train=False)` returns `(features [B, D], aux)`, and its variables.
   """
-  from ssl_jax import models  # pylint: disable=g-import-not-at-top
   info = json.loads(workdir_lib.path(path).joinpath(CONFIG).read_text())
   module = models.get_backbone(ml_collections.ConfigDict(info['model']),
                                axis_name=None)
@@ -147,9 +147,7 @@ def export(workdir: str, out: str, step: Optional[int] = None,
   """
   if fmt not in FORMATS:
     raise ValueError(f'Unknown export format {fmt!r}; known: {", ".join(FORMATS)}.')
-  from ssl_jax import data  # pylint: disable=g-import-not-at-top
-  from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
-  config, _, state = feats.load_run(workdir, step, with_init=False)
+  config, _, state = experiment.load_run(workdir, step, with_init=False)
   source = data.get_source(config.data, config.data.eval_split, 1)
   save = save_torch_backbone if fmt == 'torch' else save_backbone
   save(out, feats.backbone_variables(state), config.model.to_dict(),
@@ -163,8 +161,6 @@ def export(workdir: str, out: str, step: Optional[int] = None,
 def main(argv):
   # Before the first JAX computation, which starts XLA:CPU with them.
   cpu.configure_xla_flags()
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
-  from ssl_jax import cli  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}; flags are --name=value.')
   # Orbax logs every restore step at INFO.
@@ -181,7 +177,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app, flags  # noqa: E402  pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'The --workdir of a training run.')
   flags.DEFINE_string('out', None, 'Output folder (flax; default WORKDIR/export) '
                       'or file (torch; default WORKDIR/backbone.safetensors).')
@@ -189,5 +184,4 @@ if __name__ == '__main__':
                     "config.json; 'torch': a torchvision/timm state_dict.")
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
   flags.mark_flags_as_required(['workdir'])
-  from ssl_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
   app.run(main, flags_parser=cli.parse_flags)

@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 
 from ssl_jax import models
+from ssl_jax import workdir as workdir_lib
 from ssl_jax.models.resnet import ResNet
 from ssl_jax.models.vit import ViT
 
@@ -336,7 +337,6 @@ def save_state_dict(state_dict: Dict[str, np.ndarray], path: str) -> None:
   """Writes a state_dict as `.safetensors` (needs only safetensors) or with
   `torch.save` (any other name; needs torch)."""
   # Bytes first, then one atomic write through epath (local or gs://).
-  from ssl_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   if path.endswith('.safetensors'):
     from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
     workdir_lib.write_atomic(path, st.save(state_dict))

@@ -206,6 +206,38 @@ def _scaled(schedule: Schedule, factor: float) -> Schedule:
   return lambda step: factor * schedule(step)
 
 
+def _with_constant_lr_groups(opt, tx, build, weight_decay, global_batch):
+  """`tx` for most parameters; `opt.constant_lr_params` at a constant rate."""
+  constant_groups = tuple(opt.constant_lr_params)
+  constant = peak_learning_rate(
+      ml_collections.ConfigDict(dict(
+          opt.to_dict(), lr=opt.get('constant_lr', 0.0) or opt.lr)),
+      global_batch)
+
+  def labels(params):
+    missing = set(constant_groups) - set(params)
+    if missing:
+      raise ValueError(
+          f'optimizer.constant_lr_params names {sorted(missing)}, which the '
+          f'model does not have; its parameter groups are {sorted(params)}.')
+    return {k: 'fixed' if k in constant_groups else 'scheduled'
+            for k in params}
+
+  return optax.multi_transform(
+      {'fixed': build(opt, constant, weight_decay=weight_decay),
+       'scheduled': tx}, labels)
+
+
+def _gradient_clipping(opt) -> optax.GradientTransformation:
+  mode = opt.get('clip_grad_mode', 'global')
+  if mode == 'global':
+    return optax.clip_by_global_norm(opt.clip_grad_norm)
+  if mode == 'per_parameter':
+    return clip_each_by_norm(opt.clip_grad_norm)
+  raise ValueError(f"Unknown optimizer.clip_grad_mode {mode!r}; known: "
+                   f"global, per_parameter.")
+
+
 def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
                   total_steps: int = 0,
                   global_batch: int = 256) -> optax.GradientTransformation:
@@ -237,25 +269,8 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
   build = OPTIMIZERS.get(opt.name)
   weight_decay = weight_decay_schedule(opt, total_steps)
   tx = build(opt, lr, weight_decay=weight_decay)
-  constant_groups = tuple(opt.get('constant_lr_params', ()) or ())
-  if constant_groups:
-    constant = peak_learning_rate(
-        ml_collections.ConfigDict(dict(
-            opt.to_dict(), lr=opt.get('constant_lr', 0.0) or opt.lr)),
-        global_batch)
-
-    def labels(params):
-      missing = set(constant_groups) - set(params)
-      if missing:
-        raise ValueError(
-            f'optimizer.constant_lr_params names {sorted(missing)}, which the '
-            f'model does not have; its parameter groups are {sorted(params)}.')
-      return {k: 'fixed' if k in constant_groups else 'scheduled'
-              for k in params}
-
-    tx = optax.multi_transform(
-        {'fixed': build(opt, constant, weight_decay=weight_decay),
-         'scheduled': tx}, labels)
+  if tuple(opt.get('constant_lr_params', ()) or ()):
+    tx = _with_constant_lr_groups(opt, tx, build, weight_decay, global_batch)
   if opt.get('bias_norm_lr', 0.0):
     # Two parameter groups, as barlowtwins main.py's `param_weights` and
     # `param_biases`: the same schedule, another peak.
@@ -281,13 +296,5 @@ def get_optimizer(opt: ml_collections.ConfigDict, lr: Schedule,
             build(opt, lr, weight_decay=weight_decay)), 'rest': tx},
         wait_labels)
   if opt.get('clip_grad_norm', 0.0):
-    mode = opt.get('clip_grad_mode', 'global')
-    if mode == 'global':
-      clip = optax.clip_by_global_norm(opt.clip_grad_norm)
-    elif mode == 'per_parameter':
-      clip = clip_each_by_norm(opt.clip_grad_norm)
-    else:
-      raise ValueError(f"Unknown optimizer.clip_grad_mode {mode!r}; known: "
-                       f"global, per_parameter.")
-    tx = optax.chain(clip, tx)
+    tx = optax.chain(_gradient_clipping(opt), tx)
   return tx

@@ -1,128 +1,32 @@
 """The training loop: set up or resume, step, log, checkpoint, stop cleanly."""
 
-import dataclasses
+import functools
 import logging
 import signal
 import threading
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import (checkpointing, data, divergence, interop, methods,
-                     metric_writers, optim, parallel)
-from ssl_jax.durations import Durations
-from ssl_jax.evaluation import monitors
-from ssl_jax.methods.base import global_norm, init_probe
-from ssl_jax.train_state import TrainState
+from ssl_jax import (checkpointing, data, divergence, features, methods,
+                     metric_writers, monitors, parallel)
 from ssl_jax import validation
 from ssl_jax import workdir as workdir_lib
+from ssl_jax.evaluation import registry as evaluators
+# The pieces a config builds before the loop (also evaluation's restore
+# template); re-exported because `train.setup(config)` is how tests and
+# experiments build a run.
+from ssl_jax.experiment import Setup, setup  # noqa: F401
+from ssl_jax.methods.base import EpochContext, global_norm
+from ssl_jax.train_state import TrainState
 
-# Exit status after a checkpoint written on SIGTERM/SIGINT: EX_TEMPFAIL, "try
-# again"; schedulers can requeue on it.
-PREEMPTED_EXIT_CODE = 75
-
-
-class Preempted(Exception):
-  """Raised after the checkpoint written on SIGTERM/SIGINT is complete."""
-
-  def __init__(self, step: int):
-    super().__init__(f'Preempted at step {step}; checkpoint saved. Run the same '
-                     f'command again to resume.')
-    self.step = step
-
-
+# Where the loop stops early; re-exported for callers of train_and_evaluate.
+PREEMPTED_EXIT_CODE = divergence.PREEMPTED_EXIT_CODE
+Preempted = divergence.Preempted
 NonFiniteError = divergence.NonFiniteError
 DivergenceError = divergence.DivergenceError
-
-
-@dataclasses.dataclass
-class Setup:
-  """Everything built from a config before the first step."""
-  config: ml_collections.ConfigDict
-  source: data.Source
-  method: methods.Method
-  tx: Any
-  lr_schedule: Any
-  durations: Durations
-  state: TrainState  # freshly initialised (host)
-
-  @property
-  def total_steps(self) -> int:
-    return self.durations.total_steps
-
-  @property
-  def steps_per_epoch(self) -> int:
-    return self.durations.steps_per_epoch
-
-
-def feature_dim(config, method, params, batch_stats) -> int:
-  from ssl_jax import models  # pylint: disable=g-import-not-at-top
-  backbone = models.get_backbone(config.model)
-  # Arguments, not a closure: they may be ShapeDtypeStructs (abstract setup).
-  out = jax.eval_shape(
-      lambda p, s: backbone.apply({'params': p, 'batch_stats': s},
-                                  method.sample_input(), train=False),
-      params['backbone'], batch_stats.get('backbone', {}))
-  return out[0].shape[-1]
-
-
-def setup(config: ml_collections.ConfigDict,
-          source: Optional[data.Source] = None,
-          abstract: bool = False) -> Setup:
-  """Builds data source, method, optimizer and an initial state (host).
-
-  Args:
-    config: the run's config.
-    source: the training source; None reads `config.data` (tests pass a
-      stand-in that only describes the images, to check a recipe without
-      its dataset).
-    abstract: if True, the state is `jax.ShapeDtypeStruct`s (jax.eval_shape
-      of the initialisation): nothing is computed or compiled.
-  """
-  if source is None:
-    source = data.get_source(config.data, config.data.train_split,
-                             config.data.get('max_train_examples', 0))
-  validation.validate_data(config, source)
-  if not abstract:
-    # Decodes a sample of the files now: a folder of unreadable files fails
-    # before compiling instead of training on black images.
-    data.probe_unreadable(source, config.data.get('max_bad_file_fraction', 1.0))
-  run = Durations.of_run(config, len(source), source.name)
-  lr_schedule = optim.learning_rate_schedule(
-      config.optimizer, config.batch_size, run.total_steps,
-      run.warmup_steps(config))
-  tx = optim.get_optimizer(config.optimizer, lr_schedule, run.total_steps,
-                           global_batch=config.batch_size)
-  method = methods.get_method(config, data.DataInfo.of(source), run)
-
-  rng = jax.random.PRNGKey(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  if abstract:
-    params, batch_stats, method_state = jax.eval_shape(method.init, init_rng)
-  else:
-    params, batch_stats, method_state = jax.jit(method.init)(init_rng)
-    if config.model.get('init_from'):
-      # Read before the first step, so a file that does not fit fails now.
-      params, batch_stats, method_state = interop.init_backbone(
-          config.model, params, batch_stats, method_state)
-  probe = {}
-  if config.training.get('online_probe', False) and source.num_classes > 0:
-    probe = init_probe(feature_dim(config, method, params, batch_stats),
-                       source.num_classes)
-
-  def create(params, batch_stats, method_state, probe):
-    return TrainState.create(params=params, batch_stats=batch_stats,
-                             opt_state=tx.init(params), rng=train_rng,
-                             method_state=method_state, probe=probe)
-
-  if abstract:
-    state = jax.eval_shape(create, params, batch_stats, method_state, probe)
-  else:
-    state = jax.device_get(create(params, batch_stats, method_state,
-                                  probe))
-  return Setup(config, source, method, tx, lr_schedule, run, state)
 
 
 def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None):
@@ -218,11 +122,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   """The run itself, once the workdir is checked, locked and its config saved."""
   is_main = parallel.is_main_process()
   s = setup(config)
+  # Per-epoch passes over the training set (DeepCluster's k-means).
+  embed_dataset = functools.partial(features.embed_dataset, s.source,
+                                    config.eval.batch_size)
   checkpointer = checkpointing.Checkpointer(
       workdir, config.training.get('keep_checkpoints', 3))
   state, meta = checkpointer.restore(s.state, set_aside_unreadable=True)
   resumed = state is not None
-  if not resumed:
+  if resumed:
+    s.method.check_inputs_record(meta.get('inputs', {}))
+  else:
     state = s.state
   start_step = int(state.step)
   if resumed:
@@ -244,8 +153,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   device_batches = parallel.global_batches(
       batches, mesh, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
-  from ssl_jax.evaluation import periodic  # pylint: disable=g-import-not-at-top
-  evaluator = periodic.make_evaluator(config)
+  evaluator = evaluators.make_evaluations(config, s.durations)
   # The state lives on the devices from here on: replicated global arrays.
   rstate = parallel.put_replicated(state, mesh)
   # Collapse monitors run on the steps whose metrics are read (a traced flag,
@@ -259,7 +167,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
     # Orbax writes the global arrays from the devices (each process its own
     # shards); no host copy of the whole state.
     checkpointer.save(rstate, {'data_position': int(parallel.to_host(rstate.step)),
-                               'steps_per_epoch': s.steps_per_epoch})
+                               'steps_per_epoch': s.steps_per_epoch,
+                               'inputs': s.method.inputs_record()})
 
   log_every = config.training.log_every
   checkpoint_every = config.training.checkpoint_every
@@ -318,7 +227,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           'when healthy, 0 when every embedding is the same).', step,
           host['embedding_std'], collapse_threshold)
     if evaluating:
-      host.update(evaluator(rstate))
+      host.update(evaluator(rstate, step, last=step == s.total_steps))
     if write:
       host['images_per_sec'] = progress.images_per_second(step)
       writer.write(step, host)
@@ -333,8 +242,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     for step in range(start_step + 1, s.total_steps + 1):
       if (step - 1) % s.steps_per_epoch == 0:
-        rstate = s.method.on_epoch_start(rstate, s,
-                                         (step - 1) // s.steps_per_epoch)
+        rstate = s.method.on_epoch_start(rstate, EpochContext(
+            epoch=(step - 1) // s.steps_per_epoch, durations=s.durations,
+            num_examples=len(s.source), embed_dataset=embed_dataset))
       last = step == s.total_steps
       evaluating = evaluator is not None and (evaluator.due(step) or last)
       monitored = (step % log_every == 0 or last or evaluating or

@@ -8,7 +8,9 @@ import numbers
 
 import ml_collections
 
+from ssl_jax import methods, models, optim
 from ssl_jax import workdir as workdir_lib
+from ssl_jax.data import DATASETS
 
 
 def _known(registry, name, field):
@@ -28,8 +30,6 @@ def _walk(config, prefix=''):
 
 def validate_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks names, ranges and the workdir; raises ValueError with a fix."""
-  from ssl_jax import methods, models, optim  # pylint: disable=g-import-not-at-top
-  from ssl_jax.data import DATASETS  # pylint: disable=g-import-not-at-top
   _known(methods.METHODS, config.method.name, 'config.method.name')
   _known(models.BACKBONES, config.model.backbone, 'config.model.backbone')
   _known(DATASETS, config.data.dataset, 'config.data.dataset')

@@ -125,8 +125,9 @@ def stand_in_teacher(monkeypatch):
   from ssl_jax import models  # pylint: disable=g-import-not-at-top
   from ssl_jax.methods import distill  # pylint: disable=g-import-not-at-top
 
-  def load_teacher(workdir, teacher_head, head_examples, teacher_json=''):
-    del workdir, head_examples, teacher_json
+  def load_teacher(config, load_backbone):
+    del load_backbone
+    teacher_head = config.method.teacher_head
     model = common.base_config('simclr').model
     model.update(backbone='resnet18', stem='cifar')
     backbone = models.get_backbone(model)
@@ -136,7 +137,7 @@ def stand_in_teacher(monkeypatch):
     variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     head = ({'kernel': np.zeros((512, 10), np.float32),
              'bias': np.zeros((10,), np.float32)} if teacher_head else None)
-    return model, variables, head, 512
+    return distill.Teacher(model, variables, head, 512, 'stand-in', '0' * 64)
 
   monkeypatch.setattr(distill, 'load_teacher', load_teacher)
 

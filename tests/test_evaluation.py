@@ -8,13 +8,16 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from configs import simclr as simclr_config
 from ssl_jax import evaluate, export, models
-from ssl_jax.evaluation import features as feats
-from ssl_jax.evaluation import knn, linear, monitors
+from ssl_jax import features as feats
+from ssl_jax import evaluation, experiment, monitors
+from ssl_jax.durations import Durations
+from ssl_jax.evaluation import knn, linear, registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +207,7 @@ def test_cli_finetune_and_augmented_linear(runs, tmp_path):
 
 def test_export_round_trip_gives_the_same_features(runs, tmp_path):
   out = export.export(runs['full'], str(tmp_path / 'export'))
-  config, _, state = feats.load_run(runs['full'], with_init=False)
+  config, _, state = experiment.load_run(runs['full'], with_init=False)
   _, test_source = feats.eval_sources(config)
   fn = feats.make_feature_fn(config.model, feats.view_size(config),
                              test_source.mean, test_source.std)
@@ -227,3 +230,35 @@ def test_plot_script_draws_two_runs(runs, tmp_path):
                   runs['resumed'], f'--out={out}'], cwd=ROOT, check=True)
   assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert out.stat().st_size > 10000
+
+
+def test_evaluator_registry_fails_loudly_and_schedules_config_evals(monkeypatch):
+  assert {'linear', 'knn', 'finetune', 'periodic'} <= set(evaluation.EVALUATORS)
+  with pytest.raises(ValueError, match='Known evaluators: finetune, knn, linear'):
+    evaluation.get_evaluator('linaer')
+
+  calls = []
+
+  class Fake:
+    def __init__(self, config):
+      del config
+
+    def __call__(self, state):
+      calls.append(state)
+      return {'top1': 1.0}
+
+  monkeypatch.setitem(registry.EVALUATORS, 'fake', Fake)
+  config = ml_collections.ConfigDict({'training': {'eval_every': 0}, 'evals': {
+      'often': {'type': 'fake', 'every_steps': 2},
+      'rare': {'type': 'fake', 'every_epochs': 2}}})
+  run = Durations(total_steps=12, steps_per_epoch=3, global_batch=8)
+  evals = registry.make_evaluations(config, run)
+  assert [e.every for e in evals.scheduled] == [2, 6]
+  assert [s for s in range(1, 13) if evals.due(s)] == [2, 4, 6, 8, 10, 12]
+  assert evals('state', 6) == {'eval_often_top1': 1.0, 'eval_rare_top1': 1.0}
+  assert evals('state', 4) == {'eval_often_top1': 1.0}
+  assert evals('state', 5, last=True) == {'eval_often_top1': 1.0,
+                                          'eval_rare_top1': 1.0}
+  # Without config.evals the older training.eval_every schedules `periodic`.
+  old = ml_collections.ConfigDict({'training': {'eval_every': 0}})
+  assert registry.make_evaluations(old, run) is None

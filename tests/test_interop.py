@@ -18,7 +18,7 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 from configs import byol as byol_config  # noqa: E402
 from configs import distill as distill_config  # noqa: E402
-from ssl_jax import data, export, interop, methods, models, train  # noqa: E402
+from ssl_jax import data, experiment, export, interop, methods, models, train  # noqa: E402
 from ssl_jax.durations import Durations  # noqa: E402
 
 # Tiny models on a shared 2-core machine: torch's thread pool only contends
@@ -235,9 +235,17 @@ def test_a_weights_file_as_the_distillation_teacher(tmp_path):
   source = data.get_source(config.data, config.data.train_split, 64)
   run = Durations(3, len(source) // config.batch_size, config.batch_size)
   method = methods.get_method(config, data.DataInfo.of(source), run)
-  assert method.teacher_dim == 32
-  jax.tree.map(np.testing.assert_array_equal, method.teacher_variables,
+  method.bind_inputs(experiment.load_backbone)
+  assert method.teacher.dim == 32
+  assert method.teacher.path == str(tmp_path / 'teacher')
+  jax.tree.map(np.testing.assert_array_equal, method.teacher.variables,
                jax.device_get(variables))
+  # Its checkpoints record the teacher's path and hash, not its weights.
+  assert method.inputs_record() == {'teacher_path': str(tmp_path / 'teacher'),
+                                    'teacher_sha256': method.teacher.sha256}
+  assert method.init(jax.random.PRNGKey(0))[2] == {}
+  with pytest.raises(ValueError, match='is not the one this run was trained'):
+    method.check_inputs_record({'teacher_path': 'old', 'teacher_sha256': '0' * 64})
   config.method.teacher_workdir = str(tmp_path)
   with pytest.raises(ValueError, match='Set one of'):
     methods.get_method(config, data.DataInfo.of(source), run)

@@ -397,11 +397,11 @@ LOSS_CASES = {
 
 
 def test_every_registered_loss_is_in_the_table():
-  missing = sorted(set(losses.LOSSES.names()) - set(LOSS_CASES))
+  missing = sorted(set(losses.LOSSES) - set(LOSS_CASES))
   assert not missing, (
       f'Registered losses without a LOSS_CASES entry in {__file__}: {missing}. '
       f'Add one (see the table format at the top of that file).')
-  stale = sorted(set(LOSS_CASES) - set(losses.LOSSES.names()))
+  stale = sorted(set(LOSS_CASES) - set(losses.LOSSES))
   assert not stale, f'LOSS_CASES entries for unregistered losses: {stale}.'
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from ssl_jax import checkpointing, train
-from ssl_jax.evaluation.features import load_config
+from ssl_jax.experiment import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ['--config.num_steps=3', '--config.training.log_every=1',

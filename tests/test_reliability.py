@@ -21,7 +21,7 @@ import pytest
 
 from configs import simclr as simclr_config
 from ssl_jax import checkpointing, train
-from ssl_jax.evaluation.features import load_config
+from ssl_jax.experiment import load_config
 from ssl_jax.train_state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

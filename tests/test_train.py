@@ -104,7 +104,7 @@ def _params(workdir):
 
 
 def _config_of(workdir):
-  from ssl_jax.evaluation.features import load_config
+  from ssl_jax.experiment import load_config
   return load_config(workdir)
 
 

@@ -1,8 +1,9 @@
-"""Evaluation during pretraining, every `config.training.eval_every` steps.
+"""Evaluation during pretraining: the `periodic` evaluator (evaluation/registry.py).
 
 The online probe trained inside the train step reports its accuracy on the
 training batch it just fitted, which says little about generalisation. Here,
-every `eval_every` steps, the current backbone (eval-mode BatchNorm) embeds a
+on its schedule (`config.evals.<name>.every_steps`, or the older
+`config.training.eval_every`), the current backbone (eval-mode BatchNorm) embeds a
 fixed subset of the evaluation split and of the training split
 (`config.eval.periodic_test_examples`, `config.eval.periodic_train_examples`),
 and two numbers are logged to metrics.jsonl:
@@ -15,17 +16,18 @@ The subsets and the compiled feature function are built once, so an
 evaluation costs one forward pass over the subsets plus the k-NN.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import ml_collections
 import numpy as np
 
-from ssl_jax import data, parallel
-from ssl_jax.evaluation import features as feats
+from ssl_jax import data, linear_probe, parallel
+from ssl_jax import features as feats
 from ssl_jax.evaluation import knn
-from ssl_jax.methods.base import probe_logits
+from ssl_jax.evaluation.registry import register
 
 
+@register('periodic')
 class PeriodicEvaluator:
   """Online-probe and k-NN accuracy of a replicated train state.
 
@@ -35,7 +37,6 @@ class PeriodicEvaluator:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.every = int(config.training.get('eval_every', 0))
     self.train_source = data.get_source(
         config.data, config.data.train_split,
         config.eval.get('periodic_train_examples', 5000))
@@ -46,10 +47,8 @@ class PeriodicEvaluator:
         config.model, feats.view_size(config), self.train_source.mean,
         self.train_source.std)
     self.batch_size = config.eval.get('batch_size', 512)
-
-  def due(self, step: int) -> bool:
-    """Whether `step` is an evaluation step."""
-    return self.every > 0 and step % self.every == 0
+    # k-NN and the probe need labels; without them there is nothing to score.
+    self.enabled = self.train_source.num_classes > 0
 
   def __call__(self, state: Any) -> Dict[str, float]:
     """Evaluates a train state (every process must call this).
@@ -74,25 +73,7 @@ class PeriodicEvaluator:
         temperature=self.config.eval.knn_temperature, num_classes=n_cls)
     metrics = {'eval_knn_acc': result['top1'] / 100}
     if state.probe:
-      logits = np.asarray(probe_logits(parallel.to_host(state.probe['params']),
+      logits = np.asarray(linear_probe.logits(parallel.to_host(state.probe['params']),
                                        test_x))
       metrics['eval_online_probe_acc'] = float(np.mean(logits.argmax(-1) == test_y))
     return metrics
-
-
-def make_evaluator(config: ml_collections.ConfigDict
-                   ) -> Optional[PeriodicEvaluator]:
-  """The evaluator of a run, or None when it is off or there are no labels.
-
-  Args:
-    config: the run config.
-
-  Returns:
-    A PeriodicEvaluator if `config.training.eval_every` > 0, else None.
-  """
-  if int(config.training.get('eval_every', 0)) <= 0:
-    return None
-  evaluator = PeriodicEvaluator(config)
-  if evaluator.train_source.num_classes <= 0:
-    return None
-  return evaluator

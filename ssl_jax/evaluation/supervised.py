@@ -20,15 +20,14 @@ deterministic evaluation view.
 
 from typing import Any, Dict, Sequence, Tuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import data, models, parallel
+from ssl_jax import data, linear_probe, models, optim, parallel
 from ssl_jax.data import augment
-from ssl_jax.evaluation import features as feats
+from ssl_jax import features as feats
 
 
 def _crop_flip(rng: jax.Array, images: jax.Array, size: int,
@@ -47,21 +46,117 @@ def _crop_flip(rng: jax.Array, images: jax.Array, size: int,
 
 def _optimizer(name: str, lr: Any, momentum: float,
                weight_decay: float) -> optax.GradientTransformation:
-  if name == 'sgd':
-    return optax.chain(optax.add_decayed_weights(weight_decay),
-                       optax.sgd(lr, momentum=momentum, nesterov=True))
-  if name == 'lars':
-    return optax.lars(lr, weight_decay=weight_decay, momentum=momentum)
-  if name == 'adamw':
-    return optax.adamw(lr, weight_decay=weight_decay)
-  raise ValueError(f'Unknown evaluation optimizer {name!r}; known: adamw, '
-                   f'lars, sgd.')
+  """optim.py's optimizer `name`, over every parameter (no masks).
+
+  SGD with Nesterov momentum as in SimCLR's linear evaluation.
+  """
+  opt = ml_collections.ConfigDict(dict(
+      name=name, lr=lr, momentum=momentum, nesterov=True,
+      weight_decay=weight_decay, weight_decay_mask='all',
+      trust_ratio_mask='all'))
+  return optim.OPTIMIZERS.get(name)(opt, lr)
 
 
-def _top1_top5(logits: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
-  top5 = np.argsort(-logits, axis=1, kind='stable')[:, :min(5, logits.shape[1])]
-  return {'top1': float(100 * np.mean(top5[:, 0] == labels)),
-          'top5': float(100 * np.mean(np.any(top5 == labels[:, None], 1)))}
+def _standardisation(finetune: bool, feature_fn: Any, variables: Any,
+                     source: data.Source, eval_batch_size: int
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+  """(mean, std) the head's input is standardised with."""
+  if finetune:
+    # The head sees training-mode BatchNorm features, whose statistics differ
+    # from the eval-mode ones the standardisation would be measured on; a
+    # barely trained backbone stayed at chance with it (13% vs 21% without,
+    # 10 classes, tests/test_evaluation.py).
+    n_dev = parallel.default_mesh().size
+    dim = feature_fn.eval_shape(
+        variables, jax.ShapeDtypeStruct(
+            (n_dev,) + tuple(source.image_shape), np.uint8)).shape[-1]
+    return np.zeros((dim,), np.float32), np.ones((dim,), np.float32)
+  feat_mean, feat_std = feats.moments(feature_fn, variables, source,
+                                      eval_batch_size)
+  return feat_mean, feat_std + 1e-6
+
+
+def _transform(optimizer: str, lr: float, total: int, momentum: float,
+               weight_decay: float, finetune: bool,
+               backbone_lr_mult: float) -> optax.GradientTransformation:
+  """The head's optimizer, and the backbone's (frozen unless fine-tuning)."""
+  schedule = optax.cosine_decay_schedule(lr, total)
+  head_tx = _optimizer(optimizer, schedule, momentum, weight_decay)
+  if finetune:
+    backbone_tx = _optimizer(
+        optimizer, lambda step: backbone_lr_mult * schedule(step), momentum,
+        weight_decay)
+  else:
+    backbone_tx = optax.set_to_zero()
+  return optax.multi_transform({'head': head_tx, 'backbone': backbone_tx},
+                               {'head': 'head', 'backbone': 'backbone'})
+
+
+def _mesh_step(backbone: Any, tx: optax.GradientTransformation,
+               standardisation: Tuple[np.ndarray, np.ndarray], finetune: bool,
+               size: int, crop_scale: Tuple[float, float], mean, std):
+  """One step on every device: augment, forward, head update (and backbone)."""
+  feat_mean, feat_std = standardisation
+
+  def logits_fn(params, batch_stats, x, train):
+    vs = {'params': params['backbone'], 'batch_stats': batch_stats}
+    if train:
+      (f, _), new = backbone.apply(vs, x, train=True, mutable=['batch_stats'])
+      new_stats = new['batch_stats']
+    else:
+      f = backbone.apply(vs, x, train=False)[0]
+      new_stats = batch_stats
+      f = jax.lax.stop_gradient(f)
+    f = (f - feat_mean) / feat_std
+    return linear_probe.logits(params['head'], f), new_stats
+
+  def step(carry, images, labels, rng):
+    params, batch_stats, opt_state = carry
+    rng = parallel.per_device_rng(rng, parallel.AXIS)
+    x = _crop_flip(rng, images, size, crop_scale, mean, std)
+
+    def loss_fn(p):
+      logits, new_stats = logits_fn(p, batch_stats, x, finetune)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return parallel.pmean(loss.mean(), parallel.AXIS), new_stats
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    grads = parallel.mean_gradients(grads, parallel.AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    new_stats = parallel.pmean(new_stats, parallel.AXIS)
+    return (params, new_stats, opt_state), loss
+
+  batch_spec = parallel.P(parallel.AXIS)
+  return parallel.data_parallel(
+      step, in_specs=(parallel.P(), batch_spec, batch_spec, parallel.P()),
+      out_specs=parallel.P())
+
+
+def _fit(p_step, carry, source: data.Source, epochs: int,
+         steps_per_epoch: int, batch_size: int, seed: int):
+  """`epochs` shuffled passes of `p_step` over `source`; the final carry."""
+  rng = jax.random.PRNGKey(seed)
+  for epoch in range(epochs):
+    perm = np.random.default_rng([seed, epoch]).permutation(len(source))
+    for i in range(steps_per_epoch):
+      batch = source.get(perm[i * batch_size:(i + 1) * batch_size])
+      rng, step_rng = jax.random.split(rng)
+      carry, _ = p_step(carry, *parallel.put_global_batch(
+          (batch['image'], batch['label'])), parallel.put_replicated(step_rng))
+  return carry
+
+
+def _test_accuracy(feature_fn, params, batch_stats, standardisation,
+                   source: data.Source, eval_batch_size: int) -> Dict[str, float]:
+  """Top-1/top-5 of the trained head (and backbone) on `source`'s eval view."""
+  variables = {'params': params['backbone'], 'batch_stats': batch_stats}
+  logits, labels = [], []
+  for f, y in feats.batches(feature_fn, variables, source, eval_batch_size):
+    logits.append(np.asarray(linear_probe.logits(
+        params['head'], (f - standardisation[0]) / standardisation[1])))
+    labels.append(y)
+  return linear_probe.top1_top5(np.concatenate(logits), np.concatenate(labels))
 
 
 def train_classifier(model_config: Any, variables: Dict[str, Any],
@@ -84,7 +179,7 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
     batch_size: global batch (rounded down to a multiple of the devices).
     lr: peak learning rate of the head (cosine-decayed to 0; not scaled by
       the batch size: pass the scaled value).
-    optimizer: 'sgd' (Nesterov momentum), 'lars' or 'adamw'.
+    optimizer: 'sgd' (Nesterov momentum), 'lars' or 'adamw' (optim.py's).
     momentum: SGD/LARS momentum.
     weight_decay: on the head (and the backbone when fine-tuning).
     backbone_lr_mult: backbone learning rate / head learning rate (finetune).
@@ -103,94 +198,22 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
   batch_size = max(n_dev, min(batch_size, len(train_source)) // n_dev * n_dev)
   steps_per_epoch = max(1, len(train_source) // batch_size)
   total = max(1, epochs * steps_per_epoch)
-  mean, std = train_source.mean, train_source.std
-  num_classes = train_source.num_classes
-  axis = parallel.AXIS if finetune else None
-  backbone = models.get_backbone(model_config, axis_name=axis)
-  feature_fn = feats.make_feature_fn(model_config, size, mean, std)
-
-  if finetune:
-    # The head sees training-mode BatchNorm features, whose statistics differ
-    # from the eval-mode ones the standardisation would be measured on; a
-    # barely trained backbone stayed at chance with it (13% vs 21% without,
-    # 10 classes, tests/test_evaluation.py).
-    dim = feature_fn.eval_shape(
-        variables, jax.ShapeDtypeStruct(
-            (n_dev,) + tuple(train_source.image_shape), np.uint8)).shape[-1]
-    feat_mean = np.zeros((dim,), np.float32)
-    feat_std = np.ones((dim,), np.float32)
-  else:
-    feat_mean, feat_std = feats.moments(feature_fn, variables, train_source,
-                                        eval_batch_size)
-    feat_std = feat_std + 1e-6
-  feature_dim = feat_mean.shape[-1]
-
-  head = nn.Dense(num_classes, kernel_init=nn.initializers.zeros)
-  params = {'head': head.init(jax.random.PRNGKey(seed),
-                              jnp.zeros((1, feature_dim)))['params'],
+  backbone = models.get_backbone(
+      model_config, axis_name=parallel.AXIS if finetune else None)
+  feature_fn = feats.make_feature_fn(model_config, size, train_source.mean,
+                                     train_source.std)
+  standardisation = _standardisation(finetune, feature_fn, variables,
+                                     train_source, eval_batch_size)
+  params = {'head': linear_probe.init_params(standardisation[0].shape[-1],
+                                             train_source.num_classes),
             'backbone': variables['params']}
-  batch_stats = variables.get('batch_stats', {})
-  schedule = optax.cosine_decay_schedule(lr, total)
-  head_tx = _optimizer(optimizer, schedule, momentum, weight_decay)
-  if finetune:
-    backbone_tx = _optimizer(
-        optimizer, lambda step: backbone_lr_mult * schedule(step), momentum,
-        weight_decay)
-  else:
-    backbone_tx = optax.set_to_zero()
-  tx = optax.multi_transform({'head': head_tx, 'backbone': backbone_tx},
-                             {'head': 'head', 'backbone': 'backbone'})
-  opt_state = tx.init(params)
-
-  def logits_fn(params, batch_stats, x, train):
-    vs = {'params': params['backbone'], 'batch_stats': batch_stats}
-    if train:
-      (f, _), new = backbone.apply(vs, x, train=True, mutable=['batch_stats'])
-      new_stats = new['batch_stats']
-    else:
-      f = backbone.apply(vs, x, train=False)[0]
-      new_stats = batch_stats
-      f = jax.lax.stop_gradient(f)
-    f = (f - feat_mean) / feat_std
-    return head.apply({'params': params['head']}, f), new_stats
-
-  def step(carry, images, labels, rng):
-    params, batch_stats, opt_state = carry
-    rng = parallel.per_device_rng(rng, parallel.AXIS)
-    x = _crop_flip(rng, images, size, crop_scale, mean, std)
-
-    def loss_fn(p):
-      logits, new_stats = logits_fn(p, batch_stats, x, finetune)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-      return parallel.pmean(loss.mean(), parallel.AXIS), new_stats
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads = parallel.mean_gradients(grads, parallel.AXIS)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    new_stats = parallel.pmean(new_stats, parallel.AXIS)
-    return (params, new_stats, opt_state), loss
-
-  batch_spec = parallel.P(parallel.AXIS)
-  p_step = parallel.data_parallel(
-      step, in_specs=(parallel.P(), batch_spec, batch_spec, parallel.P()),
-      out_specs=parallel.P())
-  carry = parallel.put_replicated((params, batch_stats, opt_state))
-  rng = jax.random.PRNGKey(seed)
-  for epoch in range(epochs):
-    perm = np.random.default_rng([seed, epoch]).permutation(len(train_source))
-    for i in range(steps_per_epoch):
-      batch = train_source.get(perm[i * batch_size:(i + 1) * batch_size])
-      rng, step_rng = jax.random.split(rng)
-      carry, _ = p_step(carry, *parallel.put_global_batch(
-          (batch['image'], batch['label'])), parallel.put_replicated(step_rng))
-
+  tx = _transform(optimizer, lr, total, momentum, weight_decay, finetune,
+                  backbone_lr_mult)
+  p_step = _mesh_step(backbone, tx, standardisation, finetune, size,
+                      crop_scale, train_source.mean, train_source.std)
+  carry = _fit(p_step, parallel.put_replicated(
+      (params, variables.get('batch_stats', {}), tx.init(params))),
+      train_source, epochs, steps_per_epoch, batch_size, seed)
   params, batch_stats, _ = parallel.to_host(carry)
-  variables = {'params': params['backbone'], 'batch_stats': batch_stats}
-  logits, labels = [], []
-  for f, y in feats.batches(feature_fn, variables, test_source,
-                            eval_batch_size):
-    logits.append(np.asarray(head.apply({'params': params['head']},
-                                        (f - feat_mean) / feat_std)))
-    labels.append(y)
-  return _top1_top5(np.concatenate(logits), np.concatenate(labels))
+  return _test_accuracy(feature_fn, params, batch_stats, standardisation,
+                        test_source, eval_batch_size)

@@ -1,17 +1,17 @@
 """Pure loss functions. Each takes `axis_name=None|'batch'` (see parallel.py).
 
-Every loss registered here is covered by the property-test suite
-(tests/test_loss_properties.py), which fails when a new loss is not listed.
+Every module of this package is imported here, which registers its losses: a
+new loss file needs no line in this file. Every loss registered is covered by
+the property-test suite (tests/test_loss_properties.py), which fails when a
+new loss is not listed.
 """
 
+import importlib
+import pkgutil
+
 from ssl_jax.losses.registry import LOSSES, get_loss
-from ssl_jax.losses import contrastive  # noqa: F401  (registers losses)
-from ssl_jax.losses import distillation  # noqa: F401
-from ssl_jax.losses import instance  # noqa: F401
-from ssl_jax.losses import clustering  # noqa: F401
-from ssl_jax.losses import redundancy  # noqa: F401
-from ssl_jax.losses import teacher_student  # noqa: F401
-from ssl_jax.losses import pretext  # noqa: F401
-from ssl_jax.losses import crossmodal  # noqa: F401
+
+for _module in pkgutil.iter_modules(__path__):
+  importlib.import_module(f'{__name__}.{_module.name}')
 
 __all__ = ['LOSSES', 'get_loss']

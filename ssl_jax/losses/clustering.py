@@ -6,14 +6,14 @@ over the batch become `psum`s, so the global batch is clustered without any
 device holding all of it.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def sinkhorn(scores: jax.Array, *, epsilon: float = 0.05, num_iters: int = 3,
@@ -77,7 +77,27 @@ def swapped_prediction_from_scores(scores: jax.Array, codes: jax.Array, *,
   return -jnp.mean(jnp.sum(codes * log_p, axis=-1))
 
 
-@LOSSES.register('swav')
+def _swav_codes(scores, queue, prototypes, use_queue, epsilon, num_iters,
+                axis_name):
+  """Sinkhorn codes [b, K] of one crop's scores, with the queue when used."""
+  b = scores.shape[0]
+  codes = sinkhorn(scores, epsilon=epsilon, num_iters=num_iters,
+                   axis_name=axis_name)
+  if queue is None:
+    return codes
+  # The queue is replicated, so its rows may not be summed once per device:
+  # Sinkhorn then runs on the gathered batch (+ queue) on every device and
+  # each device keeps its own rows.
+  gathered = parallel.all_gather(scores, axis_name)
+  queue_scores = jax.lax.stop_gradient(queue) @ prototypes.T
+  with_queue = sinkhorn(jnp.concatenate([queue_scores, gathered]),
+                        epsilon=epsilon, num_iters=num_iters)
+  start = queue_scores.shape[0] + parallel.global_offset(b, axis_name)
+  local = jax.lax.dynamic_slice_in_dim(with_queue, start, b, axis=0)
+  return jnp.where(use_queue, local, codes)
+
+
+@register('swav')
 def swav(embeddings: jax.Array, prototypes: jax.Array, *,
          temperature: float = 0.1, epsilon: float = 0.05,
          sinkhorn_iterations: int = 3, num_global_crops: int = 2,
@@ -118,22 +138,10 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
   z = l2_normalize(embeddings.astype(jnp.float32))
   c = prototypes.astype(jnp.float32)
   scores = z @ c.T  # [V, b, K]
-  b = z.shape[1]
   total = 0.0
   for i in range(num_global_crops):
-    codes = sinkhorn(scores[i], epsilon=epsilon, num_iters=sinkhorn_iterations,
-                     axis_name=axis_name)
-    if queue is not None:
-      # The queue is replicated, so its rows may not be summed once per device:
-      # Sinkhorn then runs on the gathered batch (+ queue) on every device and
-      # each device keeps its own rows.
-      gathered = parallel.all_gather(scores[i], axis_name)
-      queue_scores = jax.lax.stop_gradient(queue[i]) @ c.T
-      with_queue = sinkhorn(jnp.concatenate([queue_scores, gathered]),
-                            epsilon=epsilon, num_iters=sinkhorn_iterations)
-      start = queue_scores.shape[0] + parallel.global_offset(b, axis_name)
-      local = jax.lax.dynamic_slice_in_dim(with_queue, start, b, axis=0)
-      codes = jnp.where(use_queue, local, codes)
+    codes = _swav_codes(scores[i], None if queue is None else queue[i], c,
+                        use_queue, epsilon, sinkhorn_iterations, axis_name)
     for v in range(num_crops):
       if v != i:
         total += swapped_prediction_from_scores(scores[v], codes,
@@ -374,7 +382,7 @@ def kmeans(x: jax.Array, num_clusters: int, key: jax.Array, *,
   return centroids, _assign(x, centroids, spherical).astype(jnp.int32)
 
 
-@LOSSES.register('deepcluster')
+@register('deepcluster')
 def deepcluster(logits: jax.Array, pseudo_labels: jax.Array,
                 cluster_weights: jax.Array, *,
                 axis_name: Optional[str] = None) -> jax.Array:
@@ -401,7 +409,7 @@ def deepcluster(logits: jax.Array, pseudo_labels: jax.Array,
           parallel.psum(jnp.sum(w), axis_name))
 
 
-@LOSSES.register('deepclusterv2')
+@register('deepclusterv2')
 def deepclusterv2(embeddings: jax.Array, prototypes: jax.Array,
                   assignments: jax.Array, *, temperature: float = 0.1,
                   axis_name: Optional[str] = None) -> jax.Array:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -16,7 +16,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
-@LOSSES.register('nt_xent')
+@register('nt_xent')
 def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
             axis_name: Optional[str] = None) -> jax.Array:
   """SimCLR's normalised-temperature cross entropy (Chen et al. 2020, eq. 1).
@@ -62,7 +62,7 @@ def nt_xent(z1: jax.Array, z2: jax.Array, *, temperature: float = 0.1,
   return parallel.pmean(2.0 * jnp.mean(local), axis_name)
 
 
-@LOSSES.register('info_nce')
+@register('info_nce')
 def info_nce(queries: jax.Array, positive_keys: jax.Array,
              negative_keys: jax.Array, *, temperature: float = 0.2,
              axis_name: Optional[str] = None) -> jax.Array:

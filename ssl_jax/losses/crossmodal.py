@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def _cross_modal_nce(queries, keys, bank_negatives, temperature, axis_name):
@@ -47,7 +47,7 @@ def _cross_modal_nce(queries, keys, bank_negatives, temperature, axis_name):
   return parallel.pmean(jnp.mean(local), axis_name)
 
 
-@LOSSES.register('avid')
+@register('avid')
 def avid(video: jax.Array, audio: jax.Array, video_negatives: jax.Array,
          audio_negatives: jax.Array, *, temperature: float = 0.07,
          axis_name: Optional[str] = None) -> jax.Array:
@@ -119,7 +119,7 @@ def _multi_positive_terms(queries, candidates, positive_mask, temperature):
   return jnp.sum(per_query), jnp.sum(jnp.any(positive_mask, -1))
 
 
-@LOSSES.register('cma')
+@register('cma')
 def cma(video: jax.Array, audio: jax.Array, video_candidates: jax.Array,
         audio_candidates: jax.Array, positive_mask: jax.Array, *,
         temperature: float = 0.07,

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
-@LOSSES.register('byol')
+@register('byol')
 def byol_loss(online_predictions: jax.Array, target_projections: jax.Array, *,
               axis_name: Optional[str] = None) -> jax.Array:
   """BYOL's regression loss (Grill et al. 2020, eq. 2), one direction.

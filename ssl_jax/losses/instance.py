@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def _in_batch_ctr(q: jax.Array, k: jax.Array, temperature: float,
@@ -36,7 +36,7 @@ def _in_batch_ctr(q: jax.Array, k: jax.Array, temperature: float,
                                                   axis=1)[:, 0]
 
 
-@LOSSES.register('moco_v3')
+@register('moco_v3')
 def moco_v3(q1: jax.Array, q2: jax.Array, k1: jax.Array, k2: jax.Array, *,
             temperature: float = 0.2,
             axis_name: Optional[str] = None) -> jax.Array:
@@ -113,7 +113,7 @@ def synthesize_hard_negatives(rng: jax.Array, q: jax.Array, queue: jax.Array,
   return jax.lax.stop_gradient(l2_normalize(synthetic))
 
 
-@LOSSES.register('mochi')
+@register('mochi')
 def mochi(queries: jax.Array, positive_keys: jax.Array, queue: jax.Array,
           rng: jax.Array, *, temperature: float = 0.2, num_hard: int = 1024,
           num_mix_negatives: int = 1024, num_mix_queries: int = 512,
@@ -159,7 +159,7 @@ def mochi(queries: jax.Array, positive_keys: jax.Array, queue: jax.Array,
 NCE_EPS = 1e-7
 
 
-@LOSSES.register('nce')
+@register('nce')
 def nce(features: jax.Array, positive_rows: jax.Array,
         negative_rows: jax.Array, *, temperature: float = 0.07,
         normalizer: jax.Array = 1.0, num_data: int = 1,
@@ -204,7 +204,7 @@ def nce(features: jax.Array, positive_rows: jax.Array,
   return parallel.pmean(jnp.mean(local), axis_name)
 
 
-@LOSSES.register('bank_softmax')
+@register('bank_softmax')
 def bank_softmax(features: jax.Array, positive_rows: jax.Array,
                  bank: jax.Array, *, temperature: float = 0.07,
                  axis_name: Optional[str] = None) -> jax.Array:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from ssl_jax import parallel
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 # ---------------------------------------------------------------------------
 # Rotation (RotNet).
@@ -187,7 +187,7 @@ def patch_grid(images: jax.Array, *, patch_size: int,
 # Losses.
 
 
-@LOSSES.register('pretext_classification')
+@register('pretext_classification')
 def pretext_classification(logits: jax.Array, labels: jax.Array, *,
                            axis_name: Optional[str] = None) -> jax.Array:
   """Cross entropy of pretext labels (rotation, permutation, position).
@@ -205,7 +205,7 @@ def pretext_classification(logits: jax.Array, labels: jax.Array, *,
   return parallel.pmean(jnp.mean(ce), axis_name)
 
 
-@LOSSES.register('cpc_infonce')
+@register('cpc_infonce')
 def cpc_infonce(predictions: jax.Array, targets: jax.Array, *,
                 offsets: Sequence[int], axis_name: Optional[str] = None
                 ) -> jax.Array:
@@ -257,7 +257,7 @@ DIM_ESTIMATORS = ('infonce', 'jsd')
 DIM_SELF_SCORE = -10.0
 
 
-@LOSSES.register('deep_infomax')
+@register('deep_infomax')
 def deep_infomax(global_embeddings: jax.Array, local_embeddings: jax.Array, *,
                  estimator: str = 'infonce',
                  axis_name: Optional[str] = None) -> jax.Array:

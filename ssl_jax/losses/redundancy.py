@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ssl_jax import parallel
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def _global_mean(x: jax.Array, axis_name: Optional[str]) -> Tuple[jax.Array, int]:
@@ -45,7 +45,7 @@ def batch_standardize(z: jax.Array, axis_name: Optional[str] = None,
   return centered * jax.lax.rsqrt(var + eps)
 
 
-@LOSSES.register('barlow_twins')
+@register('barlow_twins')
 def barlow_twins(z1: jax.Array, z2: jax.Array, *, lambda_offdiag: float = 0.0051,
                  axis_name: Optional[str] = None) -> jax.Array:
   """Barlow Twins (Zbontar et al. 2021, eq. 1-2).
@@ -84,7 +84,7 @@ def _variance_and_covariance(z: jax.Array, axis_name: Optional[str],
   return variance, covariance
 
 
-@LOSSES.register('vicreg')
+@register('vicreg')
 def vicreg(z1: jax.Array, z2: jax.Array, *, invariance_weight: float = 25.0,
            variance_weight: float = 25.0, covariance_weight: float = 1.0,
            eps: float = 1e-4, axis_name: Optional[str] = None) -> jax.Array:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ssl_jax import parallel
 from ssl_jax.losses.contrastive import l2_normalize
-from ssl_jax.losses.registry import LOSSES
+from ssl_jax.losses.registry import register
 
 
 def _negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
@@ -20,7 +20,7 @@ def _negative_cosine(p: jax.Array, z: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(p * z, axis=-1))
 
 
-@LOSSES.register('simsiam')
+@register('simsiam')
 def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
                  axis_name: Optional[str] = None) -> jax.Array:
   """SimSiam's symmetric loss (Chen & He 2021, eq. 3).
@@ -40,7 +40,7 @@ def simsiam_loss(p1: jax.Array, p2: jax.Array, z1: jax.Array, z2: jax.Array, *,
   return parallel.pmean(local, axis_name)
 
 
-@LOSSES.register('dino')
+@register('dino')
 def dino_loss(student_logits: jax.Array, teacher_logits: jax.Array,
               center: jax.Array, *, student_temperature: float = 0.1,
               teacher_temperature: float = 0.04,
@@ -150,7 +150,7 @@ def data2vec_targets(block_outputs: Sequence[jax.Array], *, top_k: int,
   return _normalise(sum(targets) / len(targets), post_norm, eps)
 
 
-@LOSSES.register('data2vec')
+@register('data2vec')
 def data2vec_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array, *,
                   loss_type: str = 'smooth_l1', beta: float = 2.0,
                   axis_name: Optional[str] = None) -> jax.Array:
@@ -191,7 +191,7 @@ def data2vec_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array, *
   return total / jnp.maximum(count, 1.0)
 
 
-@LOSSES.register('kd')
+@register('kd')
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
             temperature: float = 4.0,
             axis_name: Optional[str] = None) -> jax.Array:
@@ -216,7 +216,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, *,
   return parallel.pmean(jnp.mean(kl), axis_name) * temperature ** 2
 
 
-@LOSSES.register('feature_distillation')
+@register('feature_distillation')
 def feature_distillation_loss(student_embeddings: jax.Array,
                               teacher_features: jax.Array, *,
                               kind: str = 'cosine',

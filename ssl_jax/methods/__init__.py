@@ -1,19 +1,15 @@
-"""Method families. Importing this package registers every method."""
+"""Method families. Importing this package registers every method.
+
+Every module of this package is imported here, which runs its
+`@METHODS.register`: a new method module needs no line in this file.
+"""
+
+import importlib
+import pkgutil
 
 from ssl_jax.methods.base import METHODS, Method, StepOutput, get_method, train_step
-from ssl_jax.methods import byol  # noqa: F401
-from ssl_jax.methods import instdisc  # noqa: F401
-from ssl_jax.methods import moco  # noqa: F401
-from ssl_jax.methods import deepcluster  # noqa: F401
-from ssl_jax.methods import redundancy  # noqa: F401
-from ssl_jax.methods import simclr  # noqa: F401
-from ssl_jax.methods import swav  # noqa: F401
-from ssl_jax.methods import simsiam  # noqa: F401
-from ssl_jax.methods import dino  # noqa: F401
-from ssl_jax.methods import data2vec  # noqa: F401
-from ssl_jax.methods import distill  # noqa: F401
-from ssl_jax.methods import pretext  # noqa: F401
-from ssl_jax.methods import infomax  # noqa: F401
-from ssl_jax.methods import avid  # noqa: F401
+
+for _module in pkgutil.iter_modules(__path__):
+  importlib.import_module(f'{__name__}.{_module.name}')
 
 __all__ = ['METHODS', 'Method', 'StepOutput', 'get_method', 'train_step']

@@ -9,8 +9,10 @@ A method owns its networks, its loss and its extra state. It implements:
                                     (EMA teacher, prototype normalisation ...)
   project_params(params, step)   -> params (optional constraint, e.g. unit
                                     prototypes)
-  on_epoch_start(state, setup, epoch) -> state (optional host hook, e.g.
-                                    DeepCluster's k-means)
+  on_epoch_start(state, context) -> state (optional host hook, e.g.
+                                    DeepCluster's k-means; `EpochContext`)
+  bind_inputs(load_backbone)     (optional: read-only inputs of the run, e.g.
+                                    distillation's teacher)
 
 and the shared `train_step` below does the rest: per-device randomness,
 on-device augmentation, gradients averaged over devices, the optimizer, the
@@ -19,7 +21,8 @@ jit-compiled, pmapped over devices or run on one device in a test.
 """
 
 import abc
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -27,16 +30,41 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ssl_jax import models, parallel
+from ssl_jax import linear_probe, models, monitors, parallel
 from ssl_jax.data import augment
 from ssl_jax.data.info import DataInfo
 from ssl_jax.durations import Durations
-from ssl_jax.evaluation import monitors
+from ssl_jax.features import EmbeddedDataset
 from ssl_jax.methods import memory
 from ssl_jax.registry import Registry
 from ssl_jax.train_state import TrainState
 
 METHODS = Registry('method')
+
+
+# `(variables, key, images) -> embeddings`, a mesh function (see
+# `features.embed_dataset`).
+EmbedFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
+# A run's workdir -> (its config, its backbone's variables on the host).
+BackboneLoader = Callable[[str], Tuple[ml_collections.ConfigDict, Dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochContext:
+  """What a method's per-epoch host work may use; built by the training loop.
+
+  Attributes:
+    epoch: index of the epoch about to start.
+    durations: the run's length and epochs in steps.
+    num_examples: size of the training set.
+    embed_dataset: `(embed_fn, variables, key) -> EmbeddedDataset`: every
+      training example through `embed_fn` on the mesh (eval-mode pass over
+      the data, no augmentation but what `embed_fn` applies).
+  """
+  epoch: int
+  durations: Durations
+  num_examples: int
+  embed_dataset: Callable[[EmbedFn, Any, jax.Array], EmbeddedDataset]
 
 
 @flax.struct.dataclass
@@ -164,65 +192,43 @@ class Method(abc.ABC):
     del step
     return params
 
-  def on_epoch_start(self, state: TrainState, setup: Any,
-                     epoch: int) -> TrainState:
+  def on_epoch_start(self, state: TrainState,
+                     context: EpochContext) -> TrainState:
     """A host-side hook run by the training loop before each epoch's first step.
 
     Args:
       state: the train state (global arrays replicated on the mesh).
-      setup: the run's `train.Setup` (config, data source, ...).
-      epoch: index of the epoch about to start.
+      context: the epoch and what the hook may do with the training data.
 
     Returns:
       The state to train on (replicated on the mesh, e.g. through
       `parallel.put_replicated`); the default returns it unchanged.
       DeepCluster extracts features, runs k-means and stores pseudo-labels.
     """
-    del setup, epoch
+    del context
     return state
+
+  def bind_inputs(self, load_backbone: BackboneLoader) -> None:
+    """Loads the run's read-only inputs, once, before `init` (default: none).
+
+    Args:
+      load_backbone: reads another run's backbone from its workdir.
+    """
+    del load_backbone
+
+  def inputs_record(self) -> Dict[str, str]:
+    """What the checkpoints record of the read-only inputs (paths, hashes)."""
+    return {}
+
+  def check_inputs_record(self, record: Dict[str, Any]) -> None:
+    """Raises ValueError if a checkpoint was trained on other inputs."""
+    del record
 
 
 def get_method(config: ml_collections.ConfigDict, data_info: DataInfo,
                durations: Durations) -> Method:
   """The method `config.method.name`, built for this data and run length."""
   return METHODS.get(config.method.name)(config, data_info, durations)
-
-
-# ---------------------------------------------------------------------------
-# The online linear probe: trained on stop-gradient features, own optimizer.
-
-
-def probe_optimizer() -> optax.GradientTransformation:
-  return optax.adam(1e-3)
-
-
-def init_probe(feature_dim: int, num_classes: int) -> Dict[str, Any]:
-  if num_classes <= 0:
-    return {}
-  params = {'kernel': jnp.zeros((feature_dim, num_classes), jnp.float32),
-            'bias': jnp.zeros((num_classes,), jnp.float32)}
-  return {'params': params, 'opt_state': probe_optimizer().init(params)}
-
-
-def probe_logits(probe_params, features: jax.Array) -> jax.Array:
-  return features @ probe_params['kernel'] + probe_params['bias']
-
-
-def _probe_step(probe, features, labels, axis_name):
-  features = jax.lax.stop_gradient(features)
-
-  def loss_fn(p):
-    logits = probe_logits(p, features)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return parallel.pmean(loss, axis_name), logits
-
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(probe['params'])
-  grads = parallel.mean_gradients(grads, axis_name)
-  updates, opt_state = probe_optimizer().update(grads, probe['opt_state'])
-  accuracy = parallel.pmean(jnp.mean(jnp.argmax(logits, -1) == labels), axis_name)
-  new_probe = {'params': optax.apply_updates(probe['params'], updates),
-               'opt_state': opt_state}
-  return new_probe, {'online_probe_loss': loss, 'online_probe_acc': accuracy}
 
 
 # ---------------------------------------------------------------------------
@@ -272,38 +278,10 @@ def global_norm(tree) -> jax.Array:
   return optax.tree.norm(tree)
 
 
-def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
-               method: Method, tx: optax.GradientTransformation,
-               lr_schedule: Any, axis_name: Optional[str],
-               monitor: Any = True
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
-  """One optimisation step of any method (pure, per device).
-
-  The body has pmap semantics: `jax.pmap(step, axis_name='batch')` runs it,
-  and so does the training loop's `parallel.data_parallel` (jit of shard_map
-  over the mesh); with axis_name=None it is the one-device step.
-
-  A step whose loss, gradients or updated state (parameters, optimizer,
-  BatchNorm, probe, method state) are not finite on any device leaves the
-  state unchanged (but for the step counter, rng and `nonfinite_steps`), so
-  a bad batch or learning rate can never write NaNs into the parameters or a
-  checkpoint; the training loop decides whether to go on or stop
-  (config.training.nonfinite_policy).
-  Args:
-    state: the train state (whole on every device).
-    batch: this device's examples.
-    method, tx, lr_schedule: the run's method, optimizer and its schedule.
-    axis_name: None or `parallel.AXIS`.
-    monitor: whether to compute the collapse monitors (an all-gather of the
-      embeddings, an SVD and a B x B matrix). A Python bool decides at trace
-      time; a traced boolean (the loop passes one, True on logging steps)
-      skips them with `lax.cond` without a second compilation, and the
-      skipped monitors read NaN.
-
-  Returns:
-    (new state, metrics of this step).
-  """
-  rng, next_rng = jax.random.split(state.rng)
+def _loss_and_grads(state: TrainState, batch: Dict[str, jax.Array],
+                    method: Method, axis_name: Optional[str]):
+  """The method's loss on this step's views, its outputs and mean gradients."""
+  rng, _ = jax.random.split(state.rng)
   view_rng, loss_rng = jax.random.split(rng)
   loss_rng = parallel.per_device_rng(loss_rng, axis_name)
   # Views draw per-example keys from the global example index rather than a
@@ -326,30 +304,38 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
 
   (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = parallel.mean_gradients(grads, axis_name)
+  return loss, out, grads
+
+
+def _online_probe(probe, out: StepOutput, batch, axis_name):
+  """The probe after its step on this batch, and the method's + its metrics."""
+  metrics = dict(out.metrics)
+  if probe and out.features is not None:
+    probe, probe_metrics = linear_probe.online_step(
+        probe, out.features, batch['label'], axis_name)
+    metrics.update(probe_metrics)
+  return probe, metrics
+
+
+def _propose_update(state, out, grads, method, tx, axis_name):
+  """(params, opt_state, batch_stats) after the update, before the guard."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = method.project_params(optax.apply_updates(state.params, updates),
                                  state.step)
   # Statistics are identical across devices with global BN; averaging makes
   # them so for per-device BN too, so that any device's copy can be saved.
-  batch_stats = parallel.pmean(out.batch_stats, axis_name)
+  return params, opt_state, parallel.pmean(out.batch_stats, axis_name)
 
-  metrics = dict(out.metrics)
-  probe = state.probe
-  if probe and out.features is not None:
-    probe, probe_metrics = _probe_step(probe, out.features, batch['label'],
-                                       axis_name)
-    metrics.update(probe_metrics)
 
-  finite = _step_is_finite(state, loss, grads, params, opt_state, batch_stats,
-                           probe, out.method_state, method, axis_name)
-  # Of the proposed update, accepted or not: what the explosion policy needs.
-  param_norm = global_norm(params)
+def _accept_if_finite(finite, state, method, params, opt_state, batch_stats,
+                      probe, proposed_state):
+  """The proposed update where `finite`, else the state's current values."""
 
   def accept(_):
     # Banks and queues are written here, teachers updated here: after the
     # decision, so their old copies are dead and XLA updates them in place.
     method_state = method.after_update(
-        params, memory.apply_writes(state.method_state, out.method_state),
+        params, memory.apply_writes(state.method_state, proposed_state),
         state.step)
     return params, opt_state, batch_stats, probe, method_state
 
@@ -357,12 +343,57 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
     return (state.params, state.opt_state, state.batch_stats, state.probe,
             state.method_state)
 
-  params, opt_state, batch_stats, probe, method_state = jax.lax.cond(
-      finite, accept, reject, None)
+  return jax.lax.cond(finite, accept, reject, None)
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
+               method: Method, tx: optax.GradientTransformation,
+               lr_schedule: Any, axis_name: Optional[str],
+               monitor: Any = True
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One optimisation step of any method (pure, per device).
+
+  The body has pmap semantics: the loop runs it with `parallel.data_parallel`
+  (jit of shard_map over the mesh); with axis_name=None it is one device's.
+
+  A step whose loss, gradients or updated state (parameters, optimizer,
+  BatchNorm, probe, method state) are not finite on any device leaves the
+  state unchanged (but for the step counter, rng and `nonfinite_steps`), so
+  a bad batch or learning rate can never write NaNs into the parameters or a
+  checkpoint; the training loop decides whether to go on or stop
+  (config.training.nonfinite_policy).
+  Args:
+    state: the train state (whole on every device).
+    batch: this device's examples.
+    method, tx, lr_schedule: the run's method, optimizer and its schedule.
+    axis_name: None or `parallel.AXIS`.
+    monitor: whether to compute the collapse monitors (an all-gather of the
+      embeddings, an SVD and a B x B matrix). A Python bool decides at trace
+      time; a traced boolean (the loop passes one, True on logging steps)
+      skips them with `lax.cond` without a second compilation, and the
+      skipped monitors read NaN.
+
+  Returns:
+    (new state, metrics of this step).
+  """
+  loss, out, grads = _loss_and_grads(state, batch, method, axis_name)
+  params, opt_state, batch_stats = _propose_update(state, out, grads, method,
+                                                   tx, axis_name)
+
+  probe, metrics = _online_probe(state.probe, out, batch, axis_name)
+
+  finite = _step_is_finite(state, loss, grads, params, opt_state, batch_stats,
+                           probe, out.method_state, method, axis_name)
+  # Of the proposed update, accepted or not: what the explosion policy needs.
+  param_norm = global_norm(params)
+
+  params, opt_state, batch_stats, probe, method_state = _accept_if_finite(
+      finite, state, method, params, opt_state, batch_stats, probe,
+      out.method_state)
   new_state = state.replace(
       params=params, opt_state=opt_state, batch_stats=batch_stats,
       probe=probe, method_state=method_state, step=state.step + 1,
-      rng=next_rng,
+      rng=jax.random.split(state.rng)[1],
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
   metrics.update(
       loss=loss, learning_rate=lr_schedule(state.step),

@@ -36,7 +36,7 @@ from ssl_jax.data import augment
 from ssl_jax.losses.clustering import kmeans
 from ssl_jax.losses.contrastive import l2_normalize
 from ssl_jax.methods import common
-from ssl_jax.methods.base import METHODS, Method, StepOutput
+from ssl_jax.methods.base import METHODS, EpochContext, Method, StepOutput
 from ssl_jax.methods.swav import apply_multicrop
 from ssl_jax.train_state import TrainState
 
@@ -101,17 +101,18 @@ class _DeepClusterBase(Method):
             axis_name=parallel.AXIS))(x, keys)
     return centroids, labels.T, jnp.concatenate(indices, 0), mask
 
-  def cluster_dataset(self, state: TrainState, setup: Any, epoch: int
+  def cluster_dataset(self, state: TrainState, context: EpochContext
                       ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """k-means of every training image's embeddings (one run per view).
 
-    Every process embeds its devices' share of the dataset; k-means then
-    runs over the points of every device of the mesh.
+    Every process embeds its devices' share of the dataset
+    (`context.embed_dataset`); k-means then runs over the points of every
+    device of the mesh.
 
     Args:
       state: the train state (global arrays replicated on the mesh).
-      setup: the run's Setup (its `source` is clustered).
-      epoch: epoch index (seeds the augmentations and the k-means init).
+      context: the epoch (seeds the augmentations and the k-means init) and
+        the pass over the training set.
 
     Returns:
       (centroids [V, K, d], labels [V, N] of every dataset index, counts
@@ -127,36 +128,16 @@ class _DeepClusterBase(Method):
           self._cluster_on_device, mesh,
           in_specs=(split, split, split, parallel.P()),
           out_specs=(parallel.P(), split, split, split))
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), context.epoch)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    # Device d embeds the contiguous index range [d * per_device, (d + 1) *
-    # per_device), `per_device_batch` at a time, so the points k-means
-    # gathers from the devices are in dataset order whatever the number of
-    # devices and processes (padding only at the end, masked): the same
-    # seeding and clusters on 8 devices as on 2 processes x 4.
-    n = len(setup.source)
-    per_device_batch = max(1, self.config.eval.batch_size // mesh.size)
-    per_device = -(-n // (mesh.size * per_device_batch)) * per_device_batch
-    all_devices = list(mesh.devices.flat)
-    positions = sorted(all_devices.index(d) for d in mesh.local_devices)
-    feats, indices, masks = [], [], []
-    for i, lo in enumerate(range(0, per_device, per_device_batch)):
-      idx = np.concatenate([pos * per_device + lo + np.arange(per_device_batch)
-                            for pos in positions])
-      mask = idx < n
-      images = setup.source.get(np.where(mask, idx, 0))['image']
-      step_key = parallel.put_replicated(jax.random.fold_in(key, i), mesh)
-      feats.append(self._extract_fn(variables, step_key,
-                                    parallel.put_batch(images, mesh)))
-      indices.append(parallel.put_batch(idx.astype(np.int32), mesh))
-      masks.append(parallel.put_batch(mask, mesh))
-    num_views = feats[0].shape[1]
+    embedded = context.embed_dataset(self._extract_fn, variables, key)
+    num_views = embedded.features[0].shape[1]
     km_keys = jax.random.split(jax.random.fold_in(key, 10**6), num_views)
     centroids, point_labels, flat_idx, flat_mask = parallel.to_host(
-        self._kmeans_fn(feats, indices, masks,
+        self._kmeans_fn(embedded.features, embedded.indices, embedded.masks,
                         parallel.put_replicated(km_keys, mesh)))
     flat_mask = flat_mask.astype(bool)
-    labels = np.zeros((num_views, len(setup.source)), np.int32)
+    labels = np.zeros((num_views, embedded.num_examples), np.int32)
     labels[:, flat_idx[flat_mask]] = point_labels[flat_mask].T
     k = self.config.method.num_clusters
     counts = np.stack([np.bincount(l, minlength=k) for l in labels])
@@ -195,15 +176,16 @@ class DeepCluster(_DeepClusterBase):
         'cluster_weights': jnp.ones((k,), jnp.float32)}
     return params, batch_stats, method_state
 
-  def on_epoch_start(self, state, setup, epoch):
-    _, labels, counts = self.cluster_dataset(state, setup, epoch)
+  def on_epoch_start(self, state, context):
+    _, labels, counts = self.cluster_dataset(state, context)
     host = parallel.to_host(state)
     counts = counts[0].astype(np.float32)
     # 1/|c| per image, scaled so that the mean weight over the dataset is 1.
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
-    weights *= len(setup.source) / max(float(np.sum(weights * counts)), 1.0)
+    weights *= context.num_examples / max(float(np.sum(weights * counts)), 1.0)
     dim = self.config.model.projector.output_dim
-    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), epoch)
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1),
+                             context.epoch)
     classifier = self._classifier().init(rng, jnp.zeros((1, dim)))['params']
     params = dict(host.params, classifier=jax.device_get(classifier))
     method_state = dict(host.method_state, pseudo_labels=labels[0],
@@ -267,8 +249,8 @@ class DeepClusterV2(_DeepClusterBase):
         (self.num_heads, self.data_info.num_examples), jnp.int32)}
     return params, batch_stats, method_state
 
-  def on_epoch_start(self, state, setup, epoch):
-    centroids, labels, _ = self.cluster_dataset(state, setup, epoch)
+  def on_epoch_start(self, state, context):
+    centroids, labels, _ = self.cluster_dataset(state, context)
     host = parallel.to_host(state)
     params = dict(host.params, prototypes=np.asarray(
         l2_normalize(jnp.asarray(centroids))))

@@ -15,7 +15,7 @@ teacher_temperature_start, teacher_temperature, teacher_temperature_warmup_epoch
 center_momentum, ema_momentum_base}.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -148,14 +148,8 @@ def apply_by_resolution(network: nn.Module, params: Any, batch_stats: Any,
   likewise runs one forward pass per resolution. Returns outputs stacked to
   [num_views, b, ...] and the BN statistics after the last group.
   """
-  groups: List[List[jax.Array]] = []
-  for v in views:
-    if groups and groups[-1][0].shape == v.shape:
-      groups[-1].append(v)
-    else:
-      groups.append([v])
   outs = []
-  for group in groups:
+  for group in common.by_resolution(views):
     x = jnp.concatenate(group, axis=0)
     out, mutated = network.apply({'params': params, 'batch_stats': batch_stats},
                                  x, train=True, mutable=['batch_stats'],
@@ -164,8 +158,7 @@ def apply_by_resolution(network: nn.Module, params: Any, batch_stats: Any,
     n = len(group)
     outs.append({k: v.reshape((n, v.shape[0] // n) + v.shape[1:])
                  for k, v in out.items()})
-  stacked = {k: jnp.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
-  return stacked, batch_stats
+  return common.concat_views(outs), batch_stats
 
 
 @METHODS.register('dino')

@@ -1,7 +1,7 @@
 """Knowledge distillation (Hinton et al. 2015) from a trained run's encoder.
 
 The teacher is the backbone of any run's checkpoint (`method.teacher_workdir`,
-loaded with `ssl_jax.evaluation.features.load_run`) or of a weights file
+read through `Method.bind_inputs`, i.e. `experiment.load_backbone`) or of a weights file
 (`method.teacher_init_from`: a torchvision/timm state_dict or an ssl_jax
 export, as `model.init_from`; architecture `method.teacher_backbone`), frozen
 and run in eval mode on the student's view. Two signals, mixed by weights:
@@ -14,13 +14,15 @@ and run in eval mode on the student's view. Two signals, mixed by weights:
     the teacher's features (cosine or MSE), which needs no labels.
 
 Self-distillation is the same with `config.model` equal to the teacher's. The
-teacher's variables (and head) live in `method_state`, constant during training.
+teacher (variables and head) is a read-only input of the run, loaded once
+before `init`; the student's checkpoints record its path and SHA-256, and a
+resume with another teacher stops with a message.
 """
 
-import functools
-import json
+import dataclasses
+import hashlib
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -29,9 +31,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from ssl_jax import interop, losses, models, parallel
+from ssl_jax import data, features, interop, linear_probe, losses, models, parallel
 from ssl_jax.methods import common
-from ssl_jax.methods.base import METHODS, Method, StepOutput
+from ssl_jax.methods.base import METHODS, BackboneLoader, Method, StepOutput
 
 
 class DistillStudent(nn.Module):
@@ -50,50 +52,6 @@ class DistillStudent(nn.Module):
     return out
 
 
-def fit_linear_head(features: np.ndarray, labels: np.ndarray, num_classes: int,
-                    *, steps: int = 300, lr: float = 1e-2,
-                    weight_decay: float = 1e-4) -> Dict[str, np.ndarray]:
-  """A multinomial logistic regression on frozen features (full-batch Adam).
-
-  The features are standardised with their own mean and std, and the
-  standardisation is folded into the returned kernel and bias, so that
-  `features @ kernel + bias` are the logits of raw features.
-
-  Args:
-    features: [n, D] teacher features.
-    labels: [n] integer labels.
-    num_classes: C.
-    steps, lr, weight_decay: the optimisation (AdamW, cosine decay).
-
-  Returns:
-    {'kernel': [D, C], 'bias': [C]} float32 NumPy arrays.
-  """
-  mean = features.mean(0)
-  std = features.std(0) + 1e-6
-  x = jnp.asarray((features - mean) / std, jnp.float32)
-  y = jnp.asarray(labels)
-  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps),
-                   weight_decay=weight_decay)
-  params = {'w': jnp.zeros((x.shape[1], num_classes)),
-            'b': jnp.zeros((num_classes,))}
-
-  def loss_fn(p):
-    logits = x @ p['w'] + p['b']
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  def step(carry, _):
-    p, s = carry
-    g = jax.grad(loss_fn)(p)
-    u, s = tx.update(g, s, p)
-    return (optax.apply_updates(p, u), s), None
-
-  (params, _), _ = jax.lax.scan(step, (params, tx.init(params)), None,
-                                length=steps)
-  w = np.asarray(params['w']) / std[:, None]
-  b = np.asarray(params['b']) - (mean / std) @ np.asarray(params['w'])
-  return {'kernel': w.astype(np.float32), 'bias': b.astype(np.float32)}
-
-
 def teacher_from_file(config: ml_collections.ConfigDict
                       ) -> ml_collections.ConfigDict:
   """The run config of a teacher given as weights (`method.teacher_init_from`).
@@ -108,54 +66,84 @@ def teacher_from_file(config: ml_collections.ConfigDict
   return teacher
 
 
-def _teacher_run(workdir: str, teacher_json: str):
+def weights_sha256(variables: Any) -> str:
+  """SHA-256 of a pytree of arrays: paths, dtypes, shapes and bytes, in order."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(variables))
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};'.encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """The frozen teacher, a read-only input of the run.
+
+  Attributes:
+    model: its `config.model`.
+    variables: its backbone's {'params', 'batch_stats'} (host arrays).
+    head: {'kernel', 'bias'} of a linear classifier on its features, or None.
+    dim: its feature width.
+    path: the run's workdir or the weights file it was read from.
+    sha256: `weights_sha256(variables)`, recorded in the student's checkpoints.
+  """
+  model: ml_collections.ConfigDict
+  variables: Dict[str, Any]
+  head: Optional[Dict[str, np.ndarray]]
+  dim: int
+  path: str
+  sha256: str
+
+
+def _teacher_run(config: ml_collections.ConfigDict,
+                 load_backbone: BackboneLoader):
   """(config, backbone variables) of a trained run or of a weights file."""
-  from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
-  if not teacher_json:
-    config, _, state = feats.load_run(workdir)
-    return config, jax.device_get(feats.backbone_variables(state))
-  config = ml_collections.ConfigDict(json.loads(teacher_json))
-  backbone = models.get_backbone(config.model)
-  size = feats.view_size(config)
+  m = config.method
+  if m.get('teacher_workdir'):
+    return load_backbone(m.teacher_workdir)
+  teacher = teacher_from_file(config)
+  backbone = models.get_backbone(teacher.model)
+  size = features.view_size(teacher)
   template = jax.eval_shape(lambda: backbone.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, config.data.channels)),
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, teacher.data.channels)),
       train=False))
-  return config, interop.load_backbone_variables(config.model, template)
+  return teacher, interop.load_backbone_variables(teacher.model, template)
 
 
-@functools.lru_cache(maxsize=4)
-def load_teacher(workdir: str, head: bool, head_examples: int,
-                 teacher_json: str = ''
-                 ) -> Tuple[Any, Dict[str, Any], Optional[Dict[str, Any]], int]:
-  """The frozen teacher: (model config, variables, head, dim).
+def load_teacher(config: ml_collections.ConfigDict,
+                 load_backbone: BackboneLoader) -> Teacher:
+  """Reads the teacher named by `config.method` and fits its head.
 
   Args:
-    workdir: a trained run's --workdir, or '' with `teacher_json`.
-    head, head_examples: fit a linear head on this many labelled features.
-    teacher_json: the JSON of `teacher_from_file(config)`, for a teacher
-      given as weights.
-
-  Cached, because the method is built again by evaluation and by tests.
+    config: the student's run config (`method.teacher_workdir` or
+      `method.teacher_init_from`, `teacher_head`, `teacher_head_examples`).
+    load_backbone: reads a trained run's backbone (`Method.bind_inputs`).
   """
-  from ssl_jax import data  # pylint: disable=g-import-not-at-top
-  from ssl_jax.evaluation import features as feats  # pylint: disable=g-import-not-at-top
-  config, variables = _teacher_run(workdir, teacher_json)
-  size = feats.view_size(config)
-  source = data.get_source(config.data, config.data.train_split, head_examples)
-  feature_fn = feats.make_feature_fn(config.model, size, source.mean,
-                                     source.std)
+  m = config.method
+  teacher_config, variables = _teacher_run(config, load_backbone)
+  source = data.get_source(teacher_config.data, teacher_config.data.train_split,
+                           int(m.get('teacher_head_examples', 0)))
+  feature_fn = features.make_feature_fn(
+      teacher_config.model, features.view_size(teacher_config), source.mean,
+      source.std)
   n_dev = parallel.default_mesh().size
-  x, y = feats.extract(feature_fn, variables, source, 32 * n_dev)
-  linear = None
-  if head:
+  x, y = features.extract(feature_fn, variables, source, 32 * n_dev)
+  head = None
+  if m.teacher_head:
     if source.num_classes <= 0:
       raise ValueError(f'method.teacher_head needs labels; {source.name} has '
                        f'none. Set method.teacher_head=False.')
-    linear = fit_linear_head(x, y, source.num_classes)
-    acc = np.mean(np.argmax(x @ linear['kernel'] + linear['bias'], -1) == y)
+    # Full-batch AdamW, 300 cosine-decayed steps.
+    head = linear_probe.fit(x, y, source.num_classes, epochs=300,
+                            batch_size=len(x), lr=1e-2, weight_decay=1e-4)
+    acc = np.mean(np.argmax(linear_probe.logits(head, x), -1) == y)
     logging.info('Teacher head: %.1f%% train accuracy on %d examples.',
                  100 * acc, len(y))
-  return config.model, variables, linear, x.shape[1]
+  return Teacher(teacher_config.model, variables, head, x.shape[1],
+                 m.get('teacher_workdir') or m.teacher_init_from,
+                 weights_sha256(variables))
 
 
 @METHODS.register('distill')
@@ -169,28 +157,42 @@ class Distill(Method):
       raise ValueError('Set one of config.method.teacher_workdir (the --workdir '
                        'of a trained run) and config.method.teacher_init_from '
                        '(a torchvision/timm state_dict or ssl_jax export).')
-    teacher_json = (teacher_from_file(config).to_json_best_effort()
-                    if m.get('teacher_init_from') else '')
-    self.teacher_model, self.teacher_variables, self.teacher_head, self.teacher_dim = (
-        load_teacher(m.get('teacher_workdir', ''), bool(m.teacher_head),
-                     int(m.get('teacher_head_examples', 0)), teacher_json))
     uses_logits = m.kd_weight > 0 or m.label_weight > 0
-    if m.kd_weight > 0 and self.teacher_head is None:
+    if m.kd_weight > 0 and not m.teacher_head:
       raise ValueError('method.kd_weight > 0 needs method.teacher_head=True '
                        '(logits to distil).')
     self.num_classes = data_info.num_classes if uses_logits else 0
+    self.teacher: Optional[Teacher] = None
+
+  def bind_inputs(self, load_backbone):
+    self.teacher = load_teacher(self.config, load_backbone)
+
+  def inputs_record(self):
+    return {'teacher_path': self.teacher.path,
+            'teacher_sha256': self.teacher.sha256}
+
+  def check_inputs_record(self, record):
+    if record.get('teacher_sha256', self.teacher.sha256) != self.teacher.sha256:
+      raise ValueError(
+          f'The teacher at {self.teacher.path} (sha256 {self.teacher.sha256[:12]}) '
+          f'is not the one this run was trained with '
+          f'({record.get("teacher_path")}, sha256 {record["teacher_sha256"][:12]}): '
+          f'restore that teacher, or start a new --workdir.')
 
   def _student(self, axis_name):
+    if self.teacher is None:
+      raise ValueError('The distillation teacher is not loaded: call '
+                       'method.bind_inputs(experiment.load_backbone) before '
+                       'init (experiment.setup does).')
     return DistillStudent(models.get_backbone(self.config.model, axis_name),
-                          self.num_classes, self.teacher_dim)
+                          self.num_classes, self.teacher.dim)
 
   def init(self, rng):
     params, batch_stats = common.init_network(self._student(None), rng,
                                               self.sample_input())
-    method_state = {'teacher': self.teacher_variables}
-    if self.teacher_head is not None:
-      method_state['teacher_head'] = self.teacher_head
-    return params, batch_stats, method_state
+    # The teacher is not state: it is read once per run (`bind_inputs`), and
+    # checkpoints record its path and hash rather than its weights.
+    return params, batch_stats, {}
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del rng
@@ -200,9 +202,9 @@ class Distill(Method):
         {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
         mutable=['batch_stats'])
     ms = state.method_state
-    teacher = models.get_backbone(self.teacher_model, None)
+    teacher = models.get_backbone(self.teacher.model, None)
     teacher_features = jax.lax.stop_gradient(
-        teacher.apply(ms['teacher'], x, train=False)[0])
+        teacher.apply(self.teacher.variables, x, train=False)[0])
     loss, metrics = 0.0, {}
     if m.feature_weight > 0:
       feature_loss = losses.get_loss('feature_distillation')(
@@ -211,8 +213,7 @@ class Distill(Method):
       loss = loss + m.feature_weight * feature_loss
       metrics['feature_loss'] = feature_loss
     if m.kd_weight > 0:
-      head = ms['teacher_head']
-      teacher_logits = teacher_features @ head['kernel'] + head['bias']
+      teacher_logits = linear_probe.logits(self.teacher.head, teacher_features)
       kd = losses.get_loss('kd')(out['logits'], teacher_logits,
                                  temperature=m.temperature, axis_name=axis_name)
       loss = loss + m.kd_weight * kd

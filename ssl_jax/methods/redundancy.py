@@ -22,9 +22,7 @@ class _TwoViewStatistics(Method):
     return {}
 
   def init(self, rng):
-    network = models.get_network(self.config.model, axis_name=None)
-    params, batch_stats = common.init_network(network, rng, self.sample_input())
-    return params, batch_stats, {}
+    return common.init_without_state(self, rng)
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del batch, rng

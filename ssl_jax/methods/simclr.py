@@ -13,9 +13,7 @@ class SimCLR(Method):
   """Backbone + projector trained with NT-Xent; negatives from all devices."""
 
   def init(self, rng):
-    network = models.get_network(self.config.model, axis_name=None)
-    params, batch_stats = common.init_network(network, rng, self.sample_input())
-    return params, batch_stats, {}
+    return common.init_without_state(self, rng)
 
   def loss(self, params, state, views, batch, rng, axis_name):
     del batch, rng

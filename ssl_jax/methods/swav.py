@@ -20,7 +20,7 @@ sinkhorn_iterations, freeze_prototypes_steps, queue_length,
 queue_start_epochs; model.projector; augment.views (global first, then local).
 """
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,18 +40,11 @@ def apply_multicrop(network, params, batch_stats, views: Sequence[jax.Array]
   to [num_crops, b, ...]. The BN running statistics are updated by each
   resolution in turn.
   """
-  groups: List[List[jax.Array]] = []
-  for v in views:
-    if groups and groups[-1][0].shape == v.shape:
-      groups[-1].append(v)
-    else:
-      groups.append([v])
   outs = []
-  for group in groups:
+  for group in common.by_resolution(views):
     out, batch_stats = common.apply_network(network, params, batch_stats, group)
     outs.append(out)
-  merged = {k: jnp.concatenate([o[k] for o in outs], axis=0) for k in outs[0]}
-  return merged, batch_stats
+  return common.concat_views(outs), batch_stats
 
 
 @METHODS.register('swav')

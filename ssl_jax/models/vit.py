@@ -15,6 +15,7 @@ the pure functions `random_patch_mask`, `block_patch_mask` (BEiT's block-wise
 masking) and `random_keep_ids`.
 """
 
+import functools
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -76,6 +77,30 @@ def random_patch_mask(rng: jax.Array, batch: int, num_patches: int,
 BLOCK_MASK_ATTEMPTS = 10
 
 
+def _block_attempt(carry, u, *, grid: int, min_block: int, log_lo: float,
+                   log_hi: float):
+  """One of `block_mask_from_uniforms`' attempts at adding a rectangle."""
+  mask, delta, max_patches = carry
+  rows = jnp.arange(grid)[:, None]
+  cols = jnp.arange(grid)[None, :]
+  area = min_block + (max_patches - min_block) * u[0]
+  aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[1])
+  h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (w < grid) & (h < grid)
+  # random.randint(0, n) is inclusive: n + 1 outcomes.
+  top = jnp.minimum(jnp.floor(u[2] * (grid - h + 1)).astype(jnp.int32),
+                    grid - h)
+  left = jnp.minimum(jnp.floor(u[3] * (grid - w + 1)).astype(jnp.int32),
+                     grid - w)
+  box = ((rows >= top) & (rows < top + h) & (cols >= left) &
+         (cols < left + w))
+  new = jnp.sum(box & ~mask)
+  take = fits & (delta == 0) & (new > 0) & (new <= max_patches)
+  mask = jnp.where(take, mask | box, mask)
+  return (mask, delta + jnp.where(take, new, 0), max_patches), None
+
+
 def block_mask_from_uniforms(uniforms: jax.Array, grid: int, num_masked: int,
                              *, min_block: int = 16,
                              max_block: Optional[int] = None,
@@ -106,27 +131,8 @@ def block_mask_from_uniforms(uniforms: jax.Array, grid: int, num_masked: int,
   """
   max_block = num_masked if max_block is None else max_block
   log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
-  rows = jnp.arange(grid)[:, None]
-  cols = jnp.arange(grid)[None, :]
-
-  def attempt(carry, u):
-    mask, delta, max_patches = carry
-    area = min_block + (max_patches - min_block) * u[0]
-    aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[1])
-    h = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
-    w = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-    fits = (w < grid) & (h < grid)
-    # random.randint(0, n) is inclusive: n + 1 outcomes.
-    top = jnp.minimum(jnp.floor(u[2] * (grid - h + 1)).astype(jnp.int32),
-                      grid - h)
-    left = jnp.minimum(jnp.floor(u[3] * (grid - w + 1)).astype(jnp.int32),
-                       grid - w)
-    box = ((rows >= top) & (rows < top + h) & (cols >= left) &
-           (cols < left + w))
-    new = jnp.sum(box & ~mask)
-    take = fits & (delta == 0) & (new > 0) & (new <= max_patches)
-    mask = jnp.where(take, mask | box, mask)
-    return (mask, delta + jnp.where(take, new, 0), max_patches), None
+  attempt = functools.partial(_block_attempt, grid=grid, min_block=min_block,
+                              log_lo=log_lo, log_hi=log_hi)
 
   def cond(state):
     i, _, count, stopped = state

@@ -529,6 +529,64 @@ def _tangential(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
   return x - np.sum(x * unit, axis=-1, keepdims=True) * unit
 
 
+def _check_spreads(loss_c, args, args_c, batch, collapsed, value, hyper,
+                   collapse_argnums, view_argnums, spread, min_cosine, seed):
+  """Step 2 of `check_collapse`: near collapse, descent spreads the views."""
+  rng = np.random.default_rng(seed + 1)
+  d = np.shape(collapsed[collapse_argnums[0]])[-1]
+  b = np.shape(args_c[batch[0]])[0]
+  per_example = rng.normal(size=(b, d)) * spread / np.sqrt(d)
+  near, offsets = list(collapsed), {}
+  for i in collapse_argnums:
+    a = np.asarray(collapsed[i], np.float64)
+    if i in view_argnums:
+      e = np.broadcast_to(per_example.reshape((b,) + (1,) * (a.ndim - 2) + (d,)),
+                          a.shape)
+    else:
+      e = rng.normal(size=a.shape) * spread / np.sqrt(d)
+    near[i] = (a + e).astype(np.asarray(collapsed[i]).dtype)
+    offsets[i] = np.asarray(near[i], np.float64) - a
+  value_near, grads_near = value_and_grads(loss_c, near, hyper)
+  _check_finite_outputs('collapse (near)', value_near, grads_near,
+                        float_argnums(args))
+  by_arg = dict(zip(float_argnums(args), grads_near))
+  rows = {i: np.asarray(near[i], np.float64) for i in view_argnums}
+  grad = {i: _tangential(np.asarray(by_arg[i], np.float64), rows[i])
+          for i in view_argnums}
+  offset = {i: _tangential(offsets[i], rows[i]) for i in view_argnums}
+  slope = sum(float(np.sum(grad[i] * offset[i])) for i in view_argnums)
+  grad_norm = np.sqrt(sum(float(np.sum(np.square(grad[i]))) for i in view_argnums))
+  offset_norm = np.sqrt(sum(float(np.sum(np.square(offset[i])))
+                            for i in view_argnums))
+  # A cosine, not a sign: a loss with no anti-collapse force has a gradient
+  # of rounding noise here, whose sign is a coin flip.
+  cosine = slope / (grad_norm * offset_norm) if grad_norm > 0 else 0.0
+  if not cosine < -min_cosine:
+    raise AssertionError(
+        f'collapse: near collapse (offsets of norm {spread:g}) a '
+        f'gradient step does not spread the embeddings: the cosine between '
+        f'the gradient and the spreading offsets is {cosine:.3g} (should be '
+        f'< -{min_cosine:g}; gradient norm {grad_norm:.3g}). The anti-collapse '
+        f'term does not push away from collapse. Loss {value_near:.6g} vs '
+        f'{value:.6g} at collapse.')
+
+
+def _check_collapse_value(loss_c, args, axes, collapsed, collapse_value,
+                          hyper, rtol, atol) -> float:
+  """Step 1 of `check_collapse`; returns the loss at collapse."""
+  value, grads = value_and_grads(loss_c, collapsed, hyper)
+  _check_finite_outputs('collapse', value, grads, float_argnums(args))
+  if callable(collapse_value):
+    original_layout = [a if ax in (0, None) else np.moveaxis(a, 0, ax)
+                       for a, ax in zip(collapsed, axes)]
+    expected = collapse_value(*original_layout)
+  else:
+    expected = collapse_value
+  assert_close('collapse: the loss of constant embeddings vs the collapse value',
+               value, expected, rtol=rtol, atol=atol)
+  return value
+
+
 def check_collapse(loss_fn: LossFn, args: Args, *,
                    collapse_value: Union[float, Callable[..., float]],
                    hyper: Optional[Mapping[str, Any]] = None,
@@ -581,57 +639,14 @@ def check_collapse(loss_fn: LossFn, args: Args, *,
   view_argnums = (tuple(i for i in collapse_argnums if i in batch)
                   if view_argnums is None else tuple(view_argnums))
   collapsed = collapsed_inputs(args_c, argnums=collapse_argnums, seed=seed)
-  value, grads = value_and_grads(loss_c, collapsed, hyper)
-  _check_finite_outputs('collapse', value, grads, float_argnums(args))
-  if callable(collapse_value):
-    original_layout = [a if ax in (0, None) else np.moveaxis(a, 0, ax)
-                       for a, ax in zip(collapsed, axes)]
-    expected = collapse_value(*original_layout)
-  else:
-    expected = collapse_value
-  assert_close('collapse: the loss of constant embeddings vs the collapse value',
-               value, expected, rtol=rtol, atol=atol)
+  value = _check_collapse_value(loss_c, args, axes, collapsed, collapse_value,
+                                hyper, rtol, atol)
   if not anti_collapse:
     return
   if not view_argnums:
     raise ValueError('anti_collapse needs at least one view argument.')
-  rng = np.random.default_rng(seed + 1)
-  d = np.shape(collapsed[collapse_argnums[0]])[-1]
-  b = np.shape(args_c[batch[0]])[0]
-  per_example = rng.normal(size=(b, d)) * spread / np.sqrt(d)
-  near, offsets = list(collapsed), {}
-  for i in collapse_argnums:
-    a = np.asarray(collapsed[i], np.float64)
-    if i in view_argnums:
-      e = np.broadcast_to(per_example.reshape((b,) + (1,) * (a.ndim - 2) + (d,)),
-                          a.shape)
-    else:
-      e = rng.normal(size=a.shape) * spread / np.sqrt(d)
-    near[i] = (a + e).astype(np.asarray(collapsed[i]).dtype)
-    offsets[i] = np.asarray(near[i], np.float64) - a
-  value_near, grads_near = value_and_grads(loss_c, near, hyper)
-  _check_finite_outputs('collapse (near)', value_near, grads_near,
-                        float_argnums(args))
-  by_arg = dict(zip(float_argnums(args), grads_near))
-  rows = {i: np.asarray(near[i], np.float64) for i in view_argnums}
-  grad = {i: _tangential(np.asarray(by_arg[i], np.float64), rows[i])
-          for i in view_argnums}
-  offset = {i: _tangential(offsets[i], rows[i]) for i in view_argnums}
-  slope = sum(float(np.sum(grad[i] * offset[i])) for i in view_argnums)
-  grad_norm = np.sqrt(sum(float(np.sum(np.square(grad[i]))) for i in view_argnums))
-  offset_norm = np.sqrt(sum(float(np.sum(np.square(offset[i])))
-                            for i in view_argnums))
-  # A cosine, not a sign: a loss with no anti-collapse force has a gradient
-  # of rounding noise here, whose sign is a coin flip.
-  cosine = slope / (grad_norm * offset_norm) if grad_norm > 0 else 0.0
-  if not cosine < -min_cosine:
-    raise AssertionError(
-        f'collapse: near collapse (offsets of norm {spread:g}) a '
-        f'gradient step does not spread the embeddings: the cosine between '
-        f'the gradient and the spreading offsets is {cosine:.3g} (should be '
-        f'< -{min_cosine:g}; gradient norm {grad_norm:.3g}). The anti-collapse '
-        f'term does not push away from collapse. Loss {value_near:.6g} vs '
-        f'{value:.6g} at collapse.')
+  _check_spreads(loss_c, args, args_c, batch, collapsed, value, hyper,
+                 collapse_argnums, view_argnums, spread, min_cosine, seed)
 
 
 def check_jit_consistency(loss_fn: LossFn, args: Args, *,

@@ -1,81 +1,20 @@
-"""Loading a run's checkpoint and computing frozen features of a dataset."""
+"""Frozen features of a dataset, on every device of the mesh.
 
+Below methods and evaluation alike: evaluation's protocols, distillation's
+teacher head and DeepCluster's k-means all embed their data through here.
+"""
+
+import dataclasses
 import functools
 import json
-from typing import Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from ssl_jax import checkpointing, data, models, parallel
-from ssl_jax import workdir as workdir_lib
+from ssl_jax import data, models, parallel
 from ssl_jax.data import augment
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with (its workdir's config.json)."""
-  config = workdir_lib.read_config(workdir)
-  if config is None:
-    raise FileNotFoundError(
-        f'{workdir_lib.join(workdir, workdir_lib.CONFIG_FILE)} not found: is '
-        f'{workdir!r} the --workdir of a training run?')
-  return ml_collections.ConfigDict(config)
-
-
-def load_run(workdir: str, step: Optional[int] = None, *,
-             with_init: bool = True):
-  """Returns (config, setup, trained_state) of the run in `workdir`.
-
-  Args:
-    workdir: the --workdir of a training run.
-    step: checkpoint step (default: the newest usable one).
-    with_init: build `setup.state`, the run's initial state (same seed), i.e.
-      the encoder at random initialisation that the trained one is compared
-      against. Compiling the initialiser costs ~11 s of CPU for the smoke
-      SimCLR model, so without it the checkpoint is restored into a template
-      of shapes only and `setup` is None.
-
-  Raises:
-    FileNotFoundError: no config.json or no checkpoint in `workdir`.
-    ValueError: `step` is not one of its checkpoints.
-  """
-  config = load_config(workdir)
-  checkpointer = checkpointing.Checkpointer(workdir)
-  try:
-    return _load_run(config, checkpointer, workdir, step, with_init)
-  finally:
-    # Orbax's background threads must stop before the interpreter exits.
-    checkpointer.close()
-
-
-def _load_run(config, checkpointer, workdir, step, with_init):
-  from ssl_jax import train  # pylint: disable=g-import-not-at-top
-  steps = checkpointer.all_steps()
-  if step is not None and step not in steps:
-    raise ValueError(
-        f'{workdir} has no checkpoint at step {step}; it has '
-        + (f'steps {", ".join(map(str, steps))}: pass one of them as --step, or '
-           f'leave --step out for the newest.' if steps else
-           'none: train first with python -m ssl_jax.main.'))
-  # The checkpoint supersedes the weights the run started from, which need
-  # not exist any more; `setup.state` is then the random initialisation.
-  init_config = ml_collections.ConfigDict(config.to_dict())
-  if init_config.model.get('init_from'):
-    init_config.model.init_from = ''
-  if with_init:
-    s = train.setup(init_config)
-    template = s.state
-  else:
-    s = None
-    # Tracing setup (no compilation) gives the state's shapes and dtypes,
-    # which is all a restore needs.
-    template = jax.eval_shape(lambda: train.setup(init_config).state)
-  state, _ = checkpointer.restore(template, step)
-  if state is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train '
-                            f'first with python -m ssl_jax.main.')
-  return config, s, state
 
 
 def make_feature_fn(model_config: ml_collections.ConfigDict, size: int,
@@ -183,3 +122,62 @@ def eval_sources(config) -> Tuple[data.Source, data.Source]:
 def view_size(config) -> int:
   views = config.augment.views
   return views[next(iter(views))].size
+
+
+@dataclasses.dataclass
+class EmbeddedDataset:
+  """A whole dataset's embeddings, as global arrays split over the mesh.
+
+  Attributes:
+    features: one entry per pass: [b, ...] embeddings of each device's points.
+    indices: one entry per pass: [b] int32 dataset indices of those points.
+    masks: one entry per pass: [b] bool, False on the padding after the end.
+    num_examples: the dataset's size N.
+  """
+  features: List[jax.Array]
+  indices: List[jax.Array]
+  masks: List[jax.Array]
+  num_examples: int
+
+
+def embed_dataset(source: data.Source, batch_size: int,
+                  embed_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+                  variables: Any, key: jax.Array) -> EmbeddedDataset:
+  """Embeds every example of `source` on the devices of the default mesh.
+
+  Device d embeds the contiguous index range [d * per_device, (d + 1) *
+  per_device), `batch_size // devices` at a time, so the points a collective
+  gathers from the devices are in dataset order whatever the number of devices
+  and processes (padding only at the end, masked): k-means seeds and clusters
+  the same on 8 devices as on 2 processes x 4.
+
+  Args:
+    source: the examples (every process reads its devices' share).
+    batch_size: global examples per pass.
+    embed_fn: a mesh function `(variables, key, images) -> embeddings`, the
+      variables and key replicated, images and embeddings split on the batch
+      axis (`parallel.data_parallel`).
+    variables: replicated on the mesh (or host arrays).
+    key: the pass's key; pass i uses `fold_in(key, i)`.
+
+  Returns:
+    The embeddings, their indices and validity, split over the devices.
+  """
+  mesh = parallel.default_mesh()
+  n = len(source)
+  per_device_batch = max(1, batch_size // mesh.size)
+  per_device = -(-n // (mesh.size * per_device_batch)) * per_device_batch
+  all_devices = list(mesh.devices.flat)
+  positions = sorted(all_devices.index(d) for d in mesh.local_devices)
+  out = EmbeddedDataset([], [], [], n)
+  for i, lo in enumerate(range(0, per_device, per_device_batch)):
+    idx = np.concatenate([pos * per_device + lo + np.arange(per_device_batch)
+                          for pos in positions])
+    mask = idx < n
+    images = source.get(np.where(mask, idx, 0))['image']
+    step_key = parallel.put_replicated(jax.random.fold_in(key, i), mesh)
+    out.features.append(embed_fn(variables, step_key,
+                                 parallel.put_batch(images, mesh)))
+    out.indices.append(parallel.put_batch(idx.astype(np.int32), mesh))
+    out.masks.append(parallel.put_batch(mask, mesh))
+  return out
