@@ -243,7 +243,7 @@ def test_named_dead_helpers_are_gone(name):
 
 
 # ---------------------------------------------------------------------------
-# CONTRIBUTING.md's worked example: a method is four files, nothing else.
+# CONTRIBUTING.md's worked example: a method is its own files, nothing else.
 
 
 def _contributing_blocks() -> Tuple[Dict[str, str], str]:
@@ -290,10 +290,11 @@ def test_contributing_worked_example_adds_a_method_with_four_files(tmp_path):
   files, entry = _contributing_blocks()
   assert sorted(files) == ['configs/align_variance.py',
                            'ssl_jax/losses/align_variance.py',
-                           'ssl_jax/methods/align_variance.py']
+                           'ssl_jax/methods/align_variance.py',
+                           'tests/test_align_variance.py']
   assert entry and 'LossCase' in entry
   tree = tmp_path / 'tree'
-  for name in ('ssl_jax', 'configs'):
+  for name in ('ssl_jax', 'configs', 'tests'):
     shutil.copytree(ROOT / name, tree / name,
                     ignore=shutil.ignore_patterns('__pycache__'))
   for path, code in files.items():
@@ -306,10 +307,10 @@ def test_contributing_worked_example_adds_a_method_with_four_files(tmp_path):
        str(tmp_path / 'entry.py')],
       cwd=tree, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and 'WORKED' in out.stdout, out.stderr[-3000:]
-  shutil.copytree(ROOT / 'tests', tree / 'tests',
-                  ignore=shutil.ignore_patterns('__pycache__'))
   out = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-       'tests/test_configs.py', '-k', 'align_variance or every_method'],
+       'tests/test_configs.py', 'tests/test_align_variance.py',
+       'tests/test_official_ports.py', '-k',
+       'align_variance or every_method or every_config_has_an_official_port'],
       cwd=tree, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from official_ports import (CITATION, MODULES, NO_OFFICIAL_CODE, PORTS,
-                            official_port)
+from official_ports import (CITATION, NO_OFFICIAL_CODE, PORTS,
+                            official_port, port_modules)
 from ssl_jax import data, losses, methods, parallel
 from ssl_jax.durations import Durations
 from ssl_jax.losses import teacher_student
@@ -1042,7 +1042,7 @@ CONFIG_NAMES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR)
 
 
 def _registered():
-  for name in MODULES:
+  for name in port_modules():
     importlib.import_module(name)
   return PORTS
 
