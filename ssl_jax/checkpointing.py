@@ -196,7 +196,7 @@ class Checkpointer:
 
   def restore(self, target: TrainState, step: Optional[int] = None,
               set_aside_unreadable: bool = False,
-              sharding: Optional[jax.sharding.Sharding] = None
+              sharding: Any = None
               ) -> Tuple[Optional[TrainState], Dict[str, Any]]:
     """Restores `step` (default: the newest usable one) into `target`'s shape.
 
@@ -212,7 +212,8 @@ class Checkpointer:
         shapes to restore.
       step: the step to restore (default: the newest readable one).
       set_aside_unreadable: see above.
-      sharding: the restored arrays' sharding.
+      sharding: the restored arrays' sharding, one for all or a tree of
+        them shaped like `target` (an FSDP layout, `train.state_layout`).
 
     Returns:
       (state, meta), or (None, {}) when the directory holds no checkpoint.
@@ -225,11 +226,14 @@ class Checkpointer:
     if not steps:
       return None, {}
     sharding = sharding or parallel.replicated()
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, target)
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
+        lambda x, s: jax.ShapeDtypeStruct(
             np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
-            sharding=sharding),
-        flax.serialization.to_state_dict(target))
+            sharding=s),
+        flax.serialization.to_state_dict(target),
+        flax.serialization.to_state_dict(sharding))
     errors = []
     for s in reversed(steps):
       try:
