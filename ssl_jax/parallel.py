@@ -599,7 +599,8 @@ class MeshFunction:
 def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
                   in_specs: Any, out_specs: Any = P(),
                   donate_argnums: Sequence[int] = (),
-                  carry_layout: Optional[PyTree] = None) -> MeshFunction:
+                  carry_layout: Optional[PyTree] = None,
+                  donate_on_cpu: bool = False) -> MeshFunction:
   """Runs per-device `fn` (pmap semantics, axis `AXIS`) on every device of `mesh`.
 
   `fn` sees what a pmapped function sees: replicated arguments whole, batch
@@ -625,12 +626,14 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
       calls (FSDP, `state_shardings`): a sharding per leaf of the carry. The
       carry is gathered whole before `fn` and re-sharded after it, inside
       the same program; `fn` does not change.
+    donate_on_cpu: donate on the CPU backend too (experiments/memory.py
+      measures what an accelerator would hold).
 
   Returns:
     A callable on global arrays (compiled on first call per signature).
   """
   mesh = mesh or default_mesh()
-  if jax.default_backend() == 'cpu':
+  if jax.default_backend() == 'cpu' and not donate_on_cpu:
     donate_argnums = ()
   mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs),
                          out_specs=out_specs, check_vma=False)

@@ -144,8 +144,10 @@ def state_layout(s: Setup, mesh: Optional[parallel.Mesh] = None):
                                                 parallel.FSDP_MIN_SIZE))
 
 
-def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None):
-  """The step on every device of the mesh, donating the state.
+def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None,
+                    donate_on_cpu: bool = False):
+  """The step on every device of the mesh, donating the state (on
+  accelerators, or everywhere with `donate_on_cpu`: memory measurements).
 
   Returns:
     `step(state, batch, monitor) -> (state, metrics)` on global arrays: the
@@ -164,7 +166,8 @@ def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None):
                                 in_specs=(parallel.P(), parallel.P(parallel.AXIS),
                                           parallel.P()),
                                 out_specs=(parallel.P(), parallel.P()),
-                                donate_argnums=(0,), carry_layout=layout)
+                                donate_argnums=(0,), carry_layout=layout,
+                                donate_on_cpu=donate_on_cpu)
 
 
 class _StopSignal:
