@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,10 +215,12 @@ def test_pmap_of_the_train_step_equals_the_mesh_engine():
                              rtol=1e-6)
 
 
-def test_checkpoint_of_eight_devices_resumes_on_four(tmp_path):
+def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(
+    tmp_path):
   """Elastic resume: a checkpoint saved on 8 devices restores onto a mesh of
-  4 (a subprocess), which sees the same data and logs the next step's loss
-  of the uninterrupted 8-device run."""
+  4 (a subprocess) and onto 2 processes x 2 devices (jax.distributed on
+  127.0.0.1), each of which sees the same data and logs the next steps'
+  losses of the uninterrupted 8-device run."""
   config = simclr_config.get_config('smoke')
   config.num_steps = 4
   config.training.update(checkpoint_every=2, log_every=1, keep_checkpoints=3)
@@ -241,4 +244,38 @@ def test_checkpoint_of_eight_devices_resumes_on_four(tmp_path):
     np.testing.assert_allclose(r['loss'], rows[r['step']]['loss'], rtol=1e-4)
   a, b = _params(str(full)), _params(str(elastic))
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+
+  # The same checkpoint on 2 processes of 2 devices: each process reads its
+  # half of every global batch (the data order of the 8-device run).
+  pod = tmp_path / 'pod'
+  os.makedirs(pod / 'checkpoints')
+  shutil.copytree(full / 'checkpoints' / '2', pod / 'checkpoints' / '2')
+  shutil.copy(full / 'config.json', pod / 'config.json')
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+      'device_count=4', 'device_count=2')
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen(_main(
+      pod, '--config.num_steps=4', '--config.training.checkpoint_every=2',
+      '--config.training.log_every=1', '--config.training.keep_checkpoints=3',
+      '--config.distributed.enabled=True',
+      f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+      '--config.distributed.num_processes=2',
+      f'--config.distributed.process_id={i}'), cwd=ROOT, env=env)
+           for i in range(2)]
+  try:
+    for p in procs:
+      assert p.wait(timeout=600) == 0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  resumed = [json.loads(l) for l in open(pod / 'metrics.jsonl')]
+  assert [r['step'] for r in resumed] == [3, 4]
+  for r in resumed:
+    np.testing.assert_allclose(r['loss'], rows[r['step']]['loss'], rtol=1e-4)
+  c = _params(str(pod))
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)):
     np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
