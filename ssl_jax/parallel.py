@@ -406,6 +406,12 @@ def put_replicated(tree: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
   return put_sharded(tree, jax.tree.map(lambda _: sharding, tree))
 
 
+def is_key(x: Any) -> bool:
+  """Whether `x` is a typed PRNG key array (`jax.random.key`) or its shape."""
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype,
+                                                       jax.dtypes.prng_key)
+
+
 @functools.lru_cache(maxsize=None)
 def _resharder(sharding: jax.sharding.Sharding) -> Callable:
   return jax.jit(lambda a: a, out_shardings=sharding)
@@ -420,9 +426,9 @@ def _put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     if not x.is_fully_addressable or x.sharding.device_set == sharding.device_set:
       # Another global layout (e.g. FSDP shards <-> replicated): on device.
       return _resharder(sharding)(x)
-  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key):
-    return jax.device_put(x, sharding)
+  if is_key(x):  # typed keys have no NumPy form: place their data
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
@@ -518,9 +524,13 @@ def to_host(tree: PyTree) -> PyTree:
 
   A replicated array is read from one local device (no collective); a
   sharded one that spans other processes is all-gathered (every process must
-  call this then).
+  call this then). Typed PRNG keys have no NumPy form: they come back as
+  they are (jax key arrays), so that a state read and put back keeps its key;
+  `to_numpy` gives their key data.
   """
   def get(x):
+    if is_key(x):
+      return x
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
@@ -530,6 +540,14 @@ def to_host(tree: PyTree) -> PyTree:
     return np.asarray(x)
 
   return jax.tree.map(get, tree)
+
+
+def to_numpy(tree: PyTree) -> PyTree:
+  """`to_host`, with typed PRNG keys as their key data (uint32): all NumPy,
+  for comparisons."""
+  return jax.tree.map(
+      lambda x: np.asarray(jax.random.key_data(x)) if is_key(x) else x,
+      to_host(tree))
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The training loop: set up or resume, step, log, checkpoint, stop cleanly."""
 
 import dataclasses
+import itertools
 import logging
 import signal
 import threading
@@ -22,6 +23,8 @@ from ssl_jax import workdir as workdir_lib
 # Exit status after a checkpoint written on SIGTERM/SIGINT: EX_TEMPFAIL, "try
 # again"; schedulers can requeue on it.
 PREEMPTED_EXIT_CODE = 75
+
+_runs = itertools.count()
 
 
 class Preempted(Exception):
@@ -97,7 +100,7 @@ def setup(config: ml_collections.ConfigDict,
                            global_batch=config.batch_size)
   method = methods.get_method(config, data.DataInfo.of(source), run)
 
-  rng = jax.random.PRNGKey(config.seed)
+  rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
   if abstract:
     params, batch_stats, method_state = jax.eval_shape(method.init, init_rng)
@@ -284,7 +287,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   # so both kinds of step share one compilation).
   monitor_flags = {f: parallel.put_replicated(np.bool_(f), mesh)
                    for f in (False, True)}
-  parallel.wait_for_all_processes(f'ssl_jax_train_start_{start_step}')
+  # Unique per run of this process: one process may train several runs.
+  parallel.wait_for_all_processes(
+      f'ssl_jax_train_start_{start_step}_{next(_runs)}')
   stop = _StopSignal()
 
   def save(rstate):

@@ -132,7 +132,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
   a, b = _params(str(full)), _params(str(killed))
   assert int(a.step) == int(b.step) == 8
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
+                  jax.tree.leaves(parallel.to_numpy(b))):
     np.testing.assert_array_equal(x, y)
   steps = [json.loads(l)['step'] for l in open(killed / 'metrics.jsonl')]
   assert steps == sorted(set(steps)), 'a step was logged twice after resume'
@@ -191,7 +192,7 @@ def test_pmap_of_the_train_step_equals_the_mesh_engine():
   batch = s.source.get(np.arange(config.batch_size))
   step = functools.partial(methods.train_step, method=s.method, tx=s.tx,
                            lr_schedule=s.lr_schedule, axis_name=parallel.AXIS)
-  replicated = jax.tree.map(lambda x: np.broadcast_to(x, (8,) + np.shape(x)),
+  replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (8,) + np.shape(x)),
                             s.state)
   split = jax.tree.map(lambda x: x.reshape((8, -1) + x.shape[1:]), batch)
   p_state, p_metrics = jax.pmap(step, axis_name=parallel.AXIS)(replicated,
@@ -207,9 +208,10 @@ def test_pmap_of_the_train_step_equals_the_mesh_engine():
   for name, value in p_metrics.items():
     np.testing.assert_allclose(np.asarray(m_metrics[name]), value[0],
                                rtol=1e-5, atol=1e-6, err_msg=name)
-  for x, y in zip(jax.tree.leaves(p_state), jax.tree.leaves(m_state)):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(p_state)),
+                  jax.tree.leaves(m_state)):
     assert y.sharding.is_fully_replicated
-    np.testing.assert_allclose(np.asarray(y), x[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parallel.to_numpy(y), x[0], rtol=1e-5, atol=1e-6)
   assert np.isnan(float(quiet['embedding_std']))
   np.testing.assert_allclose(float(quiet['loss']), float(m_metrics['loss']),
                              rtol=1e-6)

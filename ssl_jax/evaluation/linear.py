@@ -79,7 +79,7 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray,
   total = epochs * (n // batch_size)
   params = {'w': jnp.zeros((d, num_classes)), 'b': jnp.zeros((num_classes,))}
   carry = (params, _optimizer(lr, total, weight_decay).init(params))
-  for key in jax.random.split(jax.random.PRNGKey(seed), epochs):
+  for key in jax.random.split(jax.random.key(seed), epochs):
     carry = _epoch(carry, key, train_x, train_y, batch_size=batch_size,
                    lr=float(lr), total_steps=total,
                    weight_decay=float(weight_decay))

@@ -126,7 +126,7 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
   feature_dim = feat_mean.shape[-1]
 
   head = nn.Dense(num_classes, kernel_init=nn.initializers.zeros)
-  params = {'head': head.init(jax.random.PRNGKey(seed),
+  params = {'head': head.init(jax.random.key(seed),
                               jnp.zeros((1, feature_dim)))['params'],
             'backbone': variables['params']}
   batch_stats = variables.get('batch_stats', {})
@@ -176,7 +176,7 @@ def train_classifier(model_config: Any, variables: Dict[str, Any],
       step, in_specs=(parallel.P(), batch_spec, batch_spec, parallel.P()),
       out_specs=parallel.P())
   carry = parallel.put_replicated((params, batch_stats, opt_state))
-  rng = jax.random.PRNGKey(seed)
+  rng = jax.random.key(seed)
   for epoch in range(epochs):
     perm = np.random.default_rng([seed, epoch]).permutation(len(train_source))
     for i in range(steps_per_epoch):

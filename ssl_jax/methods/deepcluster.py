@@ -127,7 +127,7 @@ class _DeepClusterBase(Method):
           self._cluster_on_device, mesh,
           in_specs=(split, split, split, parallel.P()),
           out_specs=(parallel.P(), split, split, split))
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), epoch)
+    key = jax.random.fold_in(jax.random.key(self.config.seed), epoch)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     # Device d embeds the contiguous index range [d * per_device, (d + 1) *
     # per_device), `per_device_batch` at a time, so the points k-means
@@ -203,7 +203,7 @@ class DeepCluster(_DeepClusterBase):
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
     weights *= len(setup.source) / max(float(np.sum(weights * counts)), 1.0)
     dim = self.config.model.projector.output_dim
-    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), epoch)
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1), epoch)
     classifier = self._classifier().init(rng, jnp.zeros((1, dim)))['params']
     params = dict(host.params, classifier=jax.device_get(classifier))
     method_state = dict(host.method_state, pseudo_labels=labels[0],

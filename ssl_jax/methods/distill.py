@@ -118,7 +118,7 @@ def _teacher_run(workdir: str, teacher_json: str):
   backbone = models.get_backbone(config.model)
   size = feats.view_size(config)
   template = jax.eval_shape(lambda: backbone.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, config.data.channels)),
+      jax.random.key(0), jnp.zeros((1, size, size, config.data.channels)),
       train=False))
   return config, interop.load_backbone_variables(config.model, template)
 
