@@ -42,6 +42,12 @@ from orbax.checkpoint import multihost as ocp_multihost
 
 AXIS = 'batch'
 
+# Random bits that do not depend on how an array is sharded: a key split or
+# drawn under jit gives the same numbers whatever the mesh (the default since
+# JAX 0.5, set here so that no older default or user setting changes the
+# run's random streams between topologies).
+jax.config.update('jax_threefry_partitionable', True)
+
 # Shorthand for the two layouts the library uses: `P()` replicated on every
 # device, `P(AXIS)` split along the leading (batch) axis.
 P = PartitionSpec
