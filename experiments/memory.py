@@ -158,7 +158,7 @@ def measure(config, source: data.Source, model: str, devices: int,
 
 
 def tree_bytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
 
 

@@ -380,8 +380,9 @@ def state_shardings(state: PyTree, fsdp: int = 1,
 
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
   """Bytes one device holds of `tree` laid out as `shardings`."""
+  # dtype.itemsize: typed PRNG keys have one (8 bytes) but no NumPy dtype.
   return sum(int(np.prod(s.shard_shape(np.shape(x)), dtype=np.int64)) *
-             np.dtype(x.dtype).itemsize
+             x.dtype.itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
