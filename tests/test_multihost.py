@@ -6,10 +6,8 @@ an EMA teacher and a center on a ViT (DINO), a key queue (MoCo v2), a memory
 bank scattered by dataset index (InstDisc), and k-means over the whole
 dataset before the first step (DeepCluster).
 
-The two processes are started once and train every config in turn (as
-`ssl_jax.main` would, one workdir each); the 8-device reference runs in the
-test's own process. Starting a pair of processes per config cost a minute
-of interpreter start-up and coordination per config.
+The 8-device reference runs in the test's own process (one interpreter and
+its start-up fewer per config than a subprocess).
 """
 
 import importlib
@@ -21,28 +19,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from ssl_jax import checkpointing, parallel, train
 from ssl_jax.evaluation.features import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ('simclr', 'swav', 'dino', 'mocov2', 'instdisc', 'deepcluster')
-
-# One process of the pair: joins the run, then trains each config (argv:
-# port, process id, root folder, config names).
-_WORKER = '''
-import importlib, os, sys
-from ssl_jax import cpu, parallel, train
-cpu.configure_xla_flags()
-port, process_id, root, names = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
-parallel.initialize_distributed(f'127.0.0.1:{port}', 2, process_id)
-sys.path.insert(0, os.getcwd())
-for name in names:
-  config = importlib.import_module(f'configs.{name}').get_config('smoke')
-  config.num_steps = 3
-  config.training.update(log_every=1, checkpoint_every=3)
-  train.train_and_evaluate(config, os.path.join(root, name))
-'''
 
 
 def _config(name):
@@ -80,28 +63,37 @@ def _final(workdir):
   return state, losses
 
 
-def test_two_processes_equal_one(tmp_path):
-  single, multi = tmp_path / 'single', tmp_path / 'multi'
+STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
+         '--config.training.checkpoint_every=3']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_two_processes_equal_one(tmp_path, name):
+  single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
+  # The reference first, not while the pair runs: run meanwhile, SwAV's
+  # 2-process step aborted in gloo ("Received data size doesn't match
+  # expected size ... collective mismatch") in 2 tries of 2; not understood.
+  train.train_and_evaluate(_config(name), single)
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, '-c', _WORKER, str(port), str(i), str(multi), *CONFIGS],
-      cwd=ROOT, env=_env(4)) for i in range(2)]
+      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}',
+       f'--config=configs/{name}.py:smoke', *STEPS,
+       '--config.distributed.enabled=True',
+       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       '--config.distributed.num_processes=2',
+       f'--config.distributed.process_id={i}'], cwd=ROOT, env=_env(4))
+           for i in range(2)]
   try:
-    # The reference meanwhile, in this process (8 devices).
-    for name in CONFIGS:
-      train.train_and_evaluate(_config(name), str(single / name))
     for p in procs:
-      assert p.wait(timeout=900) == 0
+      assert p.wait(timeout=600) == 0
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for name in CONFIGS:
-    (a, losses_a), (b, losses_b) = (_final(str(single / name)),
-                                    _final(str(multi / name)))
-    assert len(losses_a) == len(losses_b) == 3, name
-    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, err_msg=name)
-    assert int(a.step) == int(b.step) == 3
-    for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
-                    jax.tree.leaves(parallel.to_numpy(b))):
-      np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=name)
+  (a, losses_a), (b, losses_b) = _final(single), _final(multi)
+  assert len(losses_a) == len(losses_b) == 3
+  np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
+  assert int(a.step) == int(b.step) == 3
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
+                  jax.tree.leaves(parallel.to_numpy(b))):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
