@@ -149,6 +149,16 @@ def base_config(method: str) -> ml_collections.ConfigDict:
       # (0: off); see ssl_jax/evaluation/periodic.py.
       eval_every=0))
 
+  # The device mesh: `data` x `fsdp` devices (data=-1: all the rest). With
+  # fsdp > 1, parameters, optimizer state and method state (EMA teachers,
+  # queues, banks) are stored sharded over `fsdp` devices between steps, each
+  # leaf of at least `fsdp_min_size` elements on its largest dimension that
+  # fsdp divides, and gathered inside the step: memory per device for them
+  # drops by ~fsdp, the losses and the math of the step are unchanged (see
+  # ssl_jax/parallel.py). fsdp must divide the number of devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1,
+                                          fsdp_min_size=2**14))
+
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address='', num_processes=0, process_id=-1,
       # A process that loses a peer exits after this many seconds without a

@@ -110,7 +110,7 @@ def prepare_jax(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
   state = parallel.put_replicated(s.state)
   batch = parallel.put_batch(s.source.get(np.arange(args.batch_size)))
   monitor = parallel.put_replicated(np.bool_(False))
-  views = len(s.method.make_views(jax.random.PRNGKey(0),
+  views = len(s.method.make_views(jax.random.key(0),
                                   jax.numpy.zeros((1,) + s.source.image_shape,
                                                   jax.numpy.uint8)))
   t0 = time.perf_counter()

@@ -156,7 +156,11 @@ class Checkpointer:
     (`wait` waits for both).
     """
     step = int(parallel.to_host(state.step))
-    tree = flax.serialization.to_state_dict(state)
+    # Typed PRNG keys are saved as their key data (uint32), the format of the
+    # raw keys of older checkpoints, which therefore still restore.
+    tree = jax.tree.map(
+        lambda x: jax.random.key_data(x) if parallel.is_key(x) else x,
+        flax.serialization.to_state_dict(state))
     self._join_checksummer()
     saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree),
@@ -196,7 +200,7 @@ class Checkpointer:
 
   def restore(self, target: TrainState, step: Optional[int] = None,
               set_aside_unreadable: bool = False,
-              sharding: Optional[jax.sharding.Sharding] = None
+              sharding: Any = None
               ) -> Tuple[Optional[TrainState], Dict[str, Any]]:
     """Restores `step` (default: the newest usable one) into `target`'s shape.
 
@@ -212,7 +216,8 @@ class Checkpointer:
         shapes to restore.
       step: the step to restore (default: the newest readable one).
       set_aside_unreadable: see above.
-      sharding: the restored arrays' sharding.
+      sharding: the restored arrays' sharding, one for all or a tree of
+        them shaped like `target` (an FSDP layout, `train.state_layout`).
 
     Returns:
       (state, meta), or (None, {}) when the directory holds no checkpoint.
@@ -225,11 +230,26 @@ class Checkpointer:
     if not steps:
       return None, {}
     sharding = sharding or parallel.replicated()
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
-            sharding=sharding),
-        flax.serialization.to_state_dict(target))
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, target)
+    target_dict = flax.serialization.to_state_dict(target)
+
+    def abstract_leaf(x, sharding):
+      if parallel.is_key(x):
+        x = jax.eval_shape(jax.random.key_data, x)
+      return jax.ShapeDtypeStruct(
+          np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
+          sharding=sharding)
+
+    def as_target(x, restored):
+      if parallel.is_key(x):
+        # An abstract target (ShapeDtypeStruct) keeps the default impl.
+        impl = jax.random.key_impl(x) if isinstance(x, jax.Array) else None
+        return jax.random.wrap_key_data(restored, impl=impl)
+      return restored
+
+    abstract = jax.tree.map(abstract_leaf, target_dict,
+                            flax.serialization.to_state_dict(sharding))
     errors = []
     for s in reversed(steps):
       try:
@@ -241,7 +261,8 @@ class Checkpointer:
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             meta=ocp.args.JsonRestore()))
-        state = flax.serialization.from_state_dict(target, restored['state'])
+        state = flax.serialization.from_state_dict(
+            target, jax.tree.map(as_target, target_dict, restored['state']))
         _check_shapes(target, state, s)
         if errors:
           logging.warning('Checkpoint(s) %s could not be read; resumed from '

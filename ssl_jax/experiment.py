@@ -80,7 +80,7 @@ def setup(config: ml_collections.ConfigDict,
   method = methods.get_method(config, data.DataInfo.of(source), run)
   method.bind_inputs(load_backbone)
 
-  rng = jax.random.PRNGKey(config.seed)
+  rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
   if abstract:
     params, batch_stats, method_state = jax.eval_shape(method.init, init_rng)

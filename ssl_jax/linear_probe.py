@@ -144,7 +144,7 @@ def fit(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
   total = epochs * (n // batch_size)
   params = init_params(d, num_classes)
   carry = (params, _optimizer(lr, total, weight_decay).init(params))
-  for key in jax.random.split(jax.random.PRNGKey(seed), epochs):
+  for key in jax.random.split(jax.random.key(seed), epochs):
     carry = _epoch(carry, key, x, y, batch_size=batch_size, lr=float(lr),
                    total_steps=total, weight_decay=float(weight_decay),
                    shuffle=batch_size < n)

@@ -30,7 +30,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
 
 AXIS = 'batch'
+
+# Random bits that do not depend on how an array is sharded: a key split or
+# drawn under jit gives the same numbers whatever the mesh (the default since
+# JAX 0.5, set here so that no older default or user setting changes the
+# run's random streams between topologies).
+jax.config.update('jax_threefry_partitionable', True)
 
 # Shorthand for the two layouts the library uses: `P()` replicated on every
 # device, `P(AXIS)` split along the leading (batch) axis.
@@ -267,6 +273,119 @@ def default_mesh() -> Mesh:
   return make_mesh()
 
 
+# ---------------------------------------------------------------------------
+# FSDP: the state stored sharded between steps.
+#
+# With `config.mesh.fsdp` = f > 1 the same devices also form a 2-D mesh
+# (DATA_AXIS, FSDP_AXIS) of shape (devices / f, f), in the order of the 1-D
+# mesh, so that device i holds batch shard i in both. Between steps,
+# parameters, optimizer state and method state (EMA teachers, banks, queues)
+# are stored sharded over FSDP_AXIS (each leaf on its largest dimension that f
+# divides, as big_vision's `fsdp` rule; small leaves replicated), which
+# divides their memory per device by f. The step itself is unchanged: inside
+# the same jit, GSPMD all-gathers the state onto every device before the
+# per-device body (pmap semantics, collectives over AXIS on all devices: the
+# losses do not change) and keeps only each device's shard of the new state.
+# The gathered state lives during the step (temporaries), so this saves the
+# state's resident memory, not the step's peak; gathering layer by layer
+# would need the model itself to gather its weights.
+
+DATA_AXIS = 'data'
+FSDP_AXIS = 'fsdp'
+
+# Leaves with fewer elements stay replicated: sharding them saves little and
+# adds a collective each.
+FSDP_MIN_SIZE = 2**14
+
+
+def mesh_shape(data: int = -1, fsdp: int = 1,
+               device_count: Optional[int] = None) -> Tuple[int, int]:
+  """(data, fsdp) of the run's mesh from `config.mesh` (data=-1: the rest).
+
+  Raises:
+    ValueError: fsdp does not divide the devices, or data x fsdp is not their
+      number.
+  """
+  n = jax.device_count() if device_count is None else device_count
+  if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
+    raise ValueError(f'config.mesh.fsdp={fsdp!r} must be a positive divisor of '
+                     f'the {n} devices of this run (1 turns FSDP off).')
+  if data == -1:
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f'config.mesh.data x config.mesh.fsdp = {data} x {fsdp} '
+                     f'is not the {n} devices of this run; set '
+                     f'--config.mesh.data=-1 (the rest).')
+  return data, fsdp
+
+
+def make_fsdp_mesh(fsdp: int,
+                   devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """The 2-D (DATA_AXIS, FSDP_AXIS) mesh over the devices of `make_mesh`,
+  in the same order (so it shares the compiled step with the 1-D mesh)."""
+  devices = jax.devices() if devices is None else list(devices)
+  data, fsdp = mesh_shape(-1, fsdp, len(devices))
+  return Mesh(np.asarray(devices).reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int,
+              min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+  """Shards the largest dimension of `shape` that `fsdp` divides (P() if none,
+  or if the leaf has fewer than `min_size` elements)."""
+  if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):
+    return P()
+  # Largest first; among equal sizes the last dimension (big_vision's order).
+  for d in np.argsort(shape, kind='stable')[::-1]:
+    if shape[d] % fsdp == 0 and shape[d] >= fsdp:
+      return P(*([None] * int(d) + [FSDP_AXIS]))
+  return P()
+
+
+def fsdp_shardings(tree: PyTree, mesh: Mesh,
+                   min_size: int = FSDP_MIN_SIZE) -> PyTree:
+  """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs) on the
+  2-D `mesh`: `fsdp_spec` of each leaf."""
+  fsdp = mesh.shape[FSDP_AXIS]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)),
+      tree)
+
+
+def state_shardings(state: PyTree, fsdp: int = 1,
+                    fields: Sequence[str] = ('params', 'opt_state',
+                                             'method_state'),
+                    min_size: int = FSDP_MIN_SIZE,
+                    devices: Optional[Sequence[jax.Device]] = None) -> PyTree:
+  """The layout of a train state between steps.
+
+  Args:
+    state: a flax struct (TrainState) of arrays or ShapeDtypeStructs.
+    fsdp: the FSDP axis size; 1 replicates everything (on `default_mesh()`).
+    fields: the state's fields sharded over FSDP_AXIS; the others (step,
+      rng, BatchNorm statistics, probe) stay replicated.
+    min_size: see `fsdp_spec`.
+    devices: the mesh's devices (default: all of every process).
+
+  Returns:
+    The same struct with a NamedSharding per leaf.
+  """
+  if fsdp <= 1:
+    mesh = default_mesh() if devices is None else make_mesh(devices)
+    return jax.tree.map(lambda _: replicated(mesh), state)
+  mesh = make_fsdp_mesh(fsdp, devices)
+  layout = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  return layout.replace(**{f: fsdp_shardings(getattr(state, f), mesh, min_size)
+                           for f in fields})
+
+
+def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
+  """Bytes one device holds of `tree` laid out as `shardings`."""
+  # dtype.itemsize: typed PRNG keys have one (8 bytes) but no NumPy dtype.
+  return sum(int(np.prod(s.shard_shape(np.shape(x)), dtype=np.int64)) *
+             x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
 def replicated(mesh: Optional[Mesh] = None) -> NamedSharding:
   """Sharding of arrays held whole by every device (state, parameters)."""
   return NamedSharding(mesh or default_mesh(), P())
@@ -291,17 +410,44 @@ def put_replicated(tree: PyTree, mesh: Optional[Mesh] = None) -> PyTree:
     The same tree of replicated `jax.Array`s.
   """
   sharding = replicated(mesh)
+  return put_sharded(tree, jax.tree.map(lambda _: sharding, tree))
 
-  def put(x):
-    if isinstance(x, jax.Array):
-      if x.sharding == sharding:
-        return x
-      if not x.is_fully_addressable:  # another global layout: reshard on device
-        return jax.jit(lambda a: a, out_shardings=sharding)(x)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
-  return jax.tree.map(put, tree)
+def is_key(x: Any) -> bool:
+  """Whether `x` is a typed PRNG key array (`jax.random.key`) or its shape."""
+  return hasattr(x, 'dtype') and jax.dtypes.issubdtype(x.dtype,
+                                                       jax.dtypes.prng_key)
+
+
+@functools.lru_cache(maxsize=None)
+def _resharder(sharding: jax.sharding.Sharding) -> Callable:
+  return jax.jit(lambda a: a, out_shardings=sharding)
+
+
+def _put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  if isinstance(x, jax.Array):
+    if x.sharding == sharding or (
+        x.sharding.device_set == sharding.device_set and
+        x.sharding.is_equivalent_to(sharding, x.ndim)):
+      return x
+    if not x.is_fully_addressable or x.sharding.device_set == sharding.device_set:
+      # Another global layout (e.g. FSDP shards <-> replicated): on device.
+      return _resharder(sharding)(x)
+  if is_key(x):  # typed keys have no NumPy form: place their data
+    return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding),
+                                    impl=jax.random.key_impl(x))
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def put_sharded(tree: PyTree, shardings: PyTree) -> PyTree:
+  """Global arrays laid out as `shardings` (a NamedSharding per leaf).
+
+  Host leaves must hold the whole value on every process; global arrays in
+  another layout are resharded on the devices; leaves already in their layout
+  are returned as they are.
+  """
+  return jax.tree.map(_put, tree, shardings)
 
 
 def _check_local_batch(x: np.ndarray, mesh: Mesh) -> None:
@@ -385,9 +531,13 @@ def to_host(tree: PyTree) -> PyTree:
 
   A replicated array is read from one local device (no collective); a
   sharded one that spans other processes is all-gathered (every process must
-  call this then).
+  call this then). Typed PRNG keys have no NumPy form: they come back as
+  they are (jax key arrays), so that a state read and put back keeps its key;
+  `to_numpy` gives their key data.
   """
   def get(x):
+    if is_key(x):
+      return x
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
@@ -397,6 +547,14 @@ def to_host(tree: PyTree) -> PyTree:
     return np.asarray(x)
 
   return jax.tree.map(get, tree)
+
+
+def to_numpy(tree: PyTree) -> PyTree:
+  """`to_host`, with typed PRNG keys as their key data (uint32): all NumPy,
+  for comparisons."""
+  return jax.tree.map(
+      lambda x: np.asarray(jax.random.key_data(x)) if is_key(x) else x,
+      to_host(tree))
 
 
 # ---------------------------------------------------------------------------
@@ -414,10 +572,28 @@ class MeshFunction:
   collective together, within gloo's fixed 30 s connection window on CPU.
   """
 
-  def __init__(self, jitted: Callable, name: str):
+  def __init__(self, jitted: Callable, name: str,
+               in_shardings: Optional[Tuple[Any, ...]] = None):
     self._jitted = jitted
     self._name = name
+    self._in_shardings = in_shardings
     self._compiled: Dict[Any, Any] = {}
+
+  def _conform(self, args):
+    """Reshards global-array arguments held in another layout (an FSDP state
+    passed to a replicated evaluation, a replicated leaf a host hook put into
+    an FSDP state) onto the shardings the function was compiled for."""
+    if self._in_shardings is None:
+      return args
+    is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)
+
+    def conform(sharding, subtree):
+      return jax.tree.map(
+          lambda x: _put(x, sharding) if isinstance(x, jax.Array) else x,
+          subtree)
+
+    return tuple(jax.tree.map(conform, self._in_shardings, tuple(args),
+                              is_leaf=is_sharding))
 
   @staticmethod
   def _signature(args) -> Any:
@@ -434,6 +610,7 @@ class MeshFunction:
     return jax.eval_shape(self._jitted, *args)
 
   def __call__(self, *args):
+    args = self._conform(args)
     key = self._signature(args)
     compiled = self._compiled.get(key)
     if compiled is None:
@@ -446,7 +623,9 @@ class MeshFunction:
 
 def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
                   in_specs: Any, out_specs: Any = P(),
-                  donate_argnums: Sequence[int] = ()) -> MeshFunction:
+                  donate_argnums: Sequence[int] = (),
+                  carry_layout: Optional[PyTree] = None,
+                  donate_on_cpu: bool = False) -> MeshFunction:
   """Runs per-device `fn` (pmap semantics, axis `AXIS`) on every device of `mesh`.
 
   `fn` sees what a pmapped function sees: replicated arguments whole, batch
@@ -467,19 +646,45 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
     out_specs: the same for the outputs.
     donate_argnums: arguments whose buffers the outputs may reuse
       (accelerators only).
+    carry_layout: for a step `fn(carry, ...) -> (carry, ...)` whose carry
+      (in_specs[0] and out_specs[0] P()) is stored in another layout between
+      calls (FSDP, `state_shardings`): a sharding per leaf of the carry. The
+      carry is gathered whole before `fn` and re-sharded after it, inside
+      the same program; `fn` does not change.
+    donate_on_cpu: donate on the CPU backend too (experiments/memory.py
+      measures what an accelerator would hold).
 
   Returns:
     A callable on global arrays (compiled on first call per signature).
   """
   mesh = mesh or default_mesh()
-  if jax.default_backend() == 'cpu':
+  if jax.default_backend() == 'cpu' and not donate_on_cpu:
     donate_argnums = ()
   mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs),
                          out_specs=out_specs, check_vma=False)
   to_sharding = lambda specs: jax.tree.map(
       lambda spec: NamedSharding(mesh, spec), specs,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
-  jitted = jax.jit(mapped, in_shardings=to_sharding(tuple(in_specs)),
-                   out_shardings=to_sharding(out_specs),
+  in_shardings = to_sharding(tuple(in_specs))
+  out_shardings = to_sharding(out_specs)
+  body = mapped
+  if carry_layout is not None:
+    if in_specs[0] != P() or out_specs[0] != P():
+      raise ValueError('carry_layout needs in_specs[0] and out_specs[0] P().')
+    in_shardings = (carry_layout,) + tuple(in_shardings[1:])
+    out_shardings = (carry_layout,) + tuple(out_shardings[1:])
+    whole = NamedSharding(mesh, P())
+
+    def body(carry, *rest):
+      # The mesh of `carry_layout` lists the same devices in the same order,
+      # so GSPMD all-gathers each leaf over its FSDP axis here and slices
+      # each device's shard out of the new carry (no collective).
+      carry = lax.with_sharding_constraint(carry, whole)
+      out = mapped(carry, *rest)
+      return (lax.with_sharding_constraint(out[0], carry_layout),
+              *out[1:])
+
+  jitted = jax.jit(body, in_shardings=in_shardings,
+                   out_shardings=out_shardings,
                    donate_argnums=tuple(donate_argnums))
-  return MeshFunction(jitted, getattr(fn, '__name__', 'fn'))
+  return MeshFunction(jitted, getattr(fn, '__name__', 'fn'), in_shardings)

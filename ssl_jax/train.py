@@ -1,6 +1,7 @@
 """The training loop: set up or resume, step, log, checkpoint, stop cleanly."""
 
 import functools
+import itertools
 import logging
 import signal
 import threading
@@ -25,27 +26,55 @@ from ssl_jax.train_state import TrainState
 # Where the loop stops early; re-exported for callers of train_and_evaluate.
 PREEMPTED_EXIT_CODE = divergence.PREEMPTED_EXIT_CODE
 Preempted = divergence.Preempted
+
+_runs = itertools.count()
 NonFiniteError = divergence.NonFiniteError
 DivergenceError = divergence.DivergenceError
 
 
-def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None):
-  """The step on every device of the mesh, donating the state.
+def fsdp_size(config: ml_collections.ConfigDict,
+              device_count: Optional[int] = None) -> int:
+  """config.mesh's FSDP axis size, checked against the devices (1: off)."""
+  mesh = config.get('mesh') or {}
+  return parallel.mesh_shape(mesh.get('data', -1), mesh.get('fsdp', 1),
+                             device_count)[1]
+
+
+def state_layout(s: Setup, mesh: Optional[parallel.Mesh] = None):
+  """The train state's sharding per leaf between steps (config.mesh):
+  replicated, or parameters, optimizer and method state over 'fsdp'."""
+  devices = None if mesh is None else list(mesh.devices.flat)
+  fsdp = fsdp_size(s.config, None if devices is None else len(devices))
+  return parallel.state_shardings(
+      s.state, fsdp, devices=devices,
+      min_size=(s.config.get('mesh') or {}).get('fsdp_min_size',
+                                                parallel.FSDP_MIN_SIZE))
+
+
+def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None,
+                    donate_on_cpu: bool = False):
+  """The step on every device of the mesh, donating the state (on
+  accelerators, or everywhere with `donate_on_cpu`: memory measurements).
 
   Returns:
     `step(state, batch, monitor) -> (state, metrics)` on global arrays: the
-    state and the boolean `monitor` replicated, the batch split on the batch
-    axis; the metrics come back replicated scalars.
+    state laid out as `state_layout` (replicated, or sharded by FSDP), the
+    boolean `monitor` replicated, the batch split on the batch axis; the
+    metrics come back replicated scalars.
   """
   def step(state, batch, monitor):
     return methods.train_step(state, batch, method=s.method, tx=s.tx,
                               lr_schedule=s.lr_schedule,
                               axis_name=parallel.AXIS, monitor=monitor)
 
-  return parallel.data_parallel(step, mesh or parallel.default_mesh(),
+  mesh = mesh or parallel.default_mesh()
+  layout = state_layout(s, mesh) if fsdp_size(s.config, mesh.size) > 1 else None
+  return parallel.data_parallel(step, mesh,
                                 in_specs=(parallel.P(), parallel.P(parallel.AXIS),
                                           parallel.P()),
-                                out_specs=parallel.P(), donate_argnums=(0,))
+                                out_specs=(parallel.P(), parallel.P()),
+                                donate_argnums=(0,), carry_layout=layout,
+                                donate_on_cpu=donate_on_cpu)
 
 
 class _StopSignal:
@@ -104,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                     config.distributed.get('initialization_timeout_s', 300))
   validation.validate_config(config, workdir)
   parallel.check_batch_size(config.batch_size)
+  fsdp_size(config)  # fails early on a mesh that does not fit the devices
   workdir_lib.check_config(config, workdir, allow_config_change)
   lock = None
   if parallel.is_main_process():
@@ -127,7 +157,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
                                     config.eval.batch_size)
   checkpointer = checkpointing.Checkpointer(
       workdir, config.training.get('keep_checkpoints', 3))
-  state, meta = checkpointer.restore(s.state, set_aside_unreadable=True)
+  mesh = parallel.default_mesh()
+  layout = state_layout(s)
+  # Read straight into the run's layout (replicated or FSDP shards), whatever
+  # the topology or mesh that wrote the checkpoint.
+  state, meta = checkpointer.restore(s.state, set_aside_unreadable=True,
+                                     sharding=layout)
   resumed = state is not None
   if resumed:
     s.method.check_inputs_record(meta.get('inputs', {}))
@@ -149,18 +184,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
       prefetch=config.training.get('prefetch', 2) + 2,
       crop_specs=data.crop_specs(config.augment.views),
       num_workers=data.resolve_num_workers(config.data.get('num_workers', 0)))
-  mesh = parallel.default_mesh()
   device_batches = parallel.global_batches(
       batches, mesh, config.training.get('prefetch', 2))
   p_train_step = make_train_step(s)
   evaluator = evaluators.make_evaluations(config, s.durations)
-  # The state lives on the devices from here on: replicated global arrays.
-  rstate = parallel.put_replicated(state, mesh)
+  # The state lives on the devices from here on: global arrays, replicated
+  # or FSDP-sharded (config.mesh).
+  rstate = parallel.put_sharded(state, layout)
   # Collapse monitors run on the steps whose metrics are read (a traced flag,
   # so both kinds of step share one compilation).
   monitor_flags = {f: parallel.put_replicated(np.bool_(f), mesh)
                    for f in (False, True)}
-  parallel.wait_for_all_processes(f'ssl_jax_train_start_{start_step}')
+  # Unique per run of this process: one process may train several runs.
+  parallel.wait_for_all_processes(
+      f'ssl_jax_train_start_{start_step}_{next(_runs)}')
   stop = _StopSignal()
 
   def save(rstate):

@@ -16,7 +16,8 @@ class TrainState:
     params: trainable parameters (the online / student network, heads).
     batch_stats: BatchNorm statistics of the trainable network.
     opt_state: optimizer state.
-    rng: a raw uint32 PRNG key, split every step (same on every device).
+    rng: a typed PRNG key (`jax.random.key`), split every step (same on
+      every device); checkpoints hold its key data.
     method_state: what the method evolves outside the optimizer: EMA teacher,
       queues, centers, prototypes, memory banks (a dict, possibly empty).
     probe: the online linear probe's params and optimizer state (or empty).

@@ -43,8 +43,9 @@ CONFIG_FILE = 'config.json'
 LOCK_FILE = 'lock'
 
 # Fields that may differ between the processes of one run or between a run
-# and its resume without changing what is computed: never compared.
-_NOT_COMPARED = ('distributed.', 'training.progress')
+# and its resume without changing what is computed: never compared. The mesh
+# is one: a checkpoint restores onto any mesh (elastic resume).
+_NOT_COMPARED = ('distributed.', 'mesh.', 'training.progress')
 
 # Fields a resume can never change: they fix the shapes in the checkpoint
 # (model, method, optimizer kind), the data and its order (dataset, batch

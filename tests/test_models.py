@@ -149,7 +149,8 @@ BACKBONE_CASES = {
 }
 # Too big to build in a test: their stage design is checked instead (the ViT
 # sizes in tests/test_vit.py).
-DESIGN_ONLY = ('regnety_400mf', 'regnety_16gf', 'regnety_256gf', 'vit_small', 'vit_base')
+DESIGN_ONLY = ('regnety_400mf', 'regnety_16gf', 'regnety_256gf', 'vit_small', 'vit_base',
+               'vit_large')
 EXPECTED_DIM = {'resnet18': 64, 'resnet34': 32, 'resnet50': 128, 'convnet': 8,
                 'regnety_custom': 16, 'vit_tiny': 192}
 

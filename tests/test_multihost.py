@@ -1,12 +1,16 @@
 """2 processes x 4 devices (jax.distributed on 127.0.0.1) == 1 process x 8.
 
-One parametrised test over the methods whose state or collectives differ in
-kind: global BN and all-gathered negatives (SimCLR), a feature queue and
-Sinkhorn (SwAV), an EMA teacher and a center on a ViT (DINO), a key queue
-(MoCo v2), a memory bank scattered by dataset index (InstDisc), and k-means
-over the whole dataset before the first step (DeepCluster).
+One test over the methods whose state or collectives differ in kind: global
+BN and all-gathered negatives (SimCLR), a feature queue and Sinkhorn (SwAV),
+an EMA teacher and a center on a ViT (DINO), a key queue (MoCo v2), a memory
+bank scattered by dataset index (InstDisc), and k-means over the whole
+dataset before the first step (DeepCluster).
+
+The 8-device reference runs in the test's own process (one interpreter and
+its start-up fewer per config than a subprocess).
 """
 
+import importlib
 import json
 import os
 import socket
@@ -17,12 +21,18 @@ import jax
 import numpy as np
 import pytest
 
-from ssl_jax import checkpointing, train
+from ssl_jax import checkpointing, parallel, train
 from ssl_jax.experiment import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
-         '--config.training.checkpoint_every=3']
+CONFIGS = ('simclr', 'swav', 'dino', 'mocov2', 'instdisc', 'deepcluster')
+
+
+def _config(name):
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
+  config.num_steps = 3
+  config.training.update(log_every=1, checkpoint_every=3)
+  return config
 
 
 def _free_port():
@@ -53,16 +63,21 @@ def _final(workdir):
   return state, losses
 
 
-@pytest.mark.parametrize('config_file', [
-    'simclr', 'swav', 'dino', 'mocov2', 'instdisc', 'deepcluster'])
-def test_two_processes_equal_one(tmp_path, config_file):
-  overrides = [f'--config=configs/{config_file}.py:smoke', *STEPS]
+STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
+         '--config.training.checkpoint_every=3']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_two_processes_equal_one(tmp_path, name):
   single, multi = str(tmp_path / 'single'), str(tmp_path / 'multi')
-  subprocess.run([sys.executable, '-m', 'ssl_jax.main', f'--workdir={single}',
-                  *overrides], cwd=ROOT, env=_env(8), check=True, timeout=600)
+  # The reference first, not while the pair runs: run meanwhile, SwAV's
+  # 2-process step aborted in gloo ("Received data size doesn't match
+  # expected size ... collective mismatch") in 2 tries of 2; not understood.
+  train.train_and_evaluate(_config(name), single)
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}', *overrides,
+      [sys.executable, '-m', 'ssl_jax.main', f'--workdir={multi}',
+       f'--config=configs/{name}.py:smoke', *STEPS,
        '--config.distributed.enabled=True',
        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
        '--config.distributed.num_processes=2',
@@ -79,5 +94,6 @@ def test_two_processes_equal_one(tmp_path, config_file):
   assert len(losses_a) == len(losses_b) == 3
   np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
   assert int(a.step) == int(b.step) == 3
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
+                  jax.tree.leaves(parallel.to_numpy(b))):
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from configs import simclr as simclr_config
-from ssl_jax import checkpointing, train
+from ssl_jax import checkpointing, parallel, train
 from ssl_jax.experiment import load_config
 from ssl_jax.train_state import TrainState
 
@@ -45,6 +45,8 @@ def _restore(workdir, step=None):
 
 
 def _assert_same_state(a, b):
+  # Typed PRNG keys compare as their key data.
+  a, b = parallel.to_numpy(a), parallel.to_numpy(b)
   assert int(a.step) == int(b.step)
   # Same leaves (structure and keys) before comparing them pairwise: zip
   # would stop at the shorter list and hide a missing or extra leaf.
@@ -236,7 +238,7 @@ def test_nan_with_policy_skip_continues_counts_and_stays_finite(tmp_path, caplog
   with caplog.at_level(logging.WARNING):
     state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 6 and int(state.nonfinite_steps) == 1
-  for leaf in jax.tree.leaves(state):
+  for leaf in jax.tree.leaves(parallel.to_numpy(state)):
     assert np.all(np.isfinite(leaf))
   assert 'non-finite 1 time(s) at step 3 ' in caplog.text
   assert 'nonfinite_policy=skip' in caplog.text
@@ -261,7 +263,7 @@ def test_nan_with_policy_stop_exits_and_keeps_last_good_checkpoint(tmp_path):
   assert _ckpt_steps(tmp_path) == [2]
   state = _restore(tmp_path)
   assert int(state.step) == 2 and int(state.nonfinite_steps) == 0
-  for leaf in jax.tree.leaves(state):
+  for leaf in jax.tree.leaves(parallel.to_numpy(state)):
     assert np.all(np.isfinite(leaf))
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,7 +132,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 
   a, b = _params(str(full)), _params(str(killed))
   assert int(a.step) == int(b.step) == 8
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
+                  jax.tree.leaves(parallel.to_numpy(b))):
     np.testing.assert_array_equal(x, y)
   steps = [json.loads(l)['step'] for l in open(killed / 'metrics.jsonl')]
   assert steps == sorted(set(steps)), 'a step was logged twice after resume'
@@ -190,7 +192,7 @@ def test_pmap_of_the_train_step_equals_the_mesh_engine():
   batch = s.source.get(np.arange(config.batch_size))
   step = functools.partial(methods.train_step, method=s.method, tx=s.tx,
                            lr_schedule=s.lr_schedule, axis_name=parallel.AXIS)
-  replicated = jax.tree.map(lambda x: np.broadcast_to(x, (8,) + np.shape(x)),
+  replicated = jax.tree.map(lambda x: jnp.broadcast_to(x, (8,) + np.shape(x)),
                             s.state)
   split = jax.tree.map(lambda x: x.reshape((8, -1) + x.shape[1:]), batch)
   p_state, p_metrics = jax.pmap(step, axis_name=parallel.AXIS)(replicated,
@@ -206,18 +208,21 @@ def test_pmap_of_the_train_step_equals_the_mesh_engine():
   for name, value in p_metrics.items():
     np.testing.assert_allclose(np.asarray(m_metrics[name]), value[0],
                                rtol=1e-5, atol=1e-6, err_msg=name)
-  for x, y in zip(jax.tree.leaves(p_state), jax.tree.leaves(m_state)):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(p_state)),
+                  jax.tree.leaves(m_state)):
     assert y.sharding.is_fully_replicated
-    np.testing.assert_allclose(np.asarray(y), x[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(parallel.to_numpy(y), x[0], rtol=1e-5, atol=1e-6)
   assert np.isnan(float(quiet['embedding_std']))
   np.testing.assert_allclose(float(quiet['loss']), float(m_metrics['loss']),
                              rtol=1e-6)
 
 
-def test_checkpoint_of_eight_devices_resumes_on_four(tmp_path):
+def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(
+    tmp_path):
   """Elastic resume: a checkpoint saved on 8 devices restores onto a mesh of
-  4 (a subprocess), which sees the same data and logs the next step's loss
-  of the uninterrupted 8-device run."""
+  4 (a subprocess) and onto 2 processes x 2 devices (jax.distributed on
+  127.0.0.1), each of which sees the same data and logs the next steps'
+  losses of the uninterrupted 8-device run."""
   config = simclr_config.get_config('smoke')
   config.num_steps = 4
   config.training.update(checkpoint_every=2, log_every=1, keep_checkpoints=3)
@@ -241,4 +246,38 @@ def test_checkpoint_of_eight_devices_resumes_on_four(tmp_path):
     np.testing.assert_allclose(r['loss'], rows[r['step']]['loss'], rtol=1e-4)
   a, b = _params(str(full)), _params(str(elastic))
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)
+
+  # The same checkpoint on 2 processes of 2 devices: each process reads its
+  # half of every global batch (the data order of the 8-device run).
+  pod = tmp_path / 'pod'
+  os.makedirs(pod / 'checkpoints')
+  shutil.copytree(full / 'checkpoints' / '2', pod / 'checkpoints' / '2')
+  shutil.copy(full / 'config.json', pod / 'config.json')
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+      'device_count=4', 'device_count=2')
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen(_main(
+      pod, '--config.num_steps=4', '--config.training.checkpoint_every=2',
+      '--config.training.log_every=1', '--config.training.keep_checkpoints=3',
+      '--config.distributed.enabled=True',
+      f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+      '--config.distributed.num_processes=2',
+      f'--config.distributed.process_id={i}'), cwd=ROOT, env=env)
+           for i in range(2)]
+  try:
+    for p in procs:
+      assert p.wait(timeout=600) == 0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  resumed = [json.loads(l) for l in open(pod / 'metrics.jsonl')]
+  assert [r['step'] for r in resumed] == [3, 4]
+  for r in resumed:
+    np.testing.assert_allclose(r['loss'], rows[r['step']]['loss'], rtol=1e-4)
+  c = _params(str(pod))
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(c.params)):
     np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-5)

@@ -18,13 +18,14 @@ def _tiny(**kwargs):
   return vit.ViT(**cfg)
 
 
-@pytest.mark.parametrize('name,width,heads', [
-    ('vit_tiny', 192, 3), ('vit_small', 384, 6), ('vit_base', 768, 12)])
-def test_registered_sizes(name, width, heads):
+@pytest.mark.parametrize('name,width,heads,depth', [
+    ('vit_tiny', 192, 3, 12), ('vit_small', 384, 6, 12),
+    ('vit_base', 768, 12, 12), ('vit_large', 1024, 16, 24)])
+def test_registered_sizes(name, width, heads, depth):
   cfg = ml_collections.ConfigDict(dict(backbone=name, patch_size=8,
                                        pos_embed_size=32, vit_depth=0))
   model = models.get_backbone(cfg)
-  assert (model.width, model.depth, model.num_heads) == (width, 12, heads)
+  assert (model.width, model.depth, model.num_heads) == (width, depth, heads)
   assert model.patch_size == 8 and model.num_patches == 16
 
 

@@ -136,7 +136,7 @@ def _mesh_step(backbone: Any, tx: optax.GradientTransformation,
 def _fit(p_step, carry, source: data.Source, epochs: int,
          steps_per_epoch: int, batch_size: int, seed: int):
   """`epochs` shuffled passes of `p_step` over `source`; the final carry."""
-  rng = jax.random.PRNGKey(seed)
+  rng = jax.random.key(seed)
   for epoch in range(epochs):
     perm = np.random.default_rng([seed, epoch]).permutation(len(source))
     for i in range(steps_per_epoch):

@@ -128,7 +128,7 @@ class _DeepClusterBase(Method):
           self._cluster_on_device, mesh,
           in_specs=(split, split, split, parallel.P()),
           out_specs=(parallel.P(), split, split, split))
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), context.epoch)
+    key = jax.random.fold_in(jax.random.key(self.config.seed), context.epoch)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     embedded = context.embed_dataset(self._extract_fn, variables, key)
     num_views = embedded.features[0].shape[1]
@@ -184,7 +184,7 @@ class DeepCluster(_DeepClusterBase):
     weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1.0), 0.0)
     weights *= context.num_examples / max(float(np.sum(weights * counts)), 1.0)
     dim = self.config.model.projector.output_dim
-    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1),
+    rng = jax.random.fold_in(jax.random.key(self.config.seed + 1),
                              context.epoch)
     classifier = self._classifier().init(rng, jnp.zeros((1, dim)))['params']
     params = dict(host.params, classifier=jax.device_get(classifier))

@@ -107,7 +107,7 @@ def _teacher_run(config: ml_collections.ConfigDict,
   backbone = models.get_backbone(teacher.model)
   size = features.view_size(teacher)
   template = jax.eval_shape(lambda: backbone.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, teacher.data.channels)),
+      jax.random.key(0), jnp.zeros((1, size, size, teacher.data.channels)),
       train=False))
   return teacher, interop.load_backbone_variables(teacher.model, template)
 

@@ -27,6 +27,7 @@ VIT_SIZES = {
     'vit_tiny': dict(width=192, depth=12, num_heads=3),
     'vit_small': dict(width=384, depth=12, num_heads=6),
     'vit_base': dict(width=768, depth=12, num_heads=12),
+    'vit_large': dict(width=1024, depth=24, num_heads=16),
 }
 
 
