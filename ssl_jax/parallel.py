@@ -621,6 +621,22 @@ class MeshFunction:
     return compiled(*args)
 
 
+def _gather_carry(mapped: Callable, mesh: Mesh, carry_layout: PyTree
+                  ) -> Callable:
+  """`mapped(carry, ...)` on a carry stored in `carry_layout` between calls."""
+  whole = NamedSharding(mesh, P())
+
+  def body(carry, *rest):
+    # The mesh of `carry_layout` lists the same devices in the same order,
+    # so GSPMD all-gathers each leaf over its FSDP axis here and slices
+    # each device's shard out of the new carry (no collective).
+    carry = lax.with_sharding_constraint(carry, whole)
+    out = mapped(carry, *rest)
+    return (lax.with_sharding_constraint(out[0], carry_layout), *out[1:])
+
+  return body
+
+
 def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
                   in_specs: Any, out_specs: Any = P(),
                   donate_argnums: Sequence[int] = (),
@@ -673,17 +689,7 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
       raise ValueError('carry_layout needs in_specs[0] and out_specs[0] P().')
     in_shardings = (carry_layout,) + tuple(in_shardings[1:])
     out_shardings = (carry_layout,) + tuple(out_shardings[1:])
-    whole = NamedSharding(mesh, P())
-
-    def body(carry, *rest):
-      # The mesh of `carry_layout` lists the same devices in the same order,
-      # so GSPMD all-gathers each leaf over its FSDP axis here and slices
-      # each device's shard out of the new carry (no collective).
-      carry = lax.with_sharding_constraint(carry, whole)
-      out = mapped(carry, *rest)
-      return (lax.with_sharding_constraint(out[0], carry_layout),
-              *out[1:])
-
+    body = _gather_carry(mapped, mesh, carry_layout)
   jitted = jax.jit(body, in_shardings=in_shardings,
                    out_shardings=out_shardings,
                    donate_argnums=tuple(donate_argnums))

@@ -49,6 +49,10 @@ def _env(devices):
       '--xla_force_host_platform_device_count=8',
       f'--xla_force_host_platform_device_count={devices}')
   assert f'device_count={devices}' in env['XLA_FLAGS']
+  # No persistent compilation cache across processes: with a warm cache
+  # shared by other checkouts, SwAV's 2-process step aborted with a gloo
+  # collective mismatch (a fresh cache passed); both processes compile anyway.
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'
   return env
 
 

@@ -256,6 +256,7 @@ def test_checkpoint_of_eight_devices_resumes_on_four_and_on_two_processes(
   shutil.copy(full / 'config.json', pod / 'config.json')
   env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
       'device_count=4', 'device_count=2')
+  env['JAX_ENABLE_COMPILATION_CACHE'] = 'false'  # as tests/test_multihost.py
   with socket.socket() as sock:
     sock.bind(('127.0.0.1', 0))
     port = sock.getsockname()[1]
