@@ -909,6 +909,66 @@ def test_deepcluster_loss_is_the_official_sampler_in_expectation():
     np.testing.assert_allclose(grads[0], want_grad, rtol=0.1, atol=2e-3)
 
 
+DEEPCLUSTER_PCA_SOURCE = ('facebookresearch/deepcluster at '
+                          '2d1927e8e3dd272329e879e510fbbdf1b1d02d17, '
+                          'clustering.py lines 76-88 (preprocess_features)')
+
+
+def deepcluster_official_preprocess_features(npdata, pca=256):
+  """clustering.py lines 76-88 in NumPy (float64): faiss
+  PCAMatrix(ndim, pca, eigen_power=-0.5) trained on `npdata` and applied to
+  it (mean-centre, eigenvectors of the scatter matrix, largest first, each
+  output scaled by eigenvalue ** -0.5), then each row divided by its norm."""
+  x = npdata.astype(np.float64)
+  mean = x.mean(0)
+  xc = x - mean
+  scatter = xc.T @ xc  # faiss: sum over the points, not divided by n
+  eigenvalues, eigenvectors = np.linalg.eigh(scatter)
+  order = np.argsort(eigenvalues)[::-1][:pca]
+  out = xc @ (eigenvectors[:, order] * eigenvalues[order] ** -0.5)
+  row_sums = np.linalg.norm(out, axis=1)
+  return out / row_sums[:, np.newaxis]
+
+
+@official_port('deepcluster', source=DEEPCLUSTER_PCA_SOURCE)
+@pytest.mark.parametrize('dim', [256, 24])
+def test_deepcluster_feature_preprocessing_matches_official_code(dim):
+  """PCA-whitening + L2 of the clustered features (losses.clustering
+  pca_whiten, used by methods/deepcluster.py) against the official
+  preprocess_features, on 1 device and on 8 with padding rows masked out:
+  the statistics are those of the global points. Eigenvector signs are
+  arbitrary in both, so the Gram matrix of the rows is compared; dim 256 of
+  320-d features reduces, dim 24 of 16-d features whitens only (min(dim, d),
+  the rule of configs/deepcluster.py)."""
+  from ssl_jax.losses import clustering
+  d = 320 if dim == 256 else 16
+  n = 512
+  rng = np.random.default_rng(140)
+  # Anisotropic, correlated features with a mean, like a network's outputs.
+  basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+  x = (rng.normal(size=(n, d)) * np.linspace(3.0, 0.3, d)) @ basis.T + 2.0
+  x = x.astype(np.float32)
+  want = deepcluster_official_preprocess_features(x, pca=dim)
+  assert want.shape == (n, min(dim, d))
+
+  one = np.asarray(jax.jit(lambda x: clustering.pca_whiten(x, dim))(x))
+  # 8 devices, each with 8 padding rows of garbage that the mask drops.
+  per = n // N_DEV
+  pad = 8
+  xs = np.concatenate([x.reshape(N_DEV, per, d),
+                       np.full((N_DEV, pad, d), 50.0, np.float32)], 1)
+  masks = np.concatenate([np.ones((N_DEV, per)), np.zeros((N_DEV, pad))], 1)
+  eight = np.asarray(jax.pmap(
+      lambda x, m: clustering.pca_whiten(x, dim, mask=m,
+                                         axis_name=parallel.AXIS),
+      axis_name=parallel.AXIS)(xs, masks))[:, :per].reshape(n, -1)
+  for devices, got in ((1, one), (N_DEV, eight)):
+    assert got.shape == want.shape, devices
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(got @ got.T, want @ want.T, atol=5e-5,
+                               err_msg=f'{devices} devices')
+
+
 # ---------------------------------------------------------------------------
 # Relative position: cdoersch/deepcontext (Caffe, one GPU).
 

@@ -154,6 +154,51 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
 # k-means.
 
 
+def pca_whiten(x: jax.Array, dim: int, *, mask: Optional[jax.Array] = None,
+               eigenvalue_floor: float = 1e-6,
+               axis_name: Optional[str] = None) -> jax.Array:
+  """DeepCluster's preprocessing of the features it clusters.
+
+  PCA to min(dim, d) dimensions with whitening, then L2 normalisation of
+  every row: facebookresearch/deepcluster `clustering.py`
+  `preprocess_features` (faiss `PCAMatrix(d, dim, eigen_power=-0.5)`, then
+  row L2). The mean and covariance are those of the global set of points
+  (sums `psum`-ed over `axis_name`), so every device projects with the same
+  matrix and N devices give the clusters of one. faiss scales by the
+  eigenvalues of the unnormalised scatter matrix (n times ours); the row L2
+  normalisation removes that common factor. Eigenvalues below
+  `eigenvalue_floor` times the largest are raised to it, so that
+  rank-deficient features (fewer points than dimensions, collapsed
+  directions) stay finite where faiss would divide by ~0; eigenvector signs
+  are arbitrary, as in faiss, which k-means does not see.
+
+  Args:
+    x: [n, d] this device's points.
+    dim: the PCA dimension (DeepCluster: 256); min(dim, d) is kept.
+    mask: [n] 1 for real points, 0 for padding (left out of the statistics).
+    eigenvalue_floor: relative floor of the whitening eigenvalues.
+    axis_name: None or the pmap axis.
+
+  Returns:
+    [n, min(dim, d)] whitened, unit-norm rows (float32).
+  """
+  x = x.astype(jnp.float32)
+  w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else (
+      mask.astype(jnp.float32))
+  hi = jax.lax.Precision.HIGHEST
+  count = parallel.psum(jnp.sum(w), axis_name)
+  mean = parallel.psum(jnp.dot(w, x, precision=hi), axis_name) / count
+  xc = x - mean
+  cov = parallel.psum(jnp.dot((xc * w[:, None]).T, xc, precision=hi),
+                      axis_name) / count
+  eigvals, eigvecs = jnp.linalg.eigh(cov)  # ascending
+  k = min(dim, x.shape[1])
+  eigvals, eigvecs = eigvals[::-1][:k], eigvecs[:, ::-1][:, :k]
+  floor = eigenvalue_floor * jnp.maximum(eigvals[0], 1e-30)
+  scale = jax.lax.rsqrt(jnp.maximum(eigvals, floor))
+  return l2_normalize(jnp.dot(xc, eigvecs * scale[None, :], precision=hi))
+
+
 def _assign(x: jax.Array, centroids: jax.Array, spherical: bool) -> jax.Array:
   if spherical:
     return jnp.argmax(x @ centroids.T, axis=-1)

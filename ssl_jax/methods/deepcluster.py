@@ -6,7 +6,11 @@ loop), between clustering features of the whole training set with k-means
 the network to predict the resulting pseudo-labels, looked up by the dataset
 index that every batch carries.
 
-DeepCluster: a classifier on the projector output is re-initialised every
+DeepCluster: k-means clusters the projections PCA-whitened to
+`method.pca_dim` dimensions (min(pca_dim, d)) and L2-normalised, with the
+PCA fitted on every device's points (`losses.clustering.pca_whiten`, the
+official `preprocess_features`); pca_dim = 0 clusters the L2-normalised
+projections. A classifier on the projector output is re-initialised every
 epoch (cluster ids are arbitrary, its old weights mean nothing) and trained
 with cross-entropy; images are weighted by 1 / |cluster|, which is the
 paper's uniform sampling over clusters in expectation.
@@ -20,7 +24,8 @@ seen during the previous epoch; here the global crops are re-embedded at the
 start of each epoch (one extra forward pass over the data, in eval mode).
 
 Config (configs/deepcluster.py, configs/deepclusterv2.py): method.num_clusters,
-kmeans_iterations, (v2) num_heads, temperature, freeze_prototypes_steps.
+kmeans_iterations, (v1) pca_dim, (v2) num_heads, temperature,
+freeze_prototypes_steps.
 """
 
 import abc
@@ -33,7 +38,7 @@ import numpy as np
 
 from ssl_jax import losses, models, parallel
 from ssl_jax.data import augment
-from ssl_jax.losses.clustering import kmeans
+from ssl_jax.losses.clustering import kmeans, pca_whiten
 from ssl_jax.losses.contrastive import l2_normalize
 from ssl_jax.methods import common
 from ssl_jax.methods.base import METHODS, EpochContext, Method, StepOutput
@@ -71,12 +76,19 @@ class _DeepClusterBase(Method):
     out, _ = common.apply_network(network, variables['params'],
                                   variables['batch_stats'], list(views),
                                   train=False)
-    return l2_normalize(out['projection'])  # [V, b, d]
+    # Raw: `preprocess_features` runs on the gathered points of every device.
+    return out['projection']  # [V, b, d]
 
   def _embed_on_device(self, variables, key, images):
     """Per device: [b, V, d] embeddings (batch first, split on the mesh)."""
     rng = parallel.per_device_rng(key, parallel.AXIS)
     return jnp.swapaxes(self._embed(variables, rng, images), 0, 1)
+
+  def preprocess_features(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Per device: this device's [n, d] points as k-means sees them (the
+    statistics of a preprocessing, if any, over every device's points)."""
+    del mask
+    return l2_normalize(x)
 
   def _cluster_on_device(self, feats, indices, masks, keys):
     """Per device: k-means of every device's points (one run per view).
@@ -95,7 +107,7 @@ class _DeepClusterBase(Method):
     m = self.config.method
     centroids, labels = jax.vmap(
         lambda x, key: kmeans(
-            x, m.num_clusters, key, num_iters=m.kmeans_iterations,
+            self.preprocess_features(x, mask), m.num_clusters, key, num_iters=m.kmeans_iterations,
             spherical=self.spherical, init=m.get('kmeans_init', 'kmeans++'),
             mask=mask, empty_clusters=self.empty_clusters,
             axis_name=parallel.AXIS))(x, keys)
@@ -152,6 +164,15 @@ class DeepCluster(_DeepClusterBase):
   # faiss (facebookresearch/deepcluster clustering.py, run_kmeans) splits
   # empty clusters off large ones.
   empty_clusters = 'split'
+
+  def preprocess_features(self, x, mask):
+    # The official clustering.py preprocess_features: PCA to 256 dimensions
+    # with whitening, then row L2; method.pca_dim = 0 clusters the
+    # L2-normalised projections instead.
+    pca_dim = self.config.method.get('pca_dim', 256)
+    if not pca_dim:
+      return super().preprocess_features(x, mask)
+    return pca_whiten(x, pca_dim, mask=mask, axis_name=parallel.AXIS)
 
   def extraction_views(self, rng, images):
     del rng
