@@ -182,6 +182,8 @@ def pca_whiten(x: jax.Array, dim: int, *, mask: Optional[jax.Array] = None,
   Returns:
     [n, min(dim, d)] whitened, unit-norm rows (float32).
   """
+  if dim < 1:
+    raise ValueError(f'pca_whiten: dim must be >= 1, got {dim}')
   x = x.astype(jnp.float32)
   w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else (
       mask.astype(jnp.float32))

@@ -107,7 +107,8 @@ class _DeepClusterBase(Method):
     m = self.config.method
     centroids, labels = jax.vmap(
         lambda x, key: kmeans(
-            self.preprocess_features(x, mask), m.num_clusters, key, num_iters=m.kmeans_iterations,
+            self.preprocess_features(x, mask), m.num_clusters, key,
+            num_iters=m.kmeans_iterations,
             spherical=self.spherical, init=m.get('kmeans_init', 'kmeans++'),
             mask=mask, empty_clusters=self.empty_clusters,
             axis_name=parallel.AXIS))(x, keys)
@@ -170,6 +171,9 @@ class DeepCluster(_DeepClusterBase):
     # with whitening, then row L2; method.pca_dim = 0 clusters the
     # L2-normalised projections instead.
     pca_dim = self.config.method.get('pca_dim', 256)
+    if pca_dim < 0:
+      raise ValueError(f'method.pca_dim must be >= 0 (0 = no PCA), got '
+                       f'{pca_dim}')
     if not pca_dim:
       return super().preprocess_features(x, mask)
     return pca_whiten(x, pca_dim, mask=mask, axis_name=parallel.AXIS)
