@@ -214,6 +214,7 @@ def consensus_positives(video_bank: jax.Array, audio_bank: jax.Array,
   [chunk, n] similarity blocks.
   """
   n = video_bank.shape[0]
+  chunk = min(chunk, n)
   pad = (-n) % chunk
   queries = jnp.pad(jnp.arange(n), (0, pad)).reshape(-1, chunk)
 
