@@ -15,8 +15,14 @@ Against facebookresearch/AVID-CMA@4538e40, the AVID+CMA Kinetics recipe
 (configs/main/avid-cma/kinetics/InstX-N1024-PosW-N64-Top32.yaml):
 
   field            | ours                   | official
+  objective        | 'nce': NCE vs bank rows, Z from step 1 | criterions/avid_cma.py L150-209, L325-359; nce.py L21-57
+                   | ('infonce': softmax, live positive, per-step CMA sets) |
+  CMA positive sets| consensus top-32 over the whole bank | avid_cma.py L51-70
+  resampling       | every 5 epochs         | resample_freq 5 (L59)
+  loss weights     | (AVID + CMA) / 2       | xModalInstCoeff 1, wModalPosCoeff 1, normalised (L55-L58; avid_cma.py L297-301)
+  temperature      | 0.07                   | 0.07 (criterions/avid.py L32)
   bank momentum    | 0.5                    | momentum 0.5 (L52)
-  negatives        | 8192                   | num_negatives 1024, within 64 (L53-L54)
+  negatives        | 8192, within 64        | num_negatives 1024, within 64 (L53-L54)
   neighbours       | 32, consensus of both banks | pos_k 32, type consensus (L61-L62)
   optimiser        | AdamW 1e-3, wd 1e-4, 20 epochs | adam, base_lr 2e-4, wd 1e-5, 20 epochs (L38-L43)
   schedule         | CMA from half-way      | a second 20-epoch stage from an AVID checkpoint (L50)
@@ -51,7 +57,10 @@ def _paired_data(c):
 
 def get_config(variant=None):
   c = common.base_config('avid_cma')
+  c.method.objective = 'nce'
   c.method.temperature = 0.07
+  c.method.num_negatives_within = 64
+  c.method.resample_epochs = 5
   c.method.num_negatives = 8192
   c.method.bank_momentum = 0.5
   c.method.num_neighbours = 32
@@ -98,6 +107,6 @@ def get_config(variant=None):
     c.model.audio_widths = (8,)
     c.model.projector = common.mlp((16,), 16)
     c.method.update(num_negatives=128, num_neighbours=8,
-                    cma_start_fraction=0.0)
+                    num_negatives_within=16, cma_start_fraction=0.0)
     c.batch_size = 32
   return c

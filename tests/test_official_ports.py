@@ -25,7 +25,7 @@ from official_ports import (CITATION, NO_OFFICIAL_CODE, PORTS,
                             official_port, port_modules)
 from ssl_jax import data, losses, methods, parallel
 from ssl_jax.durations import Durations
-from ssl_jax.losses import teacher_student
+from ssl_jax.losses import crossmodal, teacher_student
 from ssl_jax.methods import memory
 from ssl_jax.testing import device_equivalence
 
@@ -1046,9 +1046,13 @@ def test_relative_position_labels_patches_and_loss_match_deepcontext():
 # ---------------------------------------------------------------------------
 # AVID+CMA: facebookresearch/AVID-CMA, PyTorch DDP.
 
-AVID_SOURCE = ('facebookresearch/AVID-CMA at '
-               '4538e404c79eb1b7459122a31508d918038705fd, criterions/avid.py '
-               'lines 88-130 (init_memory, update_memory)')
+AVID_COMMIT = '4538e404c79eb1b7459122a31508d918038705fd'
+AVID_SOURCE = (f'facebookresearch/AVID-CMA at {AVID_COMMIT}, '
+               f'criterions/avid_cma.py lines 51-70 (CMASampler), 150-209 '
+               f'(forward, memory_sampling), 297-301 and 325-359 (AVID_CMA); '
+               f'criterions/nce.py lines 21-57 (NCECriterion); '
+               f'criterions/avid.py lines 82-130 (sample_negatives, '
+               f'update_memory)')
 
 
 def avid_official_update_memory(view1_mem, view2_mem, video_emb, audio_emb,
@@ -1065,21 +1069,128 @@ def avid_official_update_memory(view1_mem, view2_mem, video_emb, audio_emb,
   return out
 
 
-@official_port('avid_cma', source=AVID_SOURCE,
-               differs='the loss: InfoNCE with the live other-modality '
-                       'embedding as positive and CMA sets from top-k '
-                       'agreement, instead of NCE against bank positives and '
-                       'consensus top-k (criterions/avid_cma.py, nce.py); '
-                       'documented in losses/crossmodal.py')
-def test_avid_banks_follow_the_official_update():
-  """Both memory banks' update on 1 and 8 devices against AVID-CMA's
-  update_memory (AVID_SOURCE). The loss is not the official one (see
-  `differs`); the method's own tests compare it with the paper."""
-  n, b, d = 40, 16, 6
+def avid_official_consensus(video_mem, audio_mem, pos_k):
+  """avid_cma.py lines 51-70, type 'consensus': min of the two cosine
+  similarities, top pos_k + 1, the first (self) dropped, sorted."""
+  similarity = np.minimum(video_mem @ video_mem.T, audio_mem @ audio_mem.T)
+  pos_idx = np.argsort(-similarity, axis=1, kind='stable')[:, :pos_k + 1]
+  return np.sort(pos_idx[:, 1:], axis=1)
+
+
+def avid_official_memory_sampling(pos_idx, rand_idx):
+  """avid_cma.py lines 204-207: draws from memory_size - pos_k rows shifted
+  past the (sorted) positives below them."""
+  ref = pos_idx - np.arange(pos_idx.shape[1])[None]
+  return rand_idx + (rand_idx[:, :, None] >= ref[:, None, :]).sum(2)
+
+
+def avid_official_scores(video_emb, audio_emb, view1_mem, view2_mem, y,
+                         pos_idx, neg_idx, T=0.07, num_negatives_within=None):
+  """avid_cma.py lines 150-190 (xModalInst, wModalPos): scores / T."""
+  normalize = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)
+  v, a = normalize(video_emb), normalize(audio_emb)
+  mems = lambda mem, idx: jax.lax.stop_gradient(jnp.asarray(mem)[idx])
+  compute = lambda ctx, trgs: [jnp.einsum('bkd,bd->bk', t, ctx) / T
+                               for t in trgs]
+  video_neg, audio_neg = mems(view1_mem, neg_idx), mems(view2_mem, neg_idx)
+  return {
+      'inst-v2a': compute(v, [mems(view2_mem, y)[:, None], audio_neg]),
+      'inst-a2v': compute(a, [mems(view1_mem, y)[:, None], video_neg]),
+      'pos-v2v': compute(v, [mems(view1_mem, pos_idx),
+                             video_neg[:, :num_negatives_within]]),
+      'pos-a2a': compute(a, [mems(view2_mem, pos_idx),
+                             audio_neg[:, :num_negatives_within]])}
+
+
+def avid_official_nce(scores_pos, scores_neg, avg_exp_score):
+  """nce.py lines 38-57 with the partition function given."""
+  K = scores_neg.shape[1]
+  exp_scores_pos, exp_scores_neg = jnp.exp(scores_pos), jnp.exp(scores_neg)
+  Pmt = exp_scores_pos / (exp_scores_pos + K * avg_exp_score)
+  lnPmtSum = -jnp.log(Pmt).mean(-1)
+  Pon = (K * avg_exp_score) / (exp_scores_neg + K * avg_exp_score)
+  lnPonSum = -jnp.log(Pon).sum(-1)
+  return (lnPmtSum + lnPonSum).mean()
+
+
+def avid_official_loss(video, audio, view1_mem, view2_mem, y, pos_idx,
+                       neg_idx, replicas=1, z=-1.0, num_negatives_within=None,
+                       coeffs=(1.0, 1.0)):
+  """AVID_CMA.forward (avid_cma.py lines 325-359) per process: one
+  NCECriterion whose Z, when unset (avg_exp_score -1), the first scored term
+  (inst-v2a) estimates from every process's batch mean (nce.py lines 21-36);
+  coefficients normalised to sum 1 (lines 297-301). DDP averages the
+  processes' gradients."""
+  slices = list(zip(*(_slices(jnp.asarray(x), replicas)
+                      for x in (video, audio, y, pos_idx, neg_idx))))
+  scores = [avid_official_scores(v, a, view1_mem, view2_mem, yy, p, n,
+                                 num_negatives_within=num_negatives_within)
+            for v, a, yy, p, n in slices]
+  if z <= 0:
+    z = jax.lax.stop_gradient(sum(
+        jnp.mean(jnp.exp(s['inst-v2a'][1])) for s in scores) / replicas)
+  x_coeff, w_coeff = (c / sum(coeffs) for c in coeffs)
+  total = 0.0
+  for s in scores:
+    inst = sum(avid_official_nce(*s[k], z) / 2 for k in ('inst-v2a', 'inst-a2v'))
+    pos = sum(avid_official_nce(*s[k], z) / 2 for k in ('pos-v2v', 'pos-a2a'))
+    total += (inst * x_coeff + pos * w_coeff) / replicas
+  return total, z
+
+
+@official_port('avid_cma', source=AVID_SOURCE)
+def test_avid_cma_loss_sets_negatives_gradients_and_banks_match_official_code():
+  """The official AVID+CMA step on 1 and 8 devices (AVID_SOURCE): the
+  consensus positive sets, the negative sampler, the NCE loss with Z
+  estimated on the first step (then kept), its gradients, and both banks'
+  update. The negatives are given to both sides (the official AliasMethod
+  draws them; ours draws the same distribution with the step's key)."""
+  n, b, k, p, d, within = 64, 16, 12, 4, 6, 5
+  rng = np.random.default_rng(150)
   banks = [np.asarray(memory.init_bank(jax.random.PRNGKey(s), n, d))
            for s in (4, 5)]
-  y = np.random.default_rng(150).permutation(n)[:b]
+  y = rng.permutation(n)[:b]
   video, audio = _normal(b, d, seed=151), _normal(b, d, seed=152)
+
+  positive_set = np.asarray(crossmodal.consensus_positives(
+      jnp.asarray(banks[0]), jnp.asarray(banks[1]), p, chunk=24))
+  np.testing.assert_array_equal(positive_set,
+                                avid_official_consensus(*banks, p))
+  pos_idx = positive_set[y]
+  key = jax.random.PRNGKey(7)
+  neg_idx = np.asarray(crossmodal.sample_negatives(key, n, k,
+                                                   jnp.asarray(pos_idx)))
+  draw = np.asarray(jax.random.randint(key, (b, k), 0, n - p))
+  np.testing.assert_array_equal(
+      neg_idx, avid_official_memory_sampling(pos_idx, draw))
+  assert not (neg_idx[:, :, None] == pos_idx[:, None, :]).any()
+  # AVID alone (avid.py lines 82-86): the example itself is skipped.
+  avid_neg = np.asarray(crossmodal.sample_negatives(key, n, k,
+                                                    jnp.asarray(y)[:, None]))
+  draw = np.asarray(jax.random.randint(key, (b, k), 0, n - 1))
+  np.testing.assert_array_equal(
+      avid_neg, np.where(draw >= y[:, None], draw + 1, draw))
+
+  vb, ab = (jnp.asarray(x) for x in banks)
+  for z in (-1.0, 3.0):
+    def ours(v, a, yy, pi, ni, *, axis_name, z=z):
+      return crossmodal.avid_cma_nce(
+          v, a, vb, ab, yy, ni, z, positives=pi, num_negatives_within=within,
+          axis_name=axis_name)[0]
+
+    def port(v, a, yy, pi, ni, replicas=1, z=z):
+      return avid_official_loss(v, a, banks[0], banks[1], yy, pi, ni,
+                                replicas, z, within)[0]
+
+    _check(ours, port, (video, audio, y, pos_idx, neg_idx),
+           grad_argnums=(0, 1))
+  _, aux = crossmodal.avid_cma_nce(video, audio, vb, ab, y, neg_idx, -1.0,
+                                   positives=pos_idx,
+                                   num_negatives_within=within)
+  np.testing.assert_allclose(aux['z'], avid_official_loss(
+      video, audio, *banks, y, pos_idx, neg_idx, 1, -1.0, within)[1],
+                             rtol=1e-5)
+
   want = avid_official_update_memory(*banks, video, audio, y)
   for bank, emb, w in zip(banks, (video, audio), want):
     one = memory.update_bank(jnp.asarray(bank), y, emb, 0.5)

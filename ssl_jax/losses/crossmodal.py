@@ -15,16 +15,22 @@ holds slowly updated copies (v-bar, a-bar).
   each v-bar_j of its positives, with the non-positive rows as negatives (and
   the same for audio).
 
-The paper trains with NCE against the memory banks, the positive being the
-bank row of the other modality; these use the softmax (InfoNCE) form, and
+- `avid_cma_nce` (with `nce_partition`, `nce_criterion`, `sample_negatives`,
+  `consensus_positives`): the official code's objective
+  (facebookresearch/AVID-CMA@4538e40, criterions/avid_cma.py and nce.py),
+  the method's default: NCE against the memory banks, the other modality's
+  bank row of the example as AVID's positive, CMA positives the consensus
+  top-k over the whole bank, Z estimated once.
+
+`avid` and `cma` are the softmax (InfoNCE) form (method.objective='infonce'):
 AVID's positive is the other modality's embedding of the current step
 (negatives: the rest of the batch and sampled bank rows). A bank row is only
 written when its example is seen, once per epoch, so with bank positives a
-run of a few epochs would spend its whole first epoch matching random
-initial rows; the live positive learns from the first step.
+run of a few epochs spends its whole first epoch matching random initial
+rows; the live positive learns from the first step.
 """
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +157,132 @@ def cma(video: jax.Array, audio: jax.Array, video_candidates: jax.Array,
                                    temperature)
   count = parallel.psum(count, axis_name)
   return parallel.psum(v_sum + a_sum, axis_name) / jnp.maximum(count, 1)
+
+
+# ---------------------------------------------------------------------------
+# The official objective (facebookresearch/AVID-CMA@4538e40): NCE against the
+# memory banks. The bank row of the other modality is the instance positive,
+# bank rows of CMA's consensus neighbours the within-modal positives.
+
+
+def nce_partition(negative_scores: jax.Array,
+                  axis_name: Optional[str] = None) -> jax.Array:
+  """Z: the mean of exp(score) over the negatives of the global batch.
+
+  criterions/nce.py lines 21-36: each process's batch mean, gathered and
+  averaged (equal local batches make it the global mean). It is estimated
+  once, on the first step, and then kept.
+  """
+  return jax.lax.stop_gradient(parallel.pmean(
+      jnp.mean(jnp.exp(negative_scores.astype(jnp.float32))), axis_name))
+
+
+def nce_criterion(positive_scores: jax.Array, negative_scores: jax.Array,
+                  z: jax.Array) -> jax.Array:
+  """criterions/nce.py lines 38-57, per example: [b, P] and [b, K] -> [b].
+
+  -mean_p log(e^s_p / (e^s_p + K Z)) - sum_n log(K Z / (e^s_n + K Z)).
+  """
+  kz = negative_scores.shape[1] * z
+  ln_pmt = jnp.mean(jnp.log(kz + jnp.exp(positive_scores)) - positive_scores, -1)
+  ln_pon = jnp.sum(jnp.log(kz + jnp.exp(negative_scores)) - jnp.log(kz), -1)
+  return ln_pmt + ln_pon
+
+
+def sample_negatives(rng: jax.Array, num_data: int, num_negatives: int,
+                     avoid: jax.Array) -> jax.Array:
+  """Uniform bank rows that skip each example's `avoid` rows, [b, K].
+
+  criterions/avid_cma.py lines 196-209 (avid.py lines 82-86 for AVID, where
+  `avoid` is the example itself): draw from num_data - P rows and shift each
+  draw past the avoided rows below it (`avoid` sorted ascending, [b, P]).
+  """
+  b, p = avoid.shape
+  draw = jax.random.randint(rng, (b, num_negatives), 0, num_data - p)
+  ref = avoid - jnp.arange(p, dtype=avoid.dtype)[None]
+  return draw + jnp.sum(draw[:, :, None] >= ref[:, None, :], -1).astype(
+      draw.dtype)
+
+
+def consensus_positives(video_bank: jax.Array, audio_bank: jax.Array,
+                        num_positives: int, chunk: int = 1024) -> jax.Array:
+  """CMA's positive set of every bank row, [n, P] sorted ascending.
+
+  criterions/avid_cma.py lines 51-70 (type 'consensus'): the agreement of i
+  and j is min(cos_video, cos_audio) of their bank rows; the P + 1 highest,
+  less the first (the row itself), sorted. Chunks of `chunk` rows bound the
+  [chunk, n] similarity blocks.
+  """
+  n = video_bank.shape[0]
+  chunk = min(chunk, n)
+  pad = (-n) % chunk
+  queries = jnp.pad(jnp.arange(n), (0, pad)).reshape(-1, chunk)
+
+  def rows(idx):
+    sim = jnp.minimum(video_bank[idx] @ video_bank.T,
+                      audio_bank[idx] @ audio_bank.T)
+    _, top = jax.lax.top_k(sim, num_positives + 1)
+    return jnp.sort(top[:, 1:], axis=-1)
+
+  return jax.lax.map(rows, queries).reshape(-1, num_positives)[:n].astype(
+      jnp.int32)
+
+
+def avid_cma_nce(video: jax.Array, audio: jax.Array, video_bank: jax.Array,
+                 audio_bank: jax.Array, indices: jax.Array,
+                 negatives: jax.Array, z: jax.Array, *,
+                 positives: Optional[jax.Array] = None,
+                 num_negatives_within: Optional[int] = None,
+                 cma_weight: jax.Array = 1.0, temperature: float = 0.07,
+                 axis_name: Optional[str] = None
+                 ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  """The official AVID(+CMA) loss of this device's examples.
+
+  criterions/avid_cma.py lines 150-194 and 325-359: v2a and a2v score each
+  normalised embedding against the other modality's bank row of its own
+  example (positive) and the rows `negatives`; with `positives` (CMA), v2v
+  and a2a score it against its own modality's rows of its positive set and
+  the first `num_negatives_within` negatives. Each pair of directions is
+  averaged, the instance and CMA terms weighted 1 : cma_weight and the
+  weights normalised to sum 1 (lines 297-301). Scores are cos / T, each term
+  the NCE criterion with the shared normaliser z.
+
+  Args:
+    video, audio: [b, d] embeddings of this device's examples.
+    video_bank, audio_bank: [n, d] unit memory banks (no gradient).
+    indices: [b] the examples' bank rows.
+    negatives: [b, K] sampled negative rows (`sample_negatives`).
+    z: the NCE normaliser; a value <= 0 asks for it to be estimated from
+      this step's v2a negative scores (nce.py lines 22-24: the first term
+      scored, 'inst-v2a', sets it).
+    positives: None (AVID) or [b, P] CMA positive rows.
+    num_negatives_within: negatives of the within-modal terms (None: all).
+    cma_weight: the CMA term's coefficient (wModalPosCoeff; 0 turns it off).
+    temperature: T (0.07 in avid.py line 32).
+    axis_name: None or the pmap axis (Z is the global estimate; the value is
+      the replicas' mean, DDP's gradient average).
+
+  Returns:
+    (loss, {'z': the normaliser used, 'avid_loss', 'cma_loss'}).
+  """
+  normalize = lambda x: l2_normalize(x.astype(jnp.float32))
+  v, a = normalize(video), normalize(audio)
+  vb = jax.lax.stop_gradient(video_bank)
+  ab = jax.lax.stop_gradient(audio_bank)
+  score = lambda q, rows: jnp.einsum('bd,bkd->bk', q, rows) / temperature
+  v2a_neg = score(v, ab[negatives])
+  z = jnp.asarray(z, jnp.float32)
+  z = jnp.where(z > 0, z, nce_partition(v2a_neg, axis_name))
+  v2a = nce_criterion(score(v, ab[indices][:, None]), v2a_neg, z)
+  a2v = nce_criterion(score(a, vb[indices][:, None]),
+                      score(a, vb[negatives]), z)
+  avid_loss = parallel.pmean(jnp.mean(v2a + a2v) / 2, axis_name)
+  if positives is None:
+    return avid_loss, {'z': z, 'avid_loss': avid_loss,
+                       'cma_loss': jnp.zeros(())}
+  within = negatives[:, :num_negatives_within]
+  v2v = nce_criterion(score(v, vb[positives]), score(v, vb[within]), z)
+  a2a = nce_criterion(score(a, ab[positives]), score(a, ab[within]), z)
+  cma_loss = parallel.pmean(jnp.mean(v2v + a2a) / 2, axis_name)
+  loss = (avid_loss + cma_weight * cma_loss) / (1.0 + cma_weight)
+  return loss, {'z': z, 'avid_loss': avid_loss, 'cma_loss': cma_loss}

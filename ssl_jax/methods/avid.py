@@ -16,21 +16,29 @@ embedding of every training example (as in NPID).
   in the paper (AVID first, CMA on top), the CMA term is switched on after
   `method.cma_start_fraction` of training.
 
-Differences from the paper: the InfoNCE (softmax) form of instance
-discrimination instead of NCE, with the current embedding of the other
-modality as AVID's positive instead of its bank row (see
-ssl_jax/losses/crossmodal.py: short runs would otherwise match random rows
-for a whole epoch); CMA's positive sets are found among the examples sampled
-at each step rather than over the whole bank, which keeps the cost per step
-at b x K x d.
+The default objective (method.objective='nce') is the official code's
+(facebookresearch/AVID-CMA criterions/avid_cma.py, nce.py;
+`losses.crossmodal.avid_cma_nce`): NCE with the normaliser Z estimated on
+the first step, the other modality's bank row as AVID's positive, negatives
+sampled from the bank, and CMA's positive sets the consensus top-k over the
+whole bank, recomputed when CMA starts and every method.resample_epochs.
+The one schedule difference: the official CMA is a second run from an AVID
+checkpoint; here CMA is switched on within the run.
+
+method.objective='infonce' keeps the earlier form: softmax instance
+discrimination with the current embedding of the other modality as AVID's
+positive (it learns from the first step, where bank positives are random
+rows for a whole epoch), and CMA's positive sets found among the examples
+sampled at each step (cost b x K x d per step).
 
 The video tower is params['backbone'], so the linear/k-NN evaluation and the
 online probe measure it. Data: any source that yields 'audio' next to
 'image' (dataset='synthetic_pairs').
 
-Config (configs/avid_cma.py): method.temperature, method.num_negatives,
-method.bank_momentum, method.num_neighbours, method.cma_weight,
-method.cma_start_fraction; model.projector (both towers' heads),
+Config (configs/avid_cma.py): method.objective, method.temperature,
+method.num_negatives, method.num_negatives_within, method.bank_momentum,
+method.num_neighbours, method.cma_weight, method.cma_start_fraction,
+method.resample_epochs; model.projector (both towers' heads),
 model.audio_widths.
 """
 
@@ -106,7 +114,16 @@ class AVIDCMA(Method):
       raise ValueError(
           f'config.method.num_negatives={m.num_negatives} must be smaller than '
           f'the {self.num_data} training examples they are sampled from.')
+    if m.objective not in ('nce', 'infonce'):
+      raise ValueError(f"config.method.objective={m.objective!r}: 'nce' (the "
+                       "official code) or 'infonce'.")
+    if m.objective == 'nce' and (
+        m.num_negatives + m.num_neighbours >= self.num_data):
+      raise ValueError(
+          f'config.method.num_negatives + num_neighbours must be smaller than '
+          f'the {self.num_data} training examples they are drawn from.')
     self.cma_start_step = durations.of_config(m, 'cma_start')
+    self.resample_steps = durations.of_config(m, 'resample')
 
   @property
   def num_data(self) -> int:
@@ -134,6 +151,14 @@ class AVIDCMA(Method):
     dim = self.config.model.projector.output_dim
     method_state = {'video_bank': memory.init_bank(video_rng, self.num_data, dim),
                     'audio_bank': memory.init_bank(audio_rng, self.num_data, dim)}
+    if self.config.method.objective == 'nce':
+      # Z <= 0: estimated on the first step (nce.py line 18). The positive
+      # sets are computed when CMA starts; until then a placeholder (sorted,
+      # as the negative sampler needs) that the zero CMA weight ignores.
+      p = self.config.method.num_neighbours
+      method_state['z'] = -jnp.ones((), jnp.float32)
+      method_state['positive_set'] = jnp.tile(
+          jnp.arange(1, p + 1, dtype=jnp.int32), (self.num_data, 1))
     return variables['params'], variables.get('batch_stats', {}), method_state
 
   def loss(self, params: Any, state: TrainState, views: Sequence[jax.Array],
@@ -150,9 +175,71 @@ class AVIDCMA(Method):
         {'params': params, 'batch_stats': state.batch_stats}, views[0],
         batch['audio'], train=True, mutable=['batch_stats'])
     ms = state.method_state
+    indices = batch['index']
+    cma_on = state.step >= self.cma_start_step
+    cma_weight = jnp.where(cma_on, m.cma_weight, 0.0)
+    if m.objective == 'nce':
+      loss, method_state, metrics = self._official_loss(
+          out, ms, indices, rng, cma_on, cma_weight, state.step, axis_name)
+    else:
+      loss, method_state, metrics = self._infonce_loss(
+          out, ms, indices, rng, cma_weight, axis_name)
+    metrics['cma_weight'] = cma_weight
+    return loss, StepOutput(batch_stats=mutated['batch_stats'],
+                            method_state=method_state, metrics=metrics,
+                            features=out['features'], embeddings=out['video'])
+
+  def _bank_writes(self, ms, indices, out, axis_name):
+    m = self.config.method
+    return {
+        'video_bank': memory.bank_write(ms['video_bank'], indices,
+                                        out['video'], m.bank_momentum,
+                                        axis_name),
+        'audio_bank': memory.bank_write(ms['audio_bank'], indices,
+                                        out['audio'], m.bank_momentum,
+                                        axis_name)}
+
+  def _official_loss(self, out, ms, indices, rng, cma_on, cma_weight, step,
+                     axis_name):
+    """AVID-CMA's criterions/avid_cma.py: NCE against the banks."""
+    m = self.config.method
     video_bank = jax.lax.stop_gradient(ms['video_bank'])
     audio_bank = jax.lax.stop_gradient(ms['audio_bank'])
-    indices = batch['index']
+    # The consensus sets over the whole bank when CMA starts and every
+    # resample_epochs after (set_epoch, avid_cma.py lines 361-364); every
+    # device computes them from the same replicated banks.
+    since = step - self.cma_start_step
+    resample = cma_on & ((since == 0) | ((self.resample_steps > 0) & (
+        since % jnp.maximum(self.resample_steps, 1) == 0)))
+    positive_set = jax.lax.cond(
+        resample,
+        lambda: crossmodal.consensus_positives(video_bank, audio_bank,
+                                               m.num_neighbours),
+        lambda: ms['positive_set'])
+    positives = positive_set[indices]
+    # Each device draws its own negatives (DDP processes draw apart).
+    rng = jax.random.fold_in(rng, parallel.axis_index(axis_name))
+    cma_negatives = crossmodal.sample_negatives(rng, self.num_data,
+                                                m.num_negatives, positives)
+    avid_negatives = crossmodal.sample_negatives(rng, self.num_data,
+                                                 m.num_negatives,
+                                                 indices[:, None])
+    negatives = jnp.where(cma_on, cma_negatives, avid_negatives)
+    loss, aux = crossmodal.avid_cma_nce(
+        out['video'], out['audio'], video_bank, audio_bank, indices,
+        negatives, ms['z'], positives=positives,
+        num_negatives_within=m.num_negatives_within, cma_weight=cma_weight,
+        temperature=m.temperature, axis_name=axis_name)
+    method_state = self._bank_writes(ms, indices, out, axis_name)
+    method_state.update(positive_set=positive_set, z=aux['z'])
+    return loss, method_state, {'avid_loss': aux['avid_loss'],
+                                'cma_loss': aux['cma_loss'], 'nce_z': aux['z']}
+
+  def _infonce_loss(self, out, ms, indices, rng, cma_weight, axis_name):
+    """method.objective='infonce': softmax, live positive, sampled sets."""
+    m = self.config.method
+    video_bank = jax.lax.stop_gradient(ms['video_bank'])
+    audio_bank = jax.lax.stop_gradient(ms['audio_bank'])
     candidates = jax.random.randint(rng, (m.num_negatives,), 0, self.num_data)
     video_rows, audio_rows = video_bank[indices], audio_bank[indices]
     video_cand, audio_cand = video_bank[candidates], audio_bank[candidates]
@@ -165,19 +252,9 @@ class AVIDCMA(Method):
     cma_loss = losses.get_loss('cma')(
         out['video'], out['audio'], video_cand, audio_cand, positives,
         temperature=m.temperature, axis_name=axis_name)
-    cma_weight = jnp.where(state.step >= self.cma_start_step, m.cma_weight, 0.0)
     loss = avid_loss + cma_weight * cma_loss
-    method_state = {
-        'video_bank': memory.bank_write(ms['video_bank'], indices,
-                                        out['video'], m.bank_momentum,
-                                        axis_name),
-        'audio_bank': memory.bank_write(ms['audio_bank'], indices,
-                                        out['audio'], m.bank_momentum,
-                                        axis_name)}
+    method_state = self._bank_writes(ms, indices, out, axis_name)
     metrics = {'avid_loss': avid_loss, 'cma_loss': cma_loss,
-               'cma_weight': cma_weight,
                'cma_positives': parallel.pmean(
                    jnp.mean(jnp.sum(positives, -1)), axis_name)}
-    return loss, StepOutput(batch_stats=mutated['batch_stats'],
-                            method_state=method_state, metrics=metrics,
-                            features=out['features'], embeddings=out['video'])
+    return loss, method_state, metrics
