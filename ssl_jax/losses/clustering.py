@@ -154,6 +154,17 @@ def swav(embeddings: jax.Array, prototypes: jax.Array, *,
 # k-means.
 
 
+def _sum_in_device_order(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
+  """A psum whose rounding does not depend on the topology: the devices'
+  terms are gathered and added in device order on every device. Whitening
+  divides by the smallest eigenvalues, which amplified the different
+  rounding of a psum over 2 processes x 4 devices and over 1 x 8 into other
+  clusters (losses 3e-4 apart, tests/test_multihost.py)."""
+  if axis_name is None:
+    return x
+  return jnp.sum(parallel.all_gather(x[None], axis_name), axis=0)
+
+
 def pca_whiten(x: jax.Array, dim: int, *, mask: Optional[jax.Array] = None,
                eigenvalue_floor: float = 1e-6,
                axis_name: Optional[str] = None) -> jax.Array:
@@ -188,11 +199,11 @@ def pca_whiten(x: jax.Array, dim: int, *, mask: Optional[jax.Array] = None,
   w = jnp.ones(x.shape[:1], jnp.float32) if mask is None else (
       mask.astype(jnp.float32))
   hi = jax.lax.Precision.HIGHEST
-  count = parallel.psum(jnp.sum(w), axis_name)
-  mean = parallel.psum(jnp.dot(w, x, precision=hi), axis_name) / count
+  count = _sum_in_device_order(jnp.sum(w), axis_name)
+  mean = _sum_in_device_order(jnp.dot(w, x, precision=hi), axis_name) / count
   xc = x - mean
-  cov = parallel.psum(jnp.dot((xc * w[:, None]).T, xc, precision=hi),
-                      axis_name) / count
+  cov = _sum_in_device_order(jnp.dot((xc * w[:, None]).T, xc, precision=hi),
+                             axis_name) / count
   eigvals, eigvecs = jnp.linalg.eigh(cov)  # ascending
   k = min(dim, x.shape[1])
   eigvals, eigvecs = eigvals[::-1][:k], eigvecs[:, ::-1][:, :k]
