@@ -16,6 +16,7 @@ percent; those on precomputed features also score raw pixels
 
 from typing import Any, Dict, Optional, Tuple
 
+import abc
 import ml_collections
 import numpy as np
 
@@ -37,7 +38,7 @@ class _Protocol:
     self.enabled = self.num_classes > 0
 
 
-class _OnFeatures(_Protocol):
+class _OnFeatures(_Protocol, abc.ABC):
   """A protocol on features precomputed once per state."""
 
   def __init__(self, config: ml_collections.ConfigDict):
@@ -46,8 +47,9 @@ class _OnFeatures(_Protocol):
         config.model, feats.view_size(config), self.train_source.mean,
         self.train_source.std)
 
+  @abc.abstractmethod
   def score(self, train: Split, test: Split) -> Dict[str, float]:
-    raise NotImplementedError
+    """top-1/top-5 of this protocol on (features, labels) splits."""
 
   def __call__(self, state: Any) -> Dict[str, float]:
     variables = feats.backbone_variables(state)
