@@ -165,7 +165,7 @@ class Checkpointer:
     saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree),
         meta=ocp.args.JsonSave(dict(meta, step=step))))
-    if saved and jax.process_index() == 0:
+    if saved and parallel.is_main_process():
       # Process 0 only, after its wait: orbax commits (renames) the step on
       # the primary process once every process has written its files, so
       # the checksums cover the files of all processes.
@@ -286,7 +286,7 @@ class Checkpointer:
     steps (orbax does not overwrite a step) and would fall back again.
     """
     self.wait()
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
       for step in steps:
         path = workdir_lib.join(self.directory, str(step))
         target = f'{path}.unreadable'
@@ -297,7 +297,7 @@ class Checkpointer:
           workdir_lib.path(path).rename(target)
           logging.warning('Moved the unreadable checkpoint %s to %s.', path,
                           target)
-    if jax.process_count() > 1:
+    if parallel.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('ssl_jax_checkpoint_set_aside')
     self._manager.reload()

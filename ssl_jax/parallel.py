@@ -251,6 +251,13 @@ def check_batch_size(global_batch: int) -> None:
 # The mesh, shardings, and moving data onto it.
 
 
+def devices(count: Optional[int] = None) -> Tuple[jax.Device, ...]:
+  """The first `count` devices of `jax.devices()` (default: all, of every
+  process), in the order `make_mesh` lays batch shards out."""
+  found = jax.devices()
+  return tuple(found if count is None else found[:count])
+
+
 def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A one-axis mesh (`AXIS`) over `devices` (default: all of every process).
 

@@ -17,8 +17,6 @@ pytest run in the environment does, imports neither JAX nor Hypothesis.
 """
 
 import os
-import sys
-import warnings
 
 import pytest
 
@@ -41,26 +39,12 @@ def with_host_devices(xla_flags: str, count: int = DEVICE_COUNT) -> str:
   return f'{xla_flags} {_FLAG}={count}'.strip()
 
 
-def _backends_started() -> bool:
-  if 'jax' not in sys.modules:
-    return False
-  # Private, but the only way to tell whether XLA_FLAGS can still take effect.
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return xla_bridge.backends_are_initialized()
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config, parser, args) -> None:
   """Sets XLA_FLAGS before conftest files and test modules import JAX."""
   del early_config, parser, args
   flags = os.environ.get('XLA_FLAGS', '')
   wanted = with_host_devices(flags)
-  if wanted == flags:
-    return
-  if _backends_started():
-    warnings.warn(
-        'ssl_jax: JAX started before pytest loaded the ssl_jax plugin, so the '
-        '`devices` property may find one device; set XLA_FLAGS='
-        f'{_FLAG}={DEVICE_COUNT} before running pytest.')
-    return
+  # Too late if another plugin already started JAX's CPU backend; `devices`
+  # then finds too few devices and its error says to set XLA_FLAGS.
   os.environ['XLA_FLAGS'] = wanted

@@ -183,6 +183,49 @@ def test_evaluation_does_not_import_configs_package():
       assert not any(n.split('.')[0] == 'configs' for n in names), path
 
 
+# What only ssl_jax/parallel.py may call (issue 20: one place builds meshes
+# and shardings and talks to devices and processes).
+DEVICE_AND_PROCESS_CALLS = frozenset({
+    'jax.devices', 'jax.local_devices', 'jax.device_count',
+    'jax.local_device_count', 'jax.process_index', 'jax.process_count',
+    'jax.pmap', 'jax.distributed.initialize', 'Mesh', 'NamedSharding',
+    'jax.sharding.Mesh', 'jax.sharding.NamedSharding', 'jax.make_mesh'})
+
+
+def _dotted(node: ast.AST) -> str:
+  if isinstance(node, ast.Name):
+    return node.id
+  if isinstance(node, ast.Attribute):
+    return f'{_dotted(node.value)}.{node.attr}'
+  return ''
+
+
+def test_only_parallel_talks_to_devices_and_processes():
+  found = []
+  for name, path in _modules().items():
+    if name == 'ssl_jax.parallel':
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      if (isinstance(node, ast.Call) and
+          _dotted(node.func) in DEVICE_AND_PROCESS_CALLS):
+        found.append(f'{name}:{node.lineno} {_dotted(node.func)}')
+  assert not found, f'use ssl_jax.parallel instead: {found}'
+
+
+def test_no_private_jax_imports():
+  found = []
+  for name, path in _modules().items():
+    for node in ast.walk(ast.parse(path.read_text())):
+      targets = []
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom) and not node.level:
+        targets = [node.module or '']
+      found += [f'{name}:{node.lineno} {t}' for t in targets
+                if t.startswith('jax._') or t.startswith('jaxlib.')]
+  assert not found, found
+
+
 def long_functions() -> List[Tuple[str, int]]:
   found = []
   for path in sorted(PACKAGE.rglob('*.py')):

@@ -79,12 +79,12 @@ def knn_predict_sharded(train_x: np.ndarray, train_y: np.ndarray,
     num_classes: number of classes.
     chunk: queries compared with the bank at once (on every device).
     num_devices: how many devices hold slices (default: all, of every
-      process; the first `num_devices` of `jax.devices()` otherwise).
+      process; the first `num_devices` of `parallel.devices()` otherwise).
 
   Returns:
     Scores [m, num_classes], equal to `knn_predict`'s.
   """
-  devices = tuple(jax.devices()[:num_devices or jax.device_count()])
+  devices = parallel.devices(num_devices or None)
   n_dev = len(devices)
   n, d = train_x.shape
   k = min(k, n)

@@ -28,7 +28,7 @@ def device_equivalence(loss_fn: Callable[..., jax.Array],
     args: global-batch inputs; those in `sharded_argnums` (default: all) are
       split along axis 0 over the devices, the others (a queue, a bank) are
       given whole to every device.
-    num_devices: N, at most `jax.device_count()`.
+    num_devices: N, at most `len(parallel.devices())`.
     sharded_argnums: the per-example arguments (default: all).
     kwargs: extra keyword arguments (temperatures ...).
     grad_argnums: the arguments to differentiate (default: the sharded ones);
@@ -47,8 +47,9 @@ def device_equivalence(loss_fn: Callable[..., jax.Array],
     grads_N == grads_1 and every entry of values_N == value_1.
   """
   kwargs = kwargs or {}
-  if num_devices > jax.device_count():
-    raise ValueError(f'Need {num_devices} devices, have {jax.device_count()}; '
+  available = len(parallel.devices())
+  if num_devices > available:
+    raise ValueError(f'Need {num_devices} devices, have {available}; '
                      f'under pytest, the ssl_jax plugin gives 8 CPU devices '
                      f'unless turned off (-p no:ssl_jax) or JAX started first; '
                      f'else set XLA_FLAGS=--xla_force_host_platform_device_'
@@ -126,7 +127,7 @@ def _compiled(loss_fn: Callable[..., jax.Array], kwargs_key: Any,
   batch = PartitionSpec(parallel.AXIS)
   multi = jax.jit(jax.shard_map(
       per_device,
-      mesh=parallel.make_mesh(jax.devices()[:num_devices]),
+      mesh=parallel.make_mesh(parallel.devices(num_devices)),
       in_specs=tuple(batch if i in sharded else PartitionSpec()
                      for i in range(num_args)),
       out_specs=(batch, [batch] * len(differentiated)), check_vma=False),
