@@ -71,8 +71,12 @@ def _final(workdir):
     state, _ = ckpt.restore(setup.state)
   finally:
     ckpt.close()
-  losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return state, losses
+  return state, _losses(workdir)
+
+
+def _losses(workdir):
+  return [json.loads(l)['loss']
+          for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
@@ -148,5 +152,4 @@ def _resume_fsdp_checkpoint(workdir, reference, reference_losses):
   state = train.train_and_evaluate(config, workdir)
   assert int(parallel.to_host(state.step)) == 3
   _assert_same(reference, state)
-  losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+  np.testing.assert_allclose(_losses(workdir), reference_losses, rtol=1e-5)
