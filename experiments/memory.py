@@ -24,9 +24,28 @@ the state replicated and with FSDP over all devices (`config.mesh.fsdp`):
 `--check` fails unless FSDP holds at most 1/6 of the replicated state per
 device. FSDP gathers the state inside the step, so its temporaries hold the
 gathered state and its update: it divides what stays resident between steps,
-not the step's peak (see ssl_jax/parallel.py). SEER's RegNetY-256GF is not
-measured: compiling it abstractly on this 2-core machine is too slow for a
-script meant to be rerun.
+not the step's peak (see ssl_jax/parallel.py).
+
+`--seer` adds SEER's RegNetY-256GF (configs/seer.py: 1.43B parameters with its
+head and prototypes, LARS) at one image per device in 2 crops of 160 and
+`--seer_local_crops` of 96, replicated and with FSDP over all devices. Each
+of the two compiles takes about 5 minutes of CPU (measured on this 2-core
+machine: 321 s of CPU, 11 minutes of wall time beside other jobs, for the FSDP
+row; 23 minutes of wall for the replicated one under heavier load), hence the
+flag. Measured on 8 devices:
+
+  mode        param+opt MB  temp MB
+  replicated        11,040   15,767
+  fsdp=8             9,979   16,867
+
+FSDP saves little here, and `--check --seer` fails: a leaf is sharded on a
+dimension that `fsdp` divides, and RegNetY-256GF's widths are 373 x (2, 4,
+11, 28) = 746, 1492, 4103, 10444, none of which 8 divides, so only the head
+and the prototypes are sharded (5.1 of the 5.7 GB of parameters stay
+replicated; `fsdp=4` gives 8,202 MB, `fsdp=2` 8,607 MB, the 4103-wide stage
+unsharded by any even size). Sharding it needs leaves stored padded (or
+flattened) to a multiple of `fsdp`, or uneven shardings, which jax 0.10's
+`NamedSharding` refuses.
 
 The DINO ViT-B row compiles the step twice, with and without the EMA teacher
 update (`after_update` replaced by the identity): `teacher_update_temp_bytes`,
@@ -43,6 +62,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 
 def _parse():
@@ -55,6 +75,15 @@ def _parse():
   parser.add_argument('--check', action='store_true',
                       help='exit 1 if a bank or teacher is copied, or FSDP '
                       'holds more than 1/6 of the replicated state')
+  parser.add_argument('--seer', action='store_true',
+                      help="also SEER's RegNet, replicated and FSDP (slow: "
+                      'see the docstring)')
+  parser.add_argument('--seer_backbone', default='regnety_256gf',
+                      help="the RegNet of the --seer rows (SEER's: "
+                      'regnety_256gf)')
+  parser.add_argument('--seer_local_crops', type=int, default=4,
+                      help="96-pixel crops per image in the --seer rows "
+                      "(SEER's: 4, with 2 of 160)")
   return parser.parse_args()
 
 
@@ -187,6 +216,19 @@ def dino_vit_base_config(devices: int):
   return config
 
 
+def seer_config(devices: int, backbone: str = 'regnety_256gf',
+                num_local: int = 4):
+  """SEER's recipe (configs/seer.py: SwAV, LARS, 16K prototypes, bfloat16
+  activations over float32 parameters) with `backbone`, one image per device
+  in 2 crops of 160 and `num_local` of 96."""
+  from configs import seer, swav  # pylint: disable=g-import-not-at-top
+  config = seer.get_config()
+  config.model.backbone = backbone
+  config.augment.views = swav.multicrop_views(160, 96, num_local)
+  config.batch_size = devices
+  return config
+
+
 def bank_bytes(config, n: int) -> int:
   """Bytes of an InstDisc bank of `n` rows (float32)."""
   return n * config.model.projector.output_dim * 4
@@ -227,6 +269,16 @@ def main() -> int:
   row['teacher_update_temp_bytes'] = (row['temp_bytes_per_device'] -
                                       without['temp_bytes_per_device'])
   rows.append(row)
+  if args.seer:
+    name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
+    for fsdp in (1, args.devices):
+      start = time.perf_counter()
+      rows.append(measure(seer_config(args.devices, args.seer_backbone,
+                                      args.seer_local_crops),
+                          image, name, args.devices, fsdp=fsdp))
+      rows[-1]['compile_seconds'] = round(time.perf_counter() - start, 1)
+      print(f'{name} {rows[-1]["mode"]}: compiled in '
+            f'{rows[-1]["compile_seconds"]} s', flush=True)
   print(f'{"model":<36} {"mode":<10} {"dev":>3} {"param+opt MB":>12} '
         f'{"temp MB":>9} {"bank/queue MB":>13}')
   for r in rows:

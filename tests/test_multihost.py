@@ -7,12 +7,20 @@ bank scattered by dataset index (InstDisc), and k-means over the whole
 dataset before the first step (DeepCluster).
 
 The 8-device reference runs in the test's own process (one interpreter and
-its start-up fewer per config than a subprocess).
+its start-up fewer per config than a subprocess); it is replicated, while the
+2-process runs of SimCLR and DINO use FSDP (`MULTI_FLAGS`): SimCLR's state
+sharded over all 8 devices, so that every parameter's shards span both
+processes and each process checkpoints its own half; DINO's over 2 devices
+(shards within a process, replicated across them). The SimCLR run is then
+resumed, in this process on one 8-device FSDP mesh, from the step-2 checkpoint
+the two processes wrote, and must end where the reference does.
 """
 
 import importlib
+import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -63,12 +71,30 @@ def _final(workdir):
     state, _ = ckpt.restore(setup.state)
   finally:
     ckpt.close()
-  losses = [json.loads(l)['loss'] for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-  return state, losses
+  return state, _losses(workdir)
+
+
+def _losses(workdir):
+  return [json.loads(l)['loss']
+          for l in open(os.path.join(workdir, 'metrics.jsonl'))]
 
 
 STEPS = ['--config.num_steps=3', '--config.training.log_every=1',
          '--config.training.checkpoint_every=3']
+# FSDP in the 2-process run only (the reference is replicated); small leaves
+# sharded too (the smoke models have few large ones). SimCLR also saves at
+# step 2, the checkpoint its resume starts from.
+MULTI_FLAGS = {
+    'simclr': ['--config.mesh.fsdp=8', '--config.mesh.fsdp_min_size=1',
+               '--config.training.checkpoint_every=2'],
+    'dino': ['--config.mesh.fsdp=2', '--config.mesh.fsdp_min_size=1'],
+}
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
+                  jax.tree.leaves(parallel.to_numpy(b))):
+    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -85,7 +111,8 @@ def test_two_processes_equal_one(tmp_path, name):
        '--config.distributed.enabled=True',
        f'--config.distributed.coordinator_address=127.0.0.1:{port}',
        '--config.distributed.num_processes=2',
-       f'--config.distributed.process_id={i}'], cwd=ROOT, env=_env(4))
+       f'--config.distributed.process_id={i}', *MULTI_FLAGS.get(name, ())],
+      cwd=ROOT, env=_env(4))
            for i in range(2)]
   try:
     for p in procs:
@@ -98,6 +125,31 @@ def test_two_processes_equal_one(tmp_path, name):
   assert len(losses_a) == len(losses_b) == 3
   np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
   assert int(a.step) == int(b.step) == 3
-  for x, y in zip(jax.tree.leaves(parallel.to_numpy(a)),
-                  jax.tree.leaves(parallel.to_numpy(b))):
-    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+  _assert_same(a, b)
+  if name == 'simclr':
+    _resume_fsdp_checkpoint(multi, a, losses_a)
+
+
+def _resume_fsdp_checkpoint(workdir, reference, reference_losses):
+  """Resumes the 2-process FSDP run from its step-2 checkpoint on 1 process x
+  8 devices (FSDP over all 8) and checks that it ends as the reference."""
+  assert load_config(workdir).mesh.fsdp == 8
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  # Each process wrote its own shards (orbax's OCDBT layout: a data folder
+  # per process), and process 0's checksums cover both.
+  listed = json.load(open(os.path.join(
+      checkpoints, '2', checkpointing.CHECKSUM_FILE)))['files']
+  for i in range(2):
+    data = glob.glob(os.path.join(checkpoints, '2', 'state',
+                                  f'ocdbt.process_{i}', 'd', '*'))
+    assert sum(os.path.getsize(f) for f in data) > 0, (i, data)
+    assert all(os.path.relpath(f, os.path.join(checkpoints, '2')) in listed
+               for f in data)
+  shutil.rmtree(os.path.join(checkpoints, '3'))
+  config = _config('simclr')
+  config.training.checkpoint_every = 2
+  config.mesh.update(fsdp=8, fsdp_min_size=1)
+  state = train.train_and_evaluate(config, workdir)
+  assert int(parallel.to_host(state.step)) == 3
+  _assert_same(reference, state)
+  np.testing.assert_allclose(_losses(workdir), reference_losses, rtol=1e-5)
