@@ -22,11 +22,15 @@ step, a queue-sized temporary of its own, so it is not checked.
 ViT-L/16 at 224 (MoCo v3's recipe: AdamW, momentum encoder) is compiled with
 the state replicated and with FSDP over all devices (`config.mesh.fsdp`):
 `--check` fails unless FSDP holds at most 1/6 of the replicated state per
-device. FSDP gathers the state inside the step, so its temporaries hold the
-gathered state and its update: it divides what stays resident between steps,
-not the step's peak (see ssl_jax/parallel.py). SEER's RegNetY-256GF is not
-measured: compiling it abstractly on this 2-core machine is too slow for a
-script meant to be rerun.
+device. FSDP's step gathers each sharded leaf where the loss uses it (again
+in the backward pass) and updates the shards (see ssl_jax/parallel.py), so
+its temporaries hold activations and gathered weights, not a whole gathered
+state and its update: 3.9 GB per device against 4.2 GB replicated (XLA's
+default CPU schedule issues a pass's all-gathers early rather than at each
+layer, so about one model's worth of gathered weights is live at the peak;
+before, the whole state was gathered and the FSDP step needed 11.0 GB).
+SEER's RegNetY-256GF is not measured: compiling it abstractly on this
+2-core machine is too slow for a script meant to be rerun.
 
 The DINO ViT-B row compiles the step twice, with and without the EMA teacher
 update (`after_update` replaced by the identity): `teacher_update_temp_bytes`,

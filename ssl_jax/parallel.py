@@ -9,7 +9,9 @@ device of every process (`default_mesh`). Per-device code written with pmap
 semantics runs on it through `data_parallel`, which is `jax.jit` around
 `jax.shard_map`: state and other replicated inputs are global `jax.Array`s
 with sharding `P()`, batches global arrays split on `P(AXIS)`, each process
-contributing its own share (`put_batch`). The helpers below turn into the identity
+contributing its own share (`put_batch`). With FSDP (`config.mesh.fsdp`) the
+state is stored sharded and the step is `fsdp_parallel` (see FSDP below).
+The helpers below turn into the identity
 when `axis_name` is None, so a loss written with them is the same code on one
 device and on a pod.
 
@@ -293,8 +295,9 @@ def default_mesh() -> Mesh:
 # losses' collectives, per-device keys and example offsets do not change.
 # It receives the state's shards; its loss (`FsdpBody.gathered_loss`)
 # all-gathers each sharded leaf where the model uses it and again in the
-# backward pass (remat of the gathers only), so no more than a few layers'
-# weights are whole at a time, and the all-gather's transpose, a
+# backward pass (remat of the gathers only), so that no gathered weight has
+# to outlive its layer (XLA's default CPU schedule still issues a pass's
+# gathers early: experiments/memory.py), and the all-gather's transpose, a
 # reduce-scatter, gives each device the gradient of its own shard. The
 # update half (optimizer, non-finite guard, EMA teachers) runs on the
 # sharded global arrays outside `shard_map`, where GSPMD computes norms
