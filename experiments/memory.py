@@ -22,9 +22,13 @@ step, a queue-sized temporary of its own, so it is not checked.
 ViT-L/16 at 224 (MoCo v3's recipe: AdamW, momentum encoder) is compiled with
 the state replicated and with FSDP over all devices (`config.mesh.fsdp`):
 `--check` fails unless FSDP holds at most 1/6 of the replicated state per
-device. FSDP gathers the state inside the step, so its temporaries hold the
-gathered state and its update: it divides what stays resident between steps,
-not the step's peak (see ssl_jax/parallel.py).
+device. FSDP's step gathers each sharded leaf where the loss uses it (again
+in the backward pass) and updates the shards (see ssl_jax/parallel.py), so
+its temporaries hold activations and gathered weights, not a whole gathered
+state and its update: 3.9 GB per device against 4.2 GB replicated (XLA's
+default CPU schedule issues a pass's all-gathers early rather than at each
+layer, so about one model's worth of gathered weights is live at the peak;
+before, the whole state was gathered and the FSDP step needed 11.0 GB).
 
 `--seer` adds SEER's RegNetY-256GF (configs/seer.py: 1.43B parameters with its
 head and prototypes, LARS) at one image per device in 2 crops of 160 and
@@ -32,7 +36,8 @@ head and prototypes, LARS) at one image per device in 2 crops of 160 and
 of the two compiles takes about 5 minutes of CPU (measured on this 2-core
 machine: 321 s of CPU, 11 minutes of wall time beside other jobs, for the FSDP
 row; 23 minutes of wall for the replicated one under heavier load), hence the
-flag. Measured on 8 devices:
+flag. Measured on 8 devices (with the FSDP step of the time, which gathered
+the whole state first; the parameter figures do not depend on it):
 
   mode        param+opt MB  temp MB
   replicated        11,040   15,767

@@ -9,7 +9,9 @@ device of every process (`default_mesh`). Per-device code written with pmap
 semantics runs on it through `data_parallel`, which is `jax.jit` around
 `jax.shard_map`: state and other replicated inputs are global `jax.Array`s
 with sharding `P()`, batches global arrays split on `P(AXIS)`, each process
-contributing its own share (`put_batch`). The helpers below turn into the identity
+contributing its own share (`put_batch`). With FSDP (`config.mesh.fsdp`) the
+state is stored sharded and the step is `fsdp_parallel` (see FSDP below).
+The helpers below turn into the identity
 when `axis_name` is None, so a loss written with them is the same code on one
 device and on a pod.
 
@@ -24,18 +26,21 @@ global gradient; `ssl_jax.testing` accounts for that when it compares devices.
 """
 
 import collections
+import dataclasses
 import functools
 import itertools
 import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import (Any, Callable, Dict, Iterable, Iterator, NamedTuple,
+                    Optional, Sequence, Tuple)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from orbax.checkpoint import multihost as ocp_multihost
@@ -281,24 +286,37 @@ def default_mesh() -> Mesh:
 
 
 # ---------------------------------------------------------------------------
-# FSDP: the state stored sharded between steps.
+# FSDP: the state stored sharded between steps, gathered where it is used.
 #
 # With `config.mesh.fsdp` = f > 1 the same devices also form a 2-D mesh
 # (DATA_AXIS, FSDP_AXIS) of shape (devices / f, f), in the order of the 1-D
-# mesh, so that device i holds batch shard i in both. Between steps,
-# parameters, optimizer state and method state (EMA teachers, banks, queues)
-# are stored sharded over FSDP_AXIS (each leaf on its largest dimension that f
-# divides, as big_vision's `fsdp` rule; small leaves replicated), which
-# divides their memory per device by f. The step itself is unchanged: inside
-# the same jit, GSPMD all-gathers the state onto every device before the
-# per-device body (pmap semantics, collectives over AXIS on all devices: the
-# losses do not change) and keeps only each device's shard of the new state.
-# The gathered state lives during the step (temporaries), so this saves the
-# state's resident memory, not the step's peak; gathering layer by layer
-# would need the model itself to gather its weights.
+# mesh, so that device i holds batch shard i in both. Parameters, optimizer
+# state and method state (EMA teachers, banks, queues) are stored sharded
+# over FSDP_AXIS (each leaf on its largest dimension that f divides, as
+# big_vision's `fsdp` rule; small leaves replicated), which divides their
+# memory per device by f.
+#
+# The step (`fsdp_parallel`) is two halves in one jit. The per-device half
+# runs under `shard_map` over the 2-D mesh with the batch axis BATCH_AXES =
+# (DATA_AXIS, FSDP_AXIS): the same devices in the same order as AXIS, so the
+# losses' collectives, per-device keys and example offsets do not change.
+# It receives the state's shards; its loss (`FsdpBody.gathered_loss`)
+# all-gathers each sharded leaf where the model uses it and again in the
+# backward pass (remat of the gathers only), so that no gathered weight has
+# to outlive its layer (XLA's default CPU schedule still issues a pass's
+# gathers early: experiments/memory.py), and the all-gather's transpose, a
+# reduce-scatter, gives each device the gradient of its own shard. The
+# update half (optimizer, non-finite guard, EMA teachers) runs on the
+# sharded global arrays outside `shard_map`, where GSPMD computes norms
+# (LARS trust ratios, clipping, the logged norms) over whole leaves.
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
+# The batch axis of FSDP's per-device half: every device, in AXIS's order.
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+# The name (`jax.ad_checkpoint.checkpoint_name`) of a gathered FSDP leaf: not
+# saved for the backward pass, gathered again there.
+GATHERED = 'fsdp_gathered'
 
 # Leaves with fewer elements stay replicated: sharding them saves little and
 # adds a collective each.
@@ -383,6 +401,118 @@ def state_shardings(state: PyTree, fsdp: int = 1,
   layout = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
   return layout.replace(**{f: fsdp_shardings(getattr(state, f), mesh, min_size)
                            for f in fields})
+
+
+def _fsdp_dim(spec: PartitionSpec) -> Optional[int]:
+  """The dimension a leaf's `fsdp_spec` shards, or None if replicated."""
+  return next((d for d, a in enumerate(spec) if a == FSDP_AXIS), None)
+
+
+def _own_shard(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+  """This device's block of a whole (replicated) leaf laid out as `spec`."""
+  d = _fsdp_dim(spec)
+  if d is None:
+    return x
+  size = x.shape[d] // lax.axis_size(FSDP_AXIS)
+  return lax.dynamic_slice_in_dim(x, lax.axis_index(FSDP_AXIS) * size, size,
+                                  axis=d)
+
+
+class Kept(NamedTuple):
+  """A method state leaving FSDP's per-device half: `stored`, each leaf in
+  its stored layout (this device's shard); `whole`, None but where the step
+  returned something else than an array of the leaf's shape (a pending bank
+  or queue write), passed on whole (replicated) instead."""
+  stored: PyTree
+  whole: PyTree
+
+
+class _Pair(NamedTuple):
+  stored: Any
+  whole: Any
+
+
+def _is_kept(x: Any) -> bool:
+  return isinstance(x, Kept)
+
+
+def merge_kept(tree: PyTree) -> PyTree:
+  """`tree` with each `Kept` node turned back into one global tree (outside
+  `shard_map`): the stored leaves, or what passed whole in their place."""
+  def merge(kept):
+    return jax.tree.map(lambda s, w: s if w is None else w, kept.stored,
+                        kept.whole, is_leaf=lambda x: x is None)
+  return jax.tree.map(lambda x: merge(x) if _is_kept(x) else x, tree,
+                      is_leaf=_is_kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class FsdpBody:
+  """What FSDP's per-device half needs to compute on state shards.
+
+  Attributes:
+    params: a PartitionSpec per parameter (`fsdp_spec`).
+    state: a PartitionSpec per leaf of the other sharded state (the method
+      state: teachers, banks, queues, centres).
+  """
+  params: PyTree
+  state: PyTree
+
+  @staticmethod
+  def _gather(tree: PyTree, specs: PyTree) -> PyTree:
+    def gather(x, spec):
+      d = _fsdp_dim(spec)
+      if d is None:
+        return x
+      return checkpoint_name(lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
+                             GATHERED)
+    return jax.tree.map(gather, tree, specs)
+
+  def _keep(self, new: PyTree, whole: PyTree, shards: PyTree) -> Kept:
+    def split(old, shard, spec, new):
+      if new is old:  # unchanged: the shard this device already holds
+        return shard, None
+      if isinstance(new, jax.Array) and new.shape == old.shape:
+        return _own_shard(new, spec), None
+      return shard, new
+    pairs = jax.tree.map(lambda *a: _Pair(*split(*a)), whole, shards,
+                         self.state, new)
+    is_pair = lambda x: isinstance(x, _Pair)
+    return Kept(jax.tree.map(lambda p: p.stored, pairs, is_leaf=is_pair),
+                jax.tree.map(lambda p: p.whole, pairs, is_leaf=is_pair))
+
+  def gathered_loss(self, loss_fn: Callable) -> Callable:
+    """`loss_fn(params, state) -> (loss, (aux, new_state))` on whole values
+    made a function of their shards, returning `(loss, (aux, Kept))`.
+
+    Each sharded leaf is all-gathered (over FSDP_AXIS) where it is used,
+    and gathered again for the backward pass instead of being saved
+    (`jax.checkpoint` saving everything but GATHERED), so that XLA's
+    memory-minimising schedule holds a few whole layers at a time, not the
+    whole model. Differentiate with respect to the parameter shards: the
+    all-gather's transpose sums each shard's cotangent over FSDP_AXIS.
+    """
+    def sharded_loss(params, state):
+      whole = self._gather(state, self.state)
+      loss, (aux, new) = loss_fn(self._gather(params, self.params), whole)
+      return loss, (aux, self._keep(new, whole, state))
+
+    return jax.checkpoint(
+        sharded_loss,
+        policy=jax.checkpoint_policies.save_anything_except_these_names(
+            GATHERED))
+
+  def mean_gradients(self, grads: PyTree) -> PyTree:
+    """The global mean gradient, laid out as the parameters.
+
+    A sharded leaf's gradient already holds the sum over its FSDP group
+    (reduce-scatter); summing over DATA_AXIS completes the sum over every
+    device, whose mean `mean_gradients` takes for replicated leaves.
+    """
+    n = lax.axis_size(BATCH_AXES)
+    return jax.tree.map(
+        lambda g, spec: (lax.pmean(g, BATCH_AXES) if _fsdp_dim(spec) is None
+                         else lax.psum(g, DATA_AXIS) / n), grads, self.params)
 
 
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
@@ -628,26 +758,19 @@ class MeshFunction:
     return compiled(*args)
 
 
-def _gather_carry(mapped: Callable, mesh: Mesh, carry_layout: PyTree
-                  ) -> Callable:
-  """`mapped(carry, ...)` on a carry stored in `carry_layout` between calls."""
-  whole = NamedSharding(mesh, P())
-
-  def body(carry, *rest):
-    # The mesh of `carry_layout` lists the same devices in the same order,
-    # so GSPMD all-gathers each leaf over its FSDP axis here and slices
-    # each device's shard out of the new carry (no collective).
-    carry = lax.with_sharding_constraint(carry, whole)
-    out = mapped(carry, *rest)
-    return (lax.with_sharding_constraint(out[0], carry_layout), *out[1:])
-
-  return body
+def _donated(donate_argnums: Sequence[int], donate_on_cpu: bool
+             ) -> Tuple[int, ...]:
+  # Measured here (jax 0.10.2, 2 cores): a donated pmapped train step ran 7x
+  # slower than the same step without it on the CPU backend, and host memory
+  # is not the constraint donation exists for.
+  if jax.default_backend() == 'cpu' and not donate_on_cpu:
+    return ()
+  return tuple(donate_argnums)
 
 
 def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
                   in_specs: Any, out_specs: Any = P(),
                   donate_argnums: Sequence[int] = (),
-                  carry_layout: Optional[PyTree] = None,
                   donate_on_cpu: bool = False) -> MeshFunction:
   """Runs per-device `fn` (pmap semantics, axis `AXIS`) on every device of `mesh`.
 
@@ -657,9 +780,7 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
   copy); `check_vma=False` keeps pmap's gradient convention (module
   docstring).
 
-  Donation is skipped on the CPU backend: measured here (jax 0.10.2, 2 cores),
-  a donated pmapped train step ran 7x slower than the same step without it,
-  and host memory is not the constraint donation exists for.
+  Donation is skipped on the CPU backend (`_donated`).
 
   Args:
     fn: the per-device function.
@@ -669,11 +790,6 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
     out_specs: the same for the outputs.
     donate_argnums: arguments whose buffers the outputs may reuse
       (accelerators only).
-    carry_layout: for a step `fn(carry, ...) -> (carry, ...)` whose carry
-      (in_specs[0] and out_specs[0] P()) is stored in another layout between
-      calls (FSDP, `state_shardings`): a sharding per leaf of the carry. The
-      carry is gathered whole before `fn` and re-sharded after it, inside
-      the same program; `fn` does not change.
     donate_on_cpu: donate on the CPU backend too (experiments/memory.py
       measures what an accelerator would hold).
 
@@ -681,8 +797,7 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
     A callable on global arrays (compiled on first call per signature).
   """
   mesh = mesh or default_mesh()
-  if jax.default_backend() == 'cpu' and not donate_on_cpu:
-    donate_argnums = ()
+  donate_argnums = _donated(donate_argnums, donate_on_cpu)
   mapped = jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs),
                          out_specs=out_specs, check_vma=False)
   to_sharding = lambda specs: jax.tree.map(
@@ -690,14 +805,48 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
       is_leaf=lambda x: isinstance(x, PartitionSpec))
   in_shardings = to_sharding(tuple(in_specs))
   out_shardings = to_sharding(out_specs)
-  body = mapped
-  if carry_layout is not None:
-    if in_specs[0] != P() or out_specs[0] != P():
-      raise ValueError('carry_layout needs in_specs[0] and out_specs[0] P().')
-    in_shardings = (carry_layout,) + tuple(in_shardings[1:])
-    out_shardings = (carry_layout,) + tuple(out_shardings[1:])
-    body = _gather_carry(mapped, mesh, carry_layout)
-  jitted = jax.jit(body, in_shardings=in_shardings,
+  jitted = jax.jit(mapped, in_shardings=in_shardings,
                    out_shardings=out_shardings,
                    donate_argnums=tuple(donate_argnums))
   return MeshFunction(jitted, getattr(fn, '__name__', 'fn'), in_shardings)
+
+
+def fsdp_parallel(device_fn: Callable, update_fn: Callable,
+                  layout: PyTree, *, in_specs: Tuple[Any, ...],
+                  out_specs: Any, donate_on_cpu: bool = False
+                  ) -> MeshFunction:
+  """An FSDP step, `update_fn(state, device_fn(state, ...))`, in one jit.
+
+  Args:
+    device_fn: `(state, *rest) -> out`, per device (batch axis BATCH_AXES)
+      on the state's shards; `FsdpBody` gathers them where used. `Kept`
+      nodes in `out` are merged back into global trees (`merge_kept`).
+    update_fn: `(state, out) -> (state, metrics)` on global arrays (GSPMD:
+      whole-array semantics, no axis name).
+    layout: the state's NamedShardings on the (DATA_AXIS, FSDP_AXIS) mesh
+      (`state_shardings`), between steps and in `device_fn`.
+    in_specs: PartitionSpecs (prefixes) of `rest`, on that mesh.
+    out_specs: PartitionSpecs (prefix) of `device_fn`'s output.
+    donate_on_cpu: see `data_parallel`; the state is donated.
+
+  Returns:
+    `step(state, *rest) -> (state, metrics)` on global arrays, the metrics
+    replicated.
+  """
+  mesh = jax.tree.leaves(layout)[0].mesh
+  state_specs = jax.tree.map(lambda s: s.spec, layout)
+  mapped = jax.shard_map(device_fn, mesh=mesh,
+                         in_specs=(state_specs,) + tuple(in_specs),
+                         out_specs=out_specs, check_vma=False)
+
+  def step(state, *rest):
+    return update_fn(state, merge_kept(mapped(state, *rest)))
+
+  is_spec = lambda x: isinstance(x, PartitionSpec)
+  in_shardings = (layout,) + tuple(jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec), tuple(in_specs), is_leaf=is_spec))
+  jitted = jax.jit(step, in_shardings=in_shardings,
+                   out_shardings=(layout, NamedSharding(mesh, P())),
+                   donate_argnums=_donated((0,), donate_on_cpu))
+  return MeshFunction(jitted, getattr(device_fn, '__name__', 'fn'),
+                      in_shardings)

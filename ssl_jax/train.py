@@ -20,7 +20,8 @@ from ssl_jax.evaluation import registry as evaluators
 # template); re-exported because `train.setup(config)` is how tests and
 # experiments build a run.
 from ssl_jax.experiment import Setup, setup  # noqa: F401
-from ssl_jax.methods.base import EpochContext, global_norm
+from ssl_jax.methods.base import (DeviceStep, EpochContext, apply_update,
+                                  device_step, global_norm)
 from ssl_jax.train_state import TrainState
 
 # Where the loop stops early; re-exported for callers of train_and_evaluate.
@@ -62,19 +63,47 @@ def make_train_step(s: Setup, mesh: Optional[parallel.Mesh] = None,
     boolean `monitor` replicated, the batch split on the batch axis; the
     metrics come back replicated scalars.
   """
+  mesh = mesh or parallel.default_mesh()
+  if fsdp_size(s.config, mesh.size) > 1:
+    return _make_fsdp_step(s, state_layout(s, mesh), donate_on_cpu)
+
   def step(state, batch, monitor):
     return methods.train_step(state, batch, method=s.method, tx=s.tx,
                               lr_schedule=s.lr_schedule,
                               axis_name=parallel.AXIS, monitor=monitor)
 
-  mesh = mesh or parallel.default_mesh()
-  layout = state_layout(s, mesh) if fsdp_size(s.config, mesh.size) > 1 else None
   return parallel.data_parallel(step, mesh,
                                 in_specs=(parallel.P(), parallel.P(parallel.AXIS),
                                           parallel.P()),
                                 out_specs=(parallel.P(), parallel.P()),
-                                donate_argnums=(0,), carry_layout=layout,
+                                donate_argnums=(0,),
                                 donate_on_cpu=donate_on_cpu)
+
+
+def _make_fsdp_step(s: Setup, layout, donate_on_cpu: bool):
+  """`make_train_step` for a state stored as FSDP shards (`layout`): the
+  per-device half on the shards, gathering them where used, and the update
+  on the sharded global arrays (`parallel.fsdp_parallel`)."""
+  specs = jax.tree.map(lambda sharding: sharding.spec, layout)
+  body = parallel.FsdpBody(params=specs.params, state=specs.method_state)
+
+  def per_device(state, batch, monitor):
+    return device_step(state, batch, method=s.method,
+                       axis_name=parallel.BATCH_AXES, monitor=monitor,
+                       fsdp=body)
+
+  def update(state, d):
+    return apply_update(state, d, tx=s.tx, method=s.method,
+                        lr_schedule=s.lr_schedule, axis_name=None)
+
+  P = parallel.P  # pylint: disable=invalid-name
+  out_specs = DeviceStep(loss=P(), grads=specs.params, batch_stats=P(),
+                         method_state=parallel.Kept(specs.method_state, P()),
+                         probe=P(), metrics=P())
+  return parallel.fsdp_parallel(
+      per_device, update, layout,
+      in_specs=(P(parallel.BATCH_AXES), P()), out_specs=out_specs,
+      donate_on_cpu=donate_on_cpu)
 
 
 class _StopSignal:

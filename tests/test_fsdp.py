@@ -76,3 +76,26 @@ def test_mesh_that_does_not_fit_the_devices_says_what_to_do():
   with pytest.raises(ValueError, match='mesh.data=-1'):
     parallel.mesh_shape(4, 4)
   assert parallel.mesh_shape(-1, 4) == (2, 4)
+
+
+def test_fsdp_step_gathers_inside_and_guards_the_update():
+  """The FSDP step reduce-scatters the gradients (the parameters are
+  gathered inside the per-device half, not before it), and its non-finite
+  guard, outside `shard_map`, still leaves the sharded state unchanged."""
+  config = _fsdp(simclr_config.get_config('smoke'))
+  config.training.inject_nonfinite_at_step = 2
+  s = train.setup(config)
+  step = train.make_train_step(s)
+  state = parallel.put_sharded(s.state, train.state_layout(s))
+  monitor = parallel.put_replicated(np.bool_(True))
+  batches = [parallel.put_batch(s.source.get(np.arange(
+      i * config.batch_size, (i + 1) * config.batch_size))) for i in range(2)]
+  assert 'reduce_scatter' in step.lower(state, batches[0], monitor).as_text()
+  first, metrics = step(state, batches[0], monitor)
+  assert float(parallel.to_numpy(metrics['finite'])) == 1.0
+  second, metrics = step(first, batches[1], monitor)
+  assert float(parallel.to_numpy(metrics['finite'])) == 0.0
+  assert int(parallel.to_numpy(second.nonfinite_steps)) == 1
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(first.params)),
+                  jax.tree.leaves(parallel.to_numpy(second.params))):
+    np.testing.assert_array_equal(y, x)

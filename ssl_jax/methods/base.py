@@ -279,8 +279,14 @@ def global_norm(tree) -> jax.Array:
 
 
 def _loss_and_grads(state: TrainState, batch: Dict[str, jax.Array],
-                    method: Method, axis_name: Optional[str]):
-  """The method's loss on this step's views, its outputs and mean gradients."""
+                    method: Method, axis_name: Optional[str],
+                    fsdp: Optional[parallel.FsdpBody] = None):
+  """The method's loss on this step's views, its outputs and mean gradients.
+
+  With `fsdp`, `state.params` and `state.method_state` are this device's
+  shards: the loss sees them gathered, the gradients come back as shards, and
+  the returned method state is a `parallel.Kept` (see `parallel.FsdpBody`).
+  """
   rng, _ = jax.random.split(state.rng)
   view_rng, loss_rng = jax.random.split(rng)
   loss_rng = parallel.per_device_rng(loss_rng, axis_name)
@@ -294,7 +300,7 @@ def _loss_and_grads(state: TrainState, batch: Dict[str, jax.Array],
 
   inject_at = method.config.get('training', {}).get('inject_nonfinite_at_step', 0)
 
-  def loss_fn(params):
+  def loss_fn(params, state=state):
     loss, out = method.loss(params, state, views, batch, loss_rng, axis_name)
     if inject_at:
       # Test hook (config.training.inject_nonfinite_at_step): a NaN factor on
@@ -302,9 +308,19 @@ def _loss_and_grads(state: TrainState, batch: Dict[str, jax.Array],
       loss = loss * jnp.where(state.step + 1 == inject_at, jnp.nan, 1.0)
     return loss, out
 
-  (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = parallel.mean_gradients(grads, axis_name)
-  return loss, out, grads
+  if fsdp is None:
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return loss, out, parallel.mean_gradients(grads, axis_name)
+
+  def whole_loss(params, method_state):
+    loss, out = loss_fn(params, state.replace(params=params,
+                                              method_state=method_state))
+    return loss, (out.replace(method_state=None), out.method_state)
+
+  (loss, (out, kept)), grads = jax.value_and_grad(
+      fsdp.gathered_loss(whole_loss), has_aux=True)(state.params,
+                                                    state.method_state)
+  return loss, out.replace(method_state=kept), fsdp.mean_gradients(grads)
 
 
 def _online_probe(probe, out: StepOutput, batch, axis_name):
@@ -317,14 +333,12 @@ def _online_probe(probe, out: StepOutput, batch, axis_name):
   return probe, metrics
 
 
-def _propose_update(state, out, grads, method, tx, axis_name):
-  """(params, opt_state, batch_stats) after the update, before the guard."""
+def _propose_update(state, grads, method, tx):
+  """(params, opt_state) after the update, before the guard."""
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = method.project_params(optax.apply_updates(state.params, updates),
                                  state.step)
-  # Statistics are identical across devices with global BN; averaging makes
-  # them so for per-device BN too, so that any device's copy can be saved.
-  return params, opt_state, parallel.pmean(out.batch_stats, axis_name)
+  return params, opt_state
 
 
 def _accept_if_finite(finite, state, method, params, opt_state, batch_stats,
@@ -346,6 +360,90 @@ def _accept_if_finite(finite, state, method, params, opt_state, batch_stats,
   return jax.lax.cond(finite, accept, reject, None)
 
 
+@flax.struct.dataclass
+class DeviceStep:
+  """The per-device half of a step (`device_step`): what the update needs.
+
+  Attributes:
+    loss: the global loss.
+    grads: the mean gradient over every device.
+    batch_stats: BatchNorm statistics, the same on every device.
+    method_state: the method state the loss returned (pending writes
+      included).
+    probe: the online probe after its step.
+    metrics: the method's, the probe's and the collapse monitors' metrics.
+  """
+  loss: jax.Array
+  grads: Any
+  batch_stats: Any
+  method_state: Any
+  probe: Any
+  metrics: Dict[str, jax.Array]
+
+
+def device_step(state: TrainState, batch: Dict[str, jax.Array], *,
+                method: Method, axis_name: Any, monitor: Any = True,
+                fsdp: Optional[parallel.FsdpBody] = None) -> DeviceStep:
+  """The loss, gradients, probe and monitors on this device's examples.
+
+  Args: see `train_step`; `fsdp`: the state's parameters and method state
+  are shards (`_loss_and_grads`).
+
+  Returns:
+    The `DeviceStep`, whose values are the same on every device.
+  """
+  loss, out, grads = _loss_and_grads(state, batch, method, axis_name, fsdp)
+  probe, metrics = _online_probe(state.probe, out, batch, axis_name)
+  if out.embeddings is not None:
+    metrics.update(monitors.collapse_metrics(out.embeddings, axis_name,
+                                             enabled=monitor))
+  # Statistics are identical across devices with global BN; averaging makes
+  # them so for per-device BN too, so that any device's copy can be saved.
+  return DeviceStep(loss=loss, grads=grads,
+                    batch_stats=parallel.pmean(out.batch_stats, axis_name),
+                    method_state=out.method_state, probe=probe,
+                    metrics=metrics)
+
+
+def apply_update(state: TrainState, d: DeviceStep, *,
+                 tx: optax.GradientTransformation, method: Method,
+                 lr_schedule: Any, axis_name: Optional[str]
+                 ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """The optimizer step from `d`, kept only if everything is finite.
+
+  Runs per device (axis_name as `device_step`'s) or on global arrays
+  (axis_name None: FSDP's update outside `shard_map`, where norms and
+  projections see whole leaves).
+
+  Returns:
+    (new state, metrics of this step).
+  """
+  params, opt_state = _propose_update(state, d.grads, method, tx)
+  finite = _step_is_finite(state, d.loss, d.grads, params, opt_state,
+                           d.batch_stats, d.probe, d.method_state, method,
+                           axis_name)
+  # Of the proposed update, accepted or not: what the explosion policy needs.
+  param_norm = global_norm(params)
+
+  params, opt_state, batch_stats, probe, method_state = _accept_if_finite(
+      finite, state, method, params, opt_state, d.batch_stats, d.probe,
+      d.method_state)
+  new_state = state.replace(
+      params=params, opt_state=opt_state, batch_stats=batch_stats,
+      probe=probe, method_state=method_state, step=state.step + 1,
+      rng=jax.random.split(state.rng)[1],
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
+  metrics = dict(d.metrics)
+  metrics.update(
+      loss=d.loss, learning_rate=lr_schedule(state.step),
+      grad_norm=global_norm(d.grads), param_norm=param_norm,
+      finite=finite.astype(jnp.float32),
+      # The running count, so the loop needs nothing from the state to check
+      # it (the state's buffers are donated to the next step).
+      nonfinite_steps=new_state.nonfinite_steps)
+  return new_state, metrics
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
                method: Method, tx: optax.GradientTransformation,
                lr_schedule: Any, axis_name: Optional[str],
@@ -355,6 +453,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
 
   The body has pmap semantics: the loop runs it with `parallel.data_parallel`
   (jit of shard_map over the mesh); with axis_name=None it is one device's.
+  FSDP runs its two halves, `device_step` and `apply_update`, apart
+  (`parallel.fsdp_parallel`).
 
   A step whose loss, gradients or updated state (parameters, optimizer,
   BatchNorm, probe, method state) are not finite on any device leaves the
@@ -376,33 +476,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], *,
   Returns:
     (new state, metrics of this step).
   """
-  loss, out, grads = _loss_and_grads(state, batch, method, axis_name)
-  params, opt_state, batch_stats = _propose_update(state, out, grads, method,
-                                                   tx, axis_name)
-
-  probe, metrics = _online_probe(state.probe, out, batch, axis_name)
-
-  finite = _step_is_finite(state, loss, grads, params, opt_state, batch_stats,
-                           probe, out.method_state, method, axis_name)
-  # Of the proposed update, accepted or not: what the explosion policy needs.
-  param_norm = global_norm(params)
-
-  params, opt_state, batch_stats, probe, method_state = _accept_if_finite(
-      finite, state, method, params, opt_state, batch_stats, probe,
-      out.method_state)
-  new_state = state.replace(
-      params=params, opt_state=opt_state, batch_stats=batch_stats,
-      probe=probe, method_state=method_state, step=state.step + 1,
-      rng=jax.random.split(state.rng)[1],
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32))
-  metrics.update(
-      loss=loss, learning_rate=lr_schedule(state.step),
-      grad_norm=global_norm(grads), param_norm=param_norm,
-      finite=finite.astype(jnp.float32),
-      # The running count, so the loop needs nothing from the state to check
-      # it (the state's buffers are donated to the next step).
-      nonfinite_steps=new_state.nonfinite_steps)
-  if out.embeddings is not None:
-    metrics.update(monitors.collapse_metrics(out.embeddings, axis_name,
-                                             enabled=monitor))
-  return new_state, metrics
+  d = device_step(state, batch, method=method, axis_name=axis_name,
+                  monitor=monitor)
+  return apply_update(state, d, tx=tx, method=method,
+                      lr_schedule=lr_schedule, axis_name=axis_name)
