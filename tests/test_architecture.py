@@ -6,7 +6,6 @@ import that dodges a cycle as surely as a module-level one.
 """
 
 import ast
-import json
 import os
 import pathlib
 import shutil
@@ -14,7 +13,6 @@ import subprocess
 import sys
 from typing import Dict, List, Set, Tuple
 
-import numpy as np
 import pytest
 
 from ssl_jax import parallel
@@ -263,28 +261,25 @@ def _contributing_blocks() -> Tuple[Dict[str, str], str]:
   return files, entry
 
 
-# The worked example's run, as one more test of the pytest run below (one
-# interpreter and JAX start-up for both): the test entry's property, then
-# the new method's smoke config trained for a few steps.
 _EXAMPLE_RUN = r'''
+import json, sys
 import numpy as np
 import configs.align_variance as recipe
 from ssl_jax import losses, train
 from ssl_jax.testing import LossCase, strategies
 from ssl_jax.testing.properties import run_property
 
-ENTRY, RUN = '<entry>', '<run>'
-
-
-def test_align_variance_worked_example_trains():
-  entry = eval('{' + open(ENTRY).read() + '}')
-  case = entry['align_variance']
-  rng = np.random.default_rng(0)
-  z1, z2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
-  run_property('collapse', losses.get_loss('align_variance'), (z1, z2), case)
-  config = recipe.get_config('smoke')
-  config.num_steps = 4
-  train.train_and_evaluate(config, RUN)
+entry = eval('{' + open(sys.argv[2]).read() + '}')
+case = entry['align_variance']
+rng = np.random.default_rng(0)
+z1, z2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+run_property('collapse', losses.get_loss('align_variance'), (z1, z2), case)
+config = recipe.get_config('smoke')
+config.num_steps = 4
+train.train_and_evaluate(config, sys.argv[1])
+rows = [json.loads(l) for l in open(sys.argv[1] + '/metrics.jsonl')]
+assert rows and all(np.isfinite(r['loss']) for r in rows), rows
+print('WORKED', rows[-1]['loss'])
 '''
 
 
@@ -306,17 +301,16 @@ def test_contributing_worked_example_adds_a_method_with_four_files(tmp_path):
     assert not (tree / path).exists()
     (tree / path).write_text(code)
   (tmp_path / 'entry.py').write_text(entry)
-  run = tmp_path / 'run'
-  (tree / 'tests' / 'test_worked_example_run.py').write_text(
-      _EXAMPLE_RUN.replace('<entry>', str(tmp_path / 'entry.py'))
-      .replace('<run>', str(run)))
   env = dict(os.environ, PYTHONPATH=str(tree))
   out = subprocess.run(
+      [sys.executable, '-c', _EXAMPLE_RUN, str(tmp_path / 'run'),
+       str(tmp_path / 'entry.py')],
+      cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and 'WORKED' in out.stdout, out.stderr[-3000:]
+  out = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider',
-       'tests/test_worked_example_run.py', 'tests/test_configs.py',
-       'tests/test_align_variance.py', 'tests/test_official_ports.py', '-k',
+       'tests/test_configs.py', 'tests/test_align_variance.py',
+       'tests/test_official_ports.py', '-k',
        'align_variance or every_method or every_config_has_an_official_port'],
       cwd=tree, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-  rows = [json.loads(l) for l in open(run / 'metrics.jsonl')]
-  assert rows and all(np.isfinite(r['loss']) for r in rows), rows
