@@ -35,3 +35,41 @@ hypothesis.settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
 # ssl_jax.testing.check_property sizes its runs by SSL_JAX_EXAMPLES (15 unset).
 if os.environ.get('HYPOTHESIS_PROFILE') == 'thorough':
   os.environ.setdefault('SSL_JAX_EXAMPLES', '300')
+
+# The tests that take a minute or more on CI's 2 cores (`pytest --durations`),
+# longest first. pytest-xdist (`-n 2`, `--dist load`) hands out tests in
+# collection order: a long test reached near the end keeps one worker busy
+# for minutes after the other has run out of tests. Started first instead,
+# and split between the workers' first batches (xdist's load scheduler gives
+# each worker len(items) // workers // 4 consecutive tests to begin with),
+# they finish while short tests still balance the two workers.
+LONG_TESTS = (
+    'test_reliability.py::test_killed_peer_makes_survivor_exit_and_restart_resumes',
+    'test_multihost.py::',
+    'test_architecture.py::test_contributing_worked_example',
+    'test_gcs.py::test_gs_workdir_trains_is_killed_resumes_evaluates_exports',
+    'test_fsdp.py::',
+)
+
+
+def _long_rank(item) -> int:
+  nodeid = item.nodeid.split('/')[-1]
+  for rank, prefix in enumerate(LONG_TESTS):
+    if nodeid.startswith(prefix):
+      return rank
+  return len(LONG_TESTS)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  long = sorted((i for i in items if _long_rank(i) < len(LONG_TESTS)),
+                key=_long_rank)  # stable: parametrized cases keep their order
+  rest = [i for i in items if _long_rank(i) == len(LONG_TESTS)]
+  workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+  batch = max(len(items) // workers // 4, 2)
+  ordered = []
+  for w in range(workers):  # worker w's first batch: its share of long tests
+    mine = long[w::workers]
+    ordered += mine + rest[:max(batch - len(mine), 0)]
+    rest = rest[max(batch - len(mine), 0):]
+  items[:] = ordered + rest

@@ -65,10 +65,11 @@ def _env(devices):
 
 
 def _final(workdir):
-  setup = train.setup(load_config(workdir))
+  # Restored into the state's shapes: the initialiser is not compiled.
+  template = train.setup(load_config(workdir), abstract=True).state
   ckpt = checkpointing.Checkpointer(workdir)
   try:
-    state, _ = ckpt.restore(setup.state)
+    state, _ = ckpt.restore(template)
   finally:
     ckpt.close()
   return state, _losses(workdir)

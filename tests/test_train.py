@@ -99,8 +99,9 @@ def _main(workdir, *overrides, env=None):
 
 
 def _params(workdir):
-  setup = train.setup(_config_of(workdir))
-  state, _ = checkpointing.Checkpointer(workdir).restore(setup.state)
+  # Restored into the state's shapes: the initialiser is not compiled.
+  template = train.setup(_config_of(workdir), abstract=True).state
+  state, _ = checkpointing.Checkpointer(workdir).restore(template)
   return state
 
 
