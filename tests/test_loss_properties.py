@@ -325,9 +325,11 @@ LOSS_CASES = {
                               batch_axes=(1, None, 1), swap=swap_crops(0, 1, 2),
                               scale_argnums=(0,),
                               # Drawn inputs whose loss is near 0 lose its
-                              # float32 digits to cancellation (seen: 1e-4).
+                              # float32 digits to cancellation (seen: 1e-4;
+                              # jit vs op by op: 2.3e-5 on embeddings ~2e3).
                               tolerances={'scale': {'atol': 3e-4},
-                                          'devices': {'atol': 3e-4}},
+                                          'devices': {'atol': 3e-4},
+                                          'jit': {'atol': 3e-4}},
                               collapse_value=lambda z, c, a: np.log(c.shape[1])),
     # --- redundancy reduction ---------------------------------------------
     # Standardised constant embeddings are 0: C = 0, loss = d. No gradient
