@@ -172,15 +172,21 @@ def test_dependency_direction(lower, upper):
   assert not bad, f'{lower} must not import {upper}: {sorted(bad)}'
 
 
+def _absolute_imports(path: pathlib.Path) -> List[Tuple[int, str]]:
+  """(line, module) of every absolute import in `path`."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found += [(node.lineno, a.name) for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+      found.append((node.lineno, node.module or ''))
+  return found
+
+
 def test_evaluation_does_not_import_configs_package():
   for path in list((PACKAGE / 'evaluation').rglob('*.py')) + [PACKAGE / 'evaluate.py']:
-    for node in ast.walk(ast.parse(path.read_text())):
-      names = []
-      if isinstance(node, ast.Import):
-        names = [a.name for a in node.names]
-      elif isinstance(node, ast.ImportFrom) and not node.level:
-        names = [node.module or '']
-      assert not any(n.split('.')[0] == 'configs' for n in names), path
+    names = [name for _, name in _absolute_imports(path)]
+    assert not any(n.split('.')[0] == 'configs' for n in names), path
 
 
 # What only ssl_jax/parallel.py may call (issue 20: one place builds meshes
@@ -213,16 +219,9 @@ def test_only_parallel_talks_to_devices_and_processes():
 
 
 def test_no_private_jax_imports():
-  found = []
-  for name, path in _modules().items():
-    for node in ast.walk(ast.parse(path.read_text())):
-      targets = []
-      if isinstance(node, ast.Import):
-        targets = [a.name for a in node.names]
-      elif isinstance(node, ast.ImportFrom) and not node.level:
-        targets = [node.module or '']
-      found += [f'{name}:{node.lineno} {t}' for t in targets
-                if t.startswith('jax._') or t.startswith('jaxlib.')]
+  found = [f'{name}:{line} {target}' for name, path in _modules().items()
+           for line, target in _absolute_imports(path)
+           if target.startswith(('jax._', 'jaxlib.'))]
   assert not found, found
 
 
