@@ -8,20 +8,29 @@ the steps since the checkpoint before it.
 
 Orbax only notices corruption that breaks its file formats; bytes changed in
 the middle of an array file restore silently (measured: an optimizer entry
-came back as 2.2e38). So once each save is committed, the main process writes
-`<step>/ssl_jax_checksums.json`, the SHA-256 and size of every file of the
-step, and a restore checks them first: a checkpoint whose bytes changed is
-treated as unreadable (set aside, the previous one used). A checkpoint without
-the file (written before checksums existed, or killed in the moment between
-its commit and its checksums) is restored unverified, with a warning.
+came back as 2.2e38). So once each save is committed, every process writes
+`<step>/ssl_jax_checksums/process_<i>.json`, the SHA-256 and size of the
+files it wrote itself (its own shards; the main process also the shared
+metadata) and the number of processes. A restore checks them first, each
+process a share of about 1/P of the bytes, and the processes agree on the
+verdict: a checkpoint whose bytes changed is treated as unreadable by all of
+them (set aside, the previous one used). A checkpoint without some or all of
+the lists (written before checksums, or killed in the moment between its
+commit and its checksums) has the files they would list restored unverified,
+with a warning, as the list-less checkpoints of older runs are: calling it
+corrupt would throw away the newest good checkpoint of every run killed in
+that moment. The single `ssl_jax_checksums.json` of older checkpoints is
+still verified.
 """
 
 import hashlib
+import heapq
 import json
 import logging
 import os
+import re
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from etils import epath
 import flax.serialization
@@ -29,6 +38,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+# Each process lists its own files in `<step>/ssl_jax_checksums/process_<i>.json`.
+CHECKSUM_DIR = 'ssl_jax_checksums'
+# The one list of every file that checkpoints written before the per-process
+# lists carry; still verified.
 CHECKSUM_FILE = 'ssl_jax_checksums.json'
 
 from ssl_jax import workdir as workdir_lib
@@ -52,58 +65,160 @@ def _sha256(path: epath.Path) -> str:
   return digest.hexdigest()
 
 
-def _files(step_dir: epath.Path):
+# Orbax names what one process writes after it: its OCDBT data folder
+# (`state/ocdbt.process_<i>/`) and its array metadata
+# (`state/array_metadatas/process_<i>`); the primary process writes the rest
+# (the merged OCDBT root, `_METADATA`, `_sharding`, the JSON items).
+_PROCESS_NAME = re.compile(r'(?:ocdbt\.)?process_(\d+)')
+
+
+def _writer(name: str, process_count: int) -> int:
+  """The process whose hashes cover the file or folder `name` (relative)."""
+  for part in name.split('/'):
+    match = _PROCESS_NAME.fullmatch(part)
+    if match and int(match.group(1)) < process_count:
+      return int(match.group(1))
+  return 0
+
+
+def _files(step_dir: epath.Path, process_index: int = 0,
+           process_count: int = 1) -> List[epath.Path]:
+  """The files of `step_dir` that process `process_index` wrote.
+
+  Other processes' folders are not even listed, so that a process's work is
+  its own files plus the few shared entries, however many processes wrote.
+  """
   # A walk with iterdir: epath's rglob refuses '**' on gs:// paths.
   found, pending = [], [step_dir]
   while pending:
     for p in pending.pop().iterdir():
+      name = str(p.relative_to(step_dir))
+      if name in (CHECKSUM_FILE, CHECKSUM_DIR):
+        continue
       if p.is_dir():
-        pending.append(p)
-      elif p.name != CHECKSUM_FILE:
+        if (not _PROCESS_NAME.fullmatch(p.name) or
+            _writer(name, process_count) == process_index):
+          pending.append(p)
+      elif _writer(name, process_count) == process_index:
         found.append(p)
   return sorted(found)
 
 
-def write_checksums(step_dir: Any) -> None:
-  """Writes `<step_dir>/ssl_jax_checksums.json` for every file under it.
+def checksum_file(process_index: int) -> str:
+  """Where process `process_index` writes its checksums, relative to a step."""
+  return f'{CHECKSUM_DIR}/process_{process_index}.json'
+
+
+def write_checksums(step_dir: Any, process_index: int = 0,
+                    process_count: int = 1) -> None:
+  """Writes `<step_dir>/ssl_jax_checksums/process_<i>.json` for process i.
+
+  It lists the SHA-256 and size of the files that process wrote (see
+  `_writer`) and `process_count`, so that a reader knows how many lists make
+  the checkpoint whole.
 
   Args:
     step_dir: a committed checkpoint step folder (str or epath.Path, local or
       gs://).
+    process_index: this process.
+    process_count: the processes that wrote the checkpoint.
   """
   step_dir = epath.Path(step_dir)
   files = {str(p.relative_to(step_dir)): {'sha256': _sha256(p),
                                           'size': p.stat().length}
-           for p in _files(step_dir)}
+           for p in _files(step_dir, process_index, process_count)}
   # Atomic: a local rename, or one object upload on gs:// (where a rename is a
   # copy and a delete, and took tens of seconds against the emulator).
-  workdir_lib.write_atomic(step_dir / CHECKSUM_FILE,
-                           json.dumps({'algorithm': 'sha256', 'files': files},
-                                      indent=1))
+  workdir_lib.write_atomic(
+      step_dir / checksum_file(process_index),
+      json.dumps({'algorithm': 'sha256', 'process_index': process_index,
+                  'process_count': process_count, 'files': files}, indent=1))
 
 
-def verify_checksums(step_dir: Any) -> bool:
-  """Checks a step's files against its checksum file.
+def read_checksums(step_dir: Any) -> Tuple[Dict[str, Dict[str, Any]],
+                                           List[str]]:
+  """The checksums of every file of a step that has them.
+
+  Reads the per-process lists, or the single `ssl_jax_checksums.json` of
+  checkpoints written before them.
 
   Args:
     step_dir: a checkpoint step folder.
 
   Returns:
-    True if verified, False if the step has no checksum file.
+    (files, missing): `{relative name: {'sha256', 'size'}}`, and the lists
+    that should exist and do not (empty when every file is covered; the
+    checksum folder when the step has no checksums at all).
 
   Raises:
-    ChecksumMismatch: a listed file is missing, has another size, or other
-      bytes.
+    ChecksumMismatch: the lists disagree on how many processes wrote.
   """
   step_dir = epath.Path(step_dir)
-  listing = step_dir / CHECKSUM_FILE
-  if not listing.exists():
-    return False
-  expected = json.loads(listing.read_text())['files']
-  for name, want in expected.items():
+  legacy = step_dir / CHECKSUM_FILE
+  if legacy.exists():
+    return json.loads(legacy.read_text())['files'], []
+  folder = step_dir / CHECKSUM_DIR
+  lists = ([json.loads(p.read_text()) for p in sorted(folder.iterdir())
+            if p.name.endswith('.json')] if folder.is_dir() else [])
+  if not lists:
+    return {}, [CHECKSUM_DIR]
+  counts = {l['process_count'] for l in lists}
+  if len(counts) != 1:
+    raise ChecksumMismatch(f'the checksum lists in {folder} disagree on the '
+                           f'number of processes that wrote: {sorted(counts)}')
+  present = {l['process_index'] for l in lists}
+  files = {}
+  for l in lists:
+    files.update(l['files'])
+  return files, [checksum_file(i) for i in range(counts.pop())
+                 if i not in present]
+
+
+def split_files(files: Dict[str, Dict[str, Any]],
+                count: int) -> List[List[str]]:
+  """Splits `files` (name -> {'size', ...}) into `count` shares of about
+  equal bytes, the same on every process (it depends on names and sizes only).
+
+  Largest first, each to the least loaded share (ties: the lowest index):
+  within 4/3 of the best split, where a split by name could hand one process
+  all the large array files.
+  """
+  shares = [[] for _ in range(count)]
+  loads = [(0, i) for i in range(count)]  # a heap of (bytes, share)
+  for name in sorted(files, key=lambda n: (-files[n]['size'], n)):
+    load, i = heapq.heappop(loads)
+    shares[i].append(name)
+    heapq.heappush(loads, (load + files[name]['size'], i))
+  return [sorted(s) for s in shares]
+
+
+def verify_checksums(step_dir: Any, process_index: int = 0,
+                     process_count: int = 1) -> List[str]:
+  """Checks this process's share of a step's files against their checksums.
+
+  Every process reads the same lists and verifies `split_files`' share
+  `process_index` of `process_count`: together they cover each file once.
+
+  Args:
+    step_dir: a checkpoint step folder.
+    process_index: this process.
+    process_count: the processes restoring (not necessarily those that wrote).
+
+  Returns:
+    The checksum lists that are missing (see `read_checksums`): empty if
+    every file of the step is covered.
+
+  Raises:
+    ChecksumMismatch: a listed file of this share is missing, has another
+      size, or other bytes.
+  """
+  step_dir = epath.Path(step_dir)
+  expected, missing = read_checksums(step_dir)
+  for name in split_files(expected, process_count)[process_index]:
+    want = expected[name]
     path = step_dir / name
     if not path.exists():
-      raise ChecksumMismatch(f'{path} is missing (listed in {listing})')
+      raise ChecksumMismatch(f'{path} is missing (listed in its checksums)')
     size = path.stat().length
     if size != want['size']:
       raise ChecksumMismatch(f'{path} has {size} bytes, {want["size"]} when '
@@ -111,7 +226,7 @@ def verify_checksums(step_dir: Any) -> bool:
     if _sha256(path) != want['sha256']:
       raise ChecksumMismatch(f'the bytes of {path} changed since it was '
                              f'written (SHA-256 mismatch)')
-  return True
+  return missing
 
 
 class Checkpointer:
@@ -151,9 +266,9 @@ class Checkpointer:
 
     Global `jax.Array`s are written from the devices, each process its own
     shards (a replicated array by one of them), without a host copy of the
-    whole state; host (NumPy) trees work too. The save is asynchronous; its
-    checksums are written by a background thread once orbax has committed it
-    (`wait` waits for both).
+    whole state; host (NumPy) trees work too. The save is asynchronous; once
+    orbax has committed it, a background thread on each process writes the
+    checksums of that process's files (`wait` waits for both).
     """
     step = int(parallel.to_host(state.step))
     # Typed PRNG keys are saved as their key data (uint32), the format of the
@@ -165,10 +280,10 @@ class Checkpointer:
     saved = self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(tree),
         meta=ocp.args.JsonSave(dict(meta, step=step))))
-    if saved and parallel.is_main_process():
-      # Process 0 only, after its wait: orbax commits (renames) the step on
-      # the primary process once every process has written its files, so
-      # the checksums cover the files of all processes.
+    if saved:
+      # Every process hashes the files it wrote, once orbax has committed the
+      # step: `wait_until_finished` returns on each process only after the
+      # primary one has finalized (renamed) it, so no file changes after.
       self._checksummer = threading.Thread(
           target=self._checksum_when_committed, args=(step,),
           name=f'ssl_jax_checksums_{step}', daemon=True)
@@ -179,7 +294,8 @@ class Checkpointer:
       self._manager.wait_until_finished()
       step_dir = epath.Path(self.directory) / str(step)
       if step_dir.is_dir():
-        write_checksums(step_dir)
+        write_checksums(step_dir, parallel.process_index(),
+                        parallel.process_count())
     except Exception as e:  # pylint: disable=broad-except
       self._checksum_error = e
 
@@ -253,11 +369,12 @@ class Checkpointer:
     errors = []
     for s in reversed(steps):
       try:
-        if not verify_checksums(epath.Path(self.directory) / str(s)):
+        missing = self._verify(s)
+        if missing:
           logging.warning('Checkpoint at step %d has no %s (written before '
                           'checksums, or killed just after its commit); '
-                          'restoring it without verifying its bytes.', s,
-                          CHECKSUM_FILE)
+                          'restoring the files they would list without '
+                          'verifying their bytes.', s, ', '.join(missing))
         restored = self._manager.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract),
             meta=ocp.args.JsonRestore()))
@@ -278,6 +395,31 @@ class Checkpointer:
     raise CheckpointError(
         f'None of the checkpoints {steps} in {self.directory} can be read '
         f'({errors}). Move the folder away to start afresh.')
+
+  def _verify(self, step: int) -> List[str]:
+    """Verifies this process's share of `step`'s files; every process calls
+    it and gets the same verdict (so all fall back to the same step).
+
+    Returns:
+      The missing checksum lists (see `verify_checksums`).
+
+    Raises:
+      ChecksumMismatch (or the error that stopped the check) on every
+      process if any process found a bad file.
+    """
+    step_dir = epath.Path(self.directory) / str(step)
+    try:
+      missing = verify_checksums(step_dir, parallel.process_index(),
+                                 parallel.process_count())
+      error = None
+    except Exception as e:  # pylint: disable=broad-except
+      # Caught, not raised: the other processes wait for this one's vote.
+      missing, error = [], e
+    if not parallel.all_processes_agree(error is None):
+      raise error or ChecksumMismatch(
+          f'another process found files of {step_dir} that changed since '
+          f'they were written (see its log)')
+    return missing
 
   def _set_aside(self, steps) -> None:
     """Renames unreadable checkpoints to `<step>.unreadable` (kept, not deleted).

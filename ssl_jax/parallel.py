@@ -231,6 +231,25 @@ def wait_for_all_processes(name: str, timeout_s: int = 600) -> None:
       processes=set(range(jax.process_count())))
 
 
+_agreements = itertools.count()
+
+
+def all_processes_agree(ok: bool, timeout_s: int = 600) -> bool:
+  """True on every process if `ok` is True on every process, else False on
+  every process (`ok` itself alone). Every process must call it, in the same
+  order.
+
+  A barrier first, for the reason given in `wait_for_all_processes`: a
+  process still busy (hashing its share of a checkpoint) may arrive much
+  later than the others.
+  """
+  if jax.process_count() == 1:
+    return bool(ok)
+  wait_for_all_processes(f'ssl_jax_agree_{next(_agreements)}', timeout_s)
+  votes = multihost_utils.process_allgather(np.array(int(bool(ok)), np.int32))
+  return bool(np.all(votes))
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 
