@@ -265,7 +265,8 @@ def test_changed_bytes_on_gcs_are_caught_and_the_previous_checkpoint_used(
   ckpt.close()
   files = _bucket_files('checksums')
   for step in (1, 2):
-    assert f'checkpoints/{step}/{checkpointing.CHECKSUM_FILE}' in files, files
+    assert (f'checkpoints/{step}/{checkpointing.checksum_file(0)}'
+            in files), files
   fs = gcsfs.GCSFileSystem(token='anon', skip_instance_cache=True)
   arrays = [f for f in files if f.startswith('checkpoints/2/state/')
             and not f.endswith('.json')]

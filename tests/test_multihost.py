@@ -137,15 +137,18 @@ def _resume_fsdp_checkpoint(workdir, reference, reference_losses):
   assert load_config(workdir).mesh.fsdp == 8
   checkpoints = os.path.join(workdir, 'checkpoints')
   # Each process wrote its own shards (orbax's OCDBT layout: a data folder
-  # per process), and process 0's checksums cover both.
-  listed = json.load(open(os.path.join(
-      checkpoints, '2', checkpointing.CHECKSUM_FILE)))['files']
+  # per process) and the checksums of exactly those (process 0 also those of
+  # the shared metadata).
   for i in range(2):
+    listed = json.load(open(os.path.join(
+        checkpoints, '2', checkpointing.checksum_file(i))))
+    assert listed['process_count'] == 2
     data = glob.glob(os.path.join(checkpoints, '2', 'state',
                                   f'ocdbt.process_{i}', 'd', '*'))
     assert sum(os.path.getsize(f) for f in data) > 0, (i, data)
-    assert all(os.path.relpath(f, os.path.join(checkpoints, '2')) in listed
-               for f in data)
+    assert all(os.path.relpath(f, os.path.join(checkpoints, '2'))
+               in listed['files'] for f in data)
+    assert not [f for f in listed['files'] if f'process_{1 - i}' in f]
   shutil.rmtree(os.path.join(checkpoints, '3'))
   config = _config('simclr')
   config.training.checkpoint_every = 2

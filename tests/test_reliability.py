@@ -161,7 +161,7 @@ def test_changed_bytes_are_caught_and_the_previous_checkpoint_used(
   steps = _ckpt_steps(workdir)
   for step in steps:
     assert (workdir / 'checkpoints' / str(step) /
-            checkpointing.CHECKSUM_FILE).exists()
+            checkpointing.checksum_file(0)).exists()
   newest = workdir / 'checkpoints' / str(STEPS)
   path = _largest_array_file(newest)
   size = os.path.getsize(path)
@@ -191,10 +191,10 @@ def test_checkpoint_without_checksums_restores_with_a_warning(
     tmp_path, reference, caplog):
   workdir = tmp_path / 'run'
   shutil.copytree(reference[0], workdir)
-  (workdir / 'checkpoints' / str(STEPS) / checkpointing.CHECKSUM_FILE).unlink()
+  shutil.rmtree(workdir / 'checkpoints' / str(STEPS) / checkpointing.CHECKSUM_DIR)
   with caplog.at_level(logging.WARNING):
     state = _restore(workdir)
-  assert f'Checkpoint at step {STEPS} has no {checkpointing.CHECKSUM_FILE}' in caplog.text
+  assert f'Checkpoint at step {STEPS} has no {checkpointing.CHECKSUM_DIR}' in caplog.text
   _assert_same_state(state, reference[1])
 
 
