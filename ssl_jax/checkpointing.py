@@ -68,7 +68,9 @@ def _sha256(path: epath.Path) -> str:
 # Orbax names what one process writes after it: its OCDBT data folder
 # (`state/ocdbt.process_<i>/`) and its array metadata
 # (`state/array_metadatas/process_<i>`); the primary process writes the rest
-# (the merged OCDBT root, `_METADATA`, `_sharding`, the JSON items).
+# (the merged OCDBT root, `_METADATA`, `_sharding`, the JSON items). A file
+# whose name this misses is hashed by process 0: still correct, as every file
+# is final once the step is committed; only the work is not split.
 _PROCESS_NAME = re.compile(r'(?:ocdbt\.)?process_(\d+)')
 
 
