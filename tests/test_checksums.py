@@ -1,13 +1,18 @@
 """Checkpoint checksums: per-process lists, the split of the verification
 across processes, and the single list of older checkpoints.
 
-The multi-process layout is simulated (files named as orbax names them); a
-real two-process save is checked in tests/test_multihost.py.
+The multi-process layout is simulated (files named as orbax names them),
+and one test runs the real thing: two processes save, a byte of the second
+one's shards changes, and both fall back together. (The 2-process FSDP run of
+tests/test_multihost.py also checks what each process listed.)
 """
 
 import json
 import logging
 import os
+import socket
+import subprocess
+import sys
 
 import hypothesis
 from hypothesis import strategies as st
@@ -17,6 +22,8 @@ import pytest
 
 from ssl_jax import checkpointing, parallel
 from ssl_jax.train_state import TrainState
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What orbax 0.12.8 writes for two processes (OCDBT): per-process data and
 # array metadata, and the primary process's shared files.
@@ -194,3 +201,69 @@ def test_every_process_falls_back_when_another_one_found_a_bad_file(
 def test_all_processes_agree_alone_is_the_identity():
   assert parallel.all_processes_agree(True) is True
   assert parallel.all_processes_agree(False) is False
+
+
+def _two_process_worker(process_id, port, workdir):
+  """One of the two processes of the test below (run as a script)."""
+  logging.basicConfig(level=logging.WARNING)  # the warnings, on stderr
+  parallel.initialize_distributed(f'127.0.0.1:{port}', 2, process_id)
+  mesh = parallel.make_mesh()
+  # Sharded over the 8 devices of both processes: each writes its half.
+  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), _state(0))
+  shardings = shardings.replace(params={'w': parallel.batch_sharded(mesh)})
+  ckpt = checkpointing.Checkpointer(workdir)
+  for step in (1, 2):
+    ckpt.save(parallel.put_sharded(_state(step), shardings), {})
+  ckpt.close()
+  parallel.wait_for_all_processes('saved')
+  if process_id == 0:
+    folder = os.path.join(workdir, 'checkpoints', '2', 'state',
+                          'ocdbt.process_1', 'd')
+    data = max((os.path.join(folder, n) for n in os.listdir(folder)),
+               key=os.path.getsize)
+    with open(data, 'r+b') as f:
+      f.seek(os.path.getsize(data) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0xff]))
+  parallel.wait_for_all_processes('changed')
+  ckpt = checkpointing.Checkpointer(workdir)
+  state, _ = ckpt.restore(_state(0), sharding=shardings)
+  ckpt.close()
+  print('restored step', int(parallel.to_host(state.step)), flush=True)
+
+
+def test_two_processes_verify_their_shares_and_fall_back_together(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_ENABLE_COMPILATION_CACHE='false')
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+      '--xla_force_host_platform_device_count=8',
+      '--xla_force_host_platform_device_count=4')
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), str(i), str(port),
+       str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  try:
+    for p in procs:
+      outs.append(p.communicate(timeout=300))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+    assert 'restored step 1' in out, err
+  for i in range(2):
+    listed = _listed(tmp_path / 'checkpoints' / '1', i)['files']
+    assert listed and all(f'process_{1 - i}' not in n for n in listed), i
+  # One process found the changed bytes; the other agreed with it.
+  errs = [err for _, err in outs]
+  assert sum('changed since it was written' in e for e in errs) == 1
+  assert sum('another process found files' in e for e in errs) == 1
+
+
+if __name__ == '__main__':
+  _two_process_worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
