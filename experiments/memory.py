@@ -83,6 +83,12 @@ def _parse():
   parser.add_argument('--seer', action='store_true',
                       help="also SEER's RegNet, replicated and FSDP (slow: "
                       'see the docstring)')
+  parser.add_argument('--seer_modes', default='replicated,fsdp',
+                      help='the --seer rows to compile (each ~5 CPU-minutes); '
+                      "without 'replicated', --check compares FSDP with the "
+                      'whole state (what the replicated row holds)')
+  parser.add_argument('--seer_only', action='store_true',
+                      help='only the --seer rows')
   parser.add_argument('--seer_backbone', default='regnety_256gf',
                       help="the RegNet of the --seer rows (SEER's: "
                       'regnety_256gf)')
@@ -102,7 +108,7 @@ if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jax
 import numpy as np
@@ -172,8 +178,9 @@ def measure(config, source: data.Source, model: str, devices: int,
            'label': jax.ShapeDtypeStruct((n,), np.int32),
            'index': jax.ShapeDtypeStruct((n,), np.int32)}
   state = jax.tree.map(
-      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                               sharding=sharding),
+      lambda x, sharding: jax.ShapeDtypeStruct(
+          parallel.padded_shape(x.shape, sharding), x.dtype,
+          sharding=sharding),
       s.state, layout)
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -186,6 +193,8 @@ def measure(config, source: data.Source, model: str, devices: int,
           'devices': devices,
           'param_opt_bytes_per_device': parallel.bytes_per_device(s.state,
                                                                   layout),
+          # What the replicated state holds per device (no compile needed).
+          'state_bytes': tree_bytes(s.state),
           'temp_bytes_per_device': int(analysis.temp_size_in_bytes),
           'output_bytes_per_device': int(analysis.output_size_in_bytes),
           'alias_bytes': int(analysis.alias_size_in_bytes)}
@@ -241,6 +250,25 @@ def bank_bytes(config, n: int) -> int:
 
 def main() -> int:
   args = _ARGS
+  rows = [] if args.seer_only else _rows(args)
+  if args.seer or args.seer_only:
+    name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
+    image = DescribedSource(1281167, (224, 224, 3), 1000)
+    modes = args.seer_modes.split(',')
+    for fsdp in [f for m, f in (('replicated', 1), ('fsdp', args.devices))
+                 if m in modes]:
+      start = time.perf_counter()
+      rows.append(measure(seer_config(args.devices, args.seer_backbone,
+                                      args.seer_local_crops),
+                          image, name, args.devices, fsdp=fsdp))
+      rows[-1]['compile_seconds'] = round(time.perf_counter() - start, 1)
+      print(f'{name} {rows[-1]["mode"]}: compiled in '
+            f'{rows[-1]["compile_seconds"]} s', flush=True)
+  return _report(args, rows)
+
+
+def _rows(args) -> List[Dict[str, Any]]:
+  """Every row but SEER's."""
   config = instdisc_config()
   row = measure(config, DescribedSource(args.bank_size),
                 f'instdisc_convnet_bank{args.bank_size}x128', args.devices)
@@ -274,16 +302,10 @@ def main() -> int:
   row['teacher_update_temp_bytes'] = (row['temp_bytes_per_device'] -
                                       without['temp_bytes_per_device'])
   rows.append(row)
-  if args.seer:
-    name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
-    for fsdp in (1, args.devices):
-      start = time.perf_counter()
-      rows.append(measure(seer_config(args.devices, args.seer_backbone,
-                                      args.seer_local_crops),
-                          image, name, args.devices, fsdp=fsdp))
-      rows[-1]['compile_seconds'] = round(time.perf_counter() - start, 1)
-      print(f'{name} {rows[-1]["mode"]}: compiled in '
-            f'{rows[-1]["compile_seconds"]} s', flush=True)
+  return rows
+
+
+def _report(args, rows) -> int:
   print(f'{"model":<36} {"mode":<10} {"dev":>3} {"param+opt MB":>12} '
         f'{"temp MB":>9} {"bank/queue MB":>13}')
   for r in rows:
@@ -309,8 +331,11 @@ def main() -> int:
   for r in rows:
     by_model.setdefault(r['model'], {})[r['mode']] = r
   for name, modes in by_model.items():
-    if 'fsdp' in modes and (modes['fsdp']['param_opt_bytes_per_device'] * 6 >
-                            modes['replicated']['param_opt_bytes_per_device']):
+    if 'fsdp' not in modes:
+      continue
+    whole = (modes['replicated']['param_opt_bytes_per_device']
+             if 'replicated' in modes else modes['fsdp']['state_bytes'])
+    if modes['fsdp']['param_opt_bytes_per_device'] * 6 > whole:
       problems.append(f'{name}: FSDP holds more than 1/6 of the replicated '
                       f'parameters and optimizer state per device.')
   for p in problems:
