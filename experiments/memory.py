@@ -33,24 +33,22 @@ before, the whole state was gathered and the FSDP step needed 11.0 GB).
 `--seer` adds SEER's RegNetY-256GF (configs/seer.py: 1.43B parameters with its
 head and prototypes, LARS) at one image per device in 2 crops of 160 and
 `--seer_local_crops` of 96, replicated and with FSDP over all devices. Each
-of the two compiles takes about 5 minutes of CPU (measured on this 2-core
-machine: 321 s of CPU, 11 minutes of wall time beside other jobs, for the FSDP
-row; 23 minutes of wall for the replicated one under heavier load), hence the
-flag. Measured on 8 devices (with the FSDP step of the time, which gathered
-the whole state first; the parameter figures do not depend on it):
+of the two compiles takes 5 to 10 minutes of CPU on this 2-core machine,
+hence the flag (`--seer_only --seer_modes=fsdp` compiles the FSDP row alone;
+`--check` then compares it with the whole state, which is what the
+replicated row holds). RegNetY-256GF's widths are 373 x (2, 4, 11, 28) =
+746, 1492, 4103, 10444, none of which an even fsdp size divides: such leaves
+are stored padded with zeros to a multiple of fsdp on their largest
+dimension and sharded there (ssl_jax/parallel.py), which `--check` requires
+(at most 1/6 of the replicated state). Measured on 8 devices:
 
   mode        param+opt MB  temp MB
-  replicated        11,040   15,767
-  fsdp=8             9,979   16,867
+  replicated        11,040   15,767   (the step of the time)
+  fsdp=8             1,492   12,139   (600 s of compile beside other jobs)
 
-FSDP saves little here, and `--check --seer` fails: a leaf is sharded on a
-dimension that `fsdp` divides, and RegNetY-256GF's widths are 373 x (2, 4,
-11, 28) = 746, 1492, 4103, 10444, none of which 8 divides, so only the head
-and the prototypes are sharded (5.1 of the 5.7 GB of parameters stay
-replicated; `fsdp=4` gives 8,202 MB, `fsdp=2` 8,607 MB, the 4103-wide stage
-unsharded by any even size). Sharding it needs leaves stored padded (or
-flattened) to a multiple of `fsdp`, or uneven shardings, which jax 0.10's
-`NamedSharding` refuses.
+Before the padding only the head and the prototypes were sharded: 9,979 MB
+per device with `fsdp=8`, and 16,867 MB of temporaries with the FSDP step of
+the time, which gathered the whole state first.
 
 The DINO ViT-B row compiles the step twice, with and without the EMA teacher
 update (`after_update` replaced by the identity): `teacher_update_temp_bytes`,
