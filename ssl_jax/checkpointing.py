@@ -290,12 +290,11 @@ class Checkpointer:
         f'({errors}). Move the folder away to start afresh.')
 
   def _saved_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
-    """The shape of each array saved at `step`, by tree path ({} if its
-    metadata cannot be read: the restore is then strict, and says why)."""
-    try:
-      tree = self._manager.item_metadata(step)['state'].tree
-    except Exception:  # pylint: disable=broad-except
-      return {}
+    """The shape of each array saved at `step`, by tree path."""
+    # Read by the item's handler: a manager that has not saved yet does not
+    # know the handler of its items (item_metadata then holds nothing).
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / 'state').tree
     return {jax.tree_util.keystr(path): tuple(x.shape)
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
             if getattr(x, 'shape', None) is not None}
@@ -337,10 +336,14 @@ def _fsdp_padding(logical, saved) -> bool:
   if len(logical) != len(saved) or len(diff) != 1:
     return False
   d = diff[0]
+  if saved[d] < logical[d]:
+    return False
   padded_on_d = parallel.P(*([None] * d + [parallel.FSDP_AXIS]))
-  return any(parallel.fsdp_spec(logical, f, min_size=0) == padded_on_d and
-             -(-logical[d] // f) * f == saved[d]
-             for f in range(2, logical[d] + 1))
+  # f divides saved[d] and exceeds the padding, and no dimension divides.
+  return any(saved[d] % f == 0 and
+             parallel.fsdp_spec(logical, f, min_size=0) == padded_on_d
+             for f in range(max(saved[d] - logical[d] + 1, 2),
+                            logical[d] + 1))
 
 
 def _check_saved_shapes(target_dict, saved, step) -> None:

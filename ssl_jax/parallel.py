@@ -408,11 +408,20 @@ def _pad_leaf(x: Any, shape: Tuple[int, ...]) -> Any:
           np.pad(np.asarray(x), widths))
 
 
+@functools.lru_cache(maxsize=None)
+def _cutter(shape: Tuple[int, ...]) -> Callable:
+  # A jitted slice: on global arrays that span processes too (every process
+  # calls it), and inlined when traced inside another jit.
+  return jax.jit(lambda a: a[tuple(slice(0, n) for n in shape)])
+
+
 def _slice_leaf(x: Any, shape: Sequence[int]) -> Any:
-  shape = tuple(shape)
+  shape = tuple(int(n) for n in shape)
   if tuple(np.shape(x)) == shape:
     return x
-  return x[tuple(slice(0, n) for n in shape)]
+  if isinstance(x, jax.Array):
+    return _cutter(shape)(x)
+  return np.asarray(x)[tuple(slice(0, n) for n in shape)]
 
 
 def pad_to_layout(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -75,6 +75,21 @@ def test_fsdp_equals_data_parallel(config_module, tmp_path):
     np.testing.assert_array_equal(y, x)
 
 
+def _save_and_restore(workdir, state, template, **kwargs):
+  """Saves `state`, then restores it as a resumed run does: by a new
+  Checkpointer (whose orbax manager has not saved anything)."""
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    ckpt.save(state, {})
+  finally:
+    ckpt.close()
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    return ckpt.restore(template, **kwargs)[0]
+  finally:
+    ckpt.close()
+
+
 def test_fsdp_pads_leaves_no_fsdp_size_divides(tmp_path):
   """Widths 8 does not divide (12, 20, 36) are stored padded with zeros and
   sharded: the same 3 steps as data parallelism (LARS's trust ratios and
@@ -109,25 +124,15 @@ def test_fsdp_pads_leaves_no_fsdp_size_divides(tmp_path):
                   jax.tree.leaves(parallel.to_numpy(logical))):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'fsdp'))
-  try:
-    ckpt.save(sharded, {})
-    ckpt.wait()
-    restored, _ = ckpt.restore(s.state)  # replicated: FSDP's padding cut
-  finally:
-    ckpt.close()
+  restored = _save_and_restore(str(tmp_path / 'fsdp'), sharded,
+                               s.state)  # replicated: FSDP's padding cut
   _, want = _steps(s, fsdp_step, sharded, 3, 1)
   _, got = _steps(s, replicated_step, restored, 3, 1)
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
   # A replicated run's checkpoint resumes under FSDP: padded with zeros.
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'replicated'))
-  try:
-    ckpt.save(replicated, {})
-    ckpt.wait()
-    resumed, _ = ckpt.restore(s.state, sharding=layout)
-  finally:
-    ckpt.close()
+  resumed = _save_and_restore(str(tmp_path / 'replicated'), replicated,
+                              s.state, sharding=layout)
   for x, y in zip(jax.tree.leaves(parallel.to_numpy(sharded)),
                   jax.tree.leaves(parallel.to_numpy(resumed))):
     assert y.shape == x.shape
