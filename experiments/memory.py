@@ -33,24 +33,22 @@ before, the whole state was gathered and the FSDP step needed 11.0 GB).
 `--seer` adds SEER's RegNetY-256GF (configs/seer.py: 1.43B parameters with its
 head and prototypes, LARS) at one image per device in 2 crops of 160 and
 `--seer_local_crops` of 96, replicated and with FSDP over all devices. Each
-of the two compiles takes about 5 minutes of CPU (measured on this 2-core
-machine: 321 s of CPU, 11 minutes of wall time beside other jobs, for the FSDP
-row; 23 minutes of wall for the replicated one under heavier load), hence the
-flag. Measured on 8 devices (with the FSDP step of the time, which gathered
-the whole state first; the parameter figures do not depend on it):
+of the two compiles takes 5 to 10 minutes of CPU on this 2-core machine,
+hence the flag (`--seer_only --seer_modes=fsdp` compiles the FSDP row alone;
+`--check` then compares it with the whole state, which is what the
+replicated row holds). RegNetY-256GF's widths are 373 x (2, 4, 11, 28) =
+746, 1492, 4103, 10444, none of which an even fsdp size divides: such leaves
+are stored padded with zeros to a multiple of fsdp on their largest
+dimension and sharded there (ssl_jax/parallel.py), which `--check` requires
+(at most 1/6 of the replicated state). Measured on 8 devices:
 
   mode        param+opt MB  temp MB
-  replicated        11,040   15,767
-  fsdp=8             9,979   16,867
+  replicated        11,040   15,767   (the step of the time)
+  fsdp=8             1,492   12,139   (600 s of compile beside other jobs)
 
-FSDP saves little here, and `--check --seer` fails: a leaf is sharded on a
-dimension that `fsdp` divides, and RegNetY-256GF's widths are 373 x (2, 4,
-11, 28) = 746, 1492, 4103, 10444, none of which 8 divides, so only the head
-and the prototypes are sharded (5.1 of the 5.7 GB of parameters stay
-replicated; `fsdp=4` gives 8,202 MB, `fsdp=2` 8,607 MB, the 4103-wide stage
-unsharded by any even size). Sharding it needs leaves stored padded (or
-flattened) to a multiple of `fsdp`, or uneven shardings, which jax 0.10's
-`NamedSharding` refuses.
+Before the padding only the head and the prototypes were sharded: 9,979 MB
+per device with `fsdp=8`, and 16,867 MB of temporaries with the FSDP step of
+the time, which gathered the whole state first.
 
 The DINO ViT-B row compiles the step twice, with and without the EMA teacher
 update (`after_update` replaced by the identity): `teacher_update_temp_bytes`,
@@ -83,6 +81,12 @@ def _parse():
   parser.add_argument('--seer', action='store_true',
                       help="also SEER's RegNet, replicated and FSDP (slow: "
                       'see the docstring)')
+  parser.add_argument('--seer_modes', default='replicated,fsdp',
+                      help='the --seer rows to compile (each ~5 CPU-minutes); '
+                      "without 'replicated', --check compares FSDP with the "
+                      'whole state (what the replicated row holds)')
+  parser.add_argument('--seer_only', action='store_true',
+                      help='only the --seer rows')
   parser.add_argument('--seer_backbone', default='regnety_256gf',
                       help="the RegNet of the --seer rows (SEER's: "
                       'regnety_256gf)')
@@ -102,7 +106,7 @@ if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import jax
 import numpy as np
@@ -172,8 +176,9 @@ def measure(config, source: data.Source, model: str, devices: int,
            'label': jax.ShapeDtypeStruct((n,), np.int32),
            'index': jax.ShapeDtypeStruct((n,), np.int32)}
   state = jax.tree.map(
-      lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                               sharding=sharding),
+      lambda x, sharding: jax.ShapeDtypeStruct(
+          parallel.padded_shape(x.shape, sharding), x.dtype,
+          sharding=sharding),
       s.state, layout)
   batch = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -186,6 +191,8 @@ def measure(config, source: data.Source, model: str, devices: int,
           'devices': devices,
           'param_opt_bytes_per_device': parallel.bytes_per_device(s.state,
                                                                   layout),
+          # What the replicated state holds per device (no compile needed).
+          'state_bytes': tree_bytes(s.state),
           'temp_bytes_per_device': int(analysis.temp_size_in_bytes),
           'output_bytes_per_device': int(analysis.output_size_in_bytes),
           'alias_bytes': int(analysis.alias_size_in_bytes)}
@@ -241,6 +248,25 @@ def bank_bytes(config, n: int) -> int:
 
 def main() -> int:
   args = _ARGS
+  rows = [] if args.seer_only else _rows(args)
+  if args.seer or args.seer_only:
+    name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
+    image = DescribedSource(1281167, (224, 224, 3), 1000)
+    modes = args.seer_modes.split(',')
+    for fsdp in [f for m, f in (('replicated', 1), ('fsdp', args.devices))
+                 if m in modes]:
+      start = time.perf_counter()
+      rows.append(measure(seer_config(args.devices, args.seer_backbone,
+                                      args.seer_local_crops),
+                          image, name, args.devices, fsdp=fsdp))
+      rows[-1]['compile_seconds'] = round(time.perf_counter() - start, 1)
+      print(f'{name} {rows[-1]["mode"]}: compiled in '
+            f'{rows[-1]["compile_seconds"]} s', flush=True)
+  return _report(args, rows)
+
+
+def _rows(args) -> List[Dict[str, Any]]:
+  """Every row but SEER's."""
   config = instdisc_config()
   row = measure(config, DescribedSource(args.bank_size),
                 f'instdisc_convnet_bank{args.bank_size}x128', args.devices)
@@ -274,16 +300,10 @@ def main() -> int:
   row['teacher_update_temp_bytes'] = (row['temp_bytes_per_device'] -
                                       without['temp_bytes_per_device'])
   rows.append(row)
-  if args.seer:
-    name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
-    for fsdp in (1, args.devices):
-      start = time.perf_counter()
-      rows.append(measure(seer_config(args.devices, args.seer_backbone,
-                                      args.seer_local_crops),
-                          image, name, args.devices, fsdp=fsdp))
-      rows[-1]['compile_seconds'] = round(time.perf_counter() - start, 1)
-      print(f'{name} {rows[-1]["mode"]}: compiled in '
-            f'{rows[-1]["compile_seconds"]} s', flush=True)
+  return rows
+
+
+def _report(args, rows) -> int:
   print(f'{"model":<36} {"mode":<10} {"dev":>3} {"param+opt MB":>12} '
         f'{"temp MB":>9} {"bank/queue MB":>13}')
   for r in rows:
@@ -309,8 +329,11 @@ def main() -> int:
   for r in rows:
     by_model.setdefault(r['model'], {})[r['mode']] = r
   for name, modes in by_model.items():
-    if 'fsdp' in modes and (modes['fsdp']['param_opt_bytes_per_device'] * 6 >
-                            modes['replicated']['param_opt_bytes_per_device']):
+    if 'fsdp' not in modes:
+      continue
+    whole = (modes['replicated']['param_opt_bytes_per_device']
+             if 'replicated' in modes else modes['fsdp']['state_bytes'])
+    if modes['fsdp']['param_opt_bytes_per_device'] * 6 > whole:
       problems.append(f'{name}: FSDP holds more than 1/6 of the replicated '
                       f'parameters and optimizer state per device.')
   for p in problems:

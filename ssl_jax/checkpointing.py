@@ -355,8 +355,10 @@ class Checkpointer:
     def abstract_leaf(x, sharding):
       if parallel.is_key(x):
         x = jax.eval_shape(jax.random.key_data, x)
+      # An FSDP layout stores leaves no fsdp size divides padded.
       return jax.ShapeDtypeStruct(
-          np.shape(x), x.dtype if hasattr(x, 'dtype') else np.result_type(x),
+          parallel.padded_shape(np.shape(x), sharding),
+          x.dtype if hasattr(x, 'dtype') else np.result_type(x),
           sharding=sharding)
 
     def as_target(x, restored):
@@ -377,12 +379,20 @@ class Checkpointer:
                           'checksums, or killed just after its commit); '
                           'restoring the files they would list without '
                           'verifying their bytes.', s, ', '.join(missing))
+        # Shapes may differ from the saved ones only by FSDP padding (a
+        # checkpoint written with another fsdp size, or read into logical
+        # shapes); orbax then pads with zeros or cuts at the end.
+        saved = self._saved_shapes(s)
+        _check_saved_shapes(target_dict, saved, s)
+        strict = all(saved.get(jax.tree_util.keystr(path), x.shape) == x.shape
+                     for path, x in
+                     jax.tree_util.tree_flatten_with_path(abstract)[0])
         restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
+            state=ocp.args.StandardRestore(abstract, strict=strict),
             meta=ocp.args.JsonRestore()))
         state = flax.serialization.from_state_dict(
             target, jax.tree.map(as_target, target_dict, restored['state']))
-        _check_shapes(target, state, s)
+        _check_shapes(abstract, restored['state'], s)
         if errors:
           logging.warning('Checkpoint(s) %s could not be read; resumed from '
                           'step %d instead. Errors: %s',
@@ -423,6 +433,16 @@ class Checkpointer:
           f'they were written (see its log)')
     return missing
 
+  def _saved_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
+    """The shape of each array saved at `step`, by tree path."""
+    # Read by the item's handler: a manager that has not saved yet does not
+    # know the handler of its items (item_metadata then holds nothing).
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / 'state').tree
+    return {jax.tree_util.keystr(path): tuple(x.shape)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if getattr(x, 'shape', None) is not None}
+
   def _set_aside(self, steps) -> None:
     """Renames unreadable checkpoints to `<step>.unreadable` (kept, not deleted).
 
@@ -449,6 +469,45 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self._manager.close()
+
+
+def _fsdp_padding(logical, saved) -> bool:
+  """Whether `saved` is `logical` as an FSDP layout of some size f stores it:
+  padded to a multiple of f on the dimension `parallel.fsdp_spec` pads for
+  f. (A model that differs in one width by such an amount would pass; the
+  workdir's config check catches that on resume.)"""
+  diff = [d for d, (a, b) in enumerate(zip(logical, saved)) if a != b]
+  if len(logical) != len(saved) or len(diff) != 1:
+    return False
+  d = diff[0]
+  if saved[d] < logical[d]:
+    return False
+  padded_on_d = parallel.P(*([None] * d + [parallel.FSDP_AXIS]))
+  # f divides saved[d] and exceeds the padding, and no dimension divides.
+  return any(saved[d] % f == 0 and
+             parallel.fsdp_spec(logical, f, min_size=0) == padded_on_d
+             for f in range(max(saved[d] - logical[d] + 1, 2),
+                            logical[d] + 1))
+
+
+def _check_saved_shapes(target_dict, saved, step) -> None:
+  """Checks the saved shapes against `target_dict`'s (logical) ones.
+
+  Raises:
+    CheckpointError: a shape differs otherwise than by FSDP padding (another
+      model).
+  """
+  for path, x in jax.tree_util.tree_flatten_with_path(target_dict)[0]:
+    want = np.shape(jax.eval_shape(jax.random.key_data, x)
+                    if parallel.is_key(x) else x)
+    have = saved.get(jax.tree_util.keystr(path))
+    if have is None or have == want:
+      continue
+    if not _fsdp_padding(want, have):
+      raise CheckpointError(
+          f'Checkpoint {step} holds an array of shape {have} where the '
+          f'config builds {want} ({jax.tree_util.keystr(path)}): was it '
+          f'written with another config?')
 
 
 def _check_shapes(target, state, step):

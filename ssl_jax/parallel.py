@@ -313,7 +313,15 @@ def default_mesh() -> Mesh:
 # state and method state (EMA teachers, banks, queues) are stored sharded
 # over FSDP_AXIS (each leaf on its largest dimension that f divides, as
 # big_vision's `fsdp` rule; small leaves replicated), which divides their
-# memory per device by f.
+# memory per device by f. A leaf no dimension of which f divides (SEER's
+# RegNetY widths 373 x (2, 4, 11, 28)) is stored padded with zeros on its
+# largest dimension to a multiple of f (`padded_shape`) and sharded there:
+# jax shards only evenly (device_put and jit's in/out shardings raise
+# IndivisibleError). Only the stored layout is padded: the step slices
+# the padding off where it reads the state (after the all-gather; on entry
+# to the update) and pads again on exit, so losses, optimizer norms, weight
+# decay masks and normalisations see the logical shapes, and `logical`
+# gives readers outside the step (evaluation, epoch hooks) the same.
 #
 # The step (`fsdp_parallel`) is two halves in one jit. The per-device half
 # runs under `shard_map` over the 2-D mesh with the batch axis BATCH_AXES =
@@ -374,15 +382,91 @@ def make_fsdp_mesh(fsdp: int,
 
 def fsdp_spec(shape: Sequence[int], fsdp: int,
               min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
-  """Shards the largest dimension of `shape` that `fsdp` divides (P() if none,
-  or if the leaf has fewer than `min_size` elements)."""
+  """Shards the largest dimension of `shape` that `fsdp` divides; if none
+  does, the largest dimension, stored padded to a multiple of `fsdp`
+  (`padded_shape`). P() if the leaf has fewer than `min_size` elements, or
+  its largest dimension is below `fsdp` (padding would more than double it).
+  """
   if fsdp <= 1 or int(np.prod(shape, dtype=np.int64)) < max(min_size, 1):
     return P()
   # Largest first; among equal sizes the last dimension (big_vision's order).
-  for d in np.argsort(shape, kind='stable')[::-1]:
+  order = np.argsort(shape, kind='stable')[::-1]
+  for d in order:
     if shape[d] % fsdp == 0 and shape[d] >= fsdp:
       return P(*([None] * int(d) + [FSDP_AXIS]))
+  if len(order) and shape[order[0]] >= fsdp:
+    return P(*([None] * int(order[0]) + [FSDP_AXIS]))
   return P()
+
+
+def _spec_and_size(sharding: Any) -> Tuple[Optional[int], int]:
+  """(the FSDP dimension of a NamedSharding or None, the FSDP axis size)."""
+  spec = getattr(sharding, 'spec', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if spec is None or mesh is None or FSDP_AXIS not in mesh.shape:
+    return None, 1
+  return _fsdp_dim(spec), mesh.shape[FSDP_AXIS]
+
+
+def padded_shape(shape: Sequence[int], sharding: Any) -> Tuple[int, ...]:
+  """The stored shape of a leaf of logical `shape` laid out as `sharding`:
+  its FSDP dimension rounded up to a multiple of the FSDP axis size (the
+  same shape where that divides, and for any other sharding)."""
+  shape = tuple(int(n) for n in shape)
+  d, fsdp = _spec_and_size(sharding)
+  if d is None or d >= len(shape):
+    return shape
+  return shape[:d] + (-(-shape[d] // fsdp) * fsdp,) + shape[d + 1:]
+
+
+def _pad_leaf(x: Any, shape: Tuple[int, ...]) -> Any:
+  if tuple(np.shape(x)) == shape:
+    return x
+  widths = [(0, n - m) for m, n in zip(np.shape(x), shape)]
+  return (jnp.pad(x, widths) if isinstance(x, jax.Array) else
+          np.pad(np.asarray(x), widths))
+
+
+@functools.lru_cache(maxsize=None)
+def _cutter(shape: Tuple[int, ...]) -> Callable:
+  # A jitted slice: on global arrays that span processes too (every process
+  # calls it), and inlined when traced inside another jit.
+  return jax.jit(lambda a: a[tuple(slice(0, n) for n in shape)])
+
+
+def _slice_leaf(x: Any, shape: Sequence[int]) -> Any:
+  shape = tuple(int(n) for n in shape)
+  if tuple(np.shape(x)) == shape:
+    return x
+  if isinstance(x, jax.Array):
+    return _cutter(shape)(x)
+  return np.asarray(x)[tuple(slice(0, n) for n in shape)]
+
+
+def pad_to_layout(tree: PyTree, shardings: PyTree) -> PyTree:
+  """`tree` (logical shapes) in the stored shapes of `shardings`: each leaf
+  FSDP pads (`padded_shape`) padded with zeros at the end; the others as
+  they are (no copy). Host arrays or traced ones (inside jit)."""
+  return jax.tree.map(
+      lambda x, s: _pad_leaf(x, padded_shape(np.shape(x), s)), tree, shardings)
+
+
+def logical(tree: PyTree, like: PyTree) -> PyTree:
+  """`tree` (a stored state or part of one) cut to the logical shapes of
+  `like` (the same tree of arrays or ShapeDtypeStructs, e.g. the run's
+  initial state): the FSDP padding sliced off. Leaves without padding are
+  returned as they are; inside jit, or on global arrays (a padded leaf then
+  comes back replicated: what readers outside the step, such as
+  evaluation, gather anyway)."""
+  return jax.tree.map(lambda x, l: _slice_leaf(x, tuple(np.shape(l))),
+                      tree, like)
+
+
+def has_padding(like: PyTree, shardings: PyTree) -> bool:
+  """Whether any leaf of `like` (logical shapes) is stored padded as
+  `shardings`."""
+  return any(padded_shape(np.shape(x), s) != tuple(np.shape(x))
+             for x, s in zip(jax.tree.leaves(like), jax.tree.leaves(shardings)))
 
 
 def fsdp_shardings(tree: PyTree, mesh: Mesh,
@@ -390,9 +474,15 @@ def fsdp_shardings(tree: PyTree, mesh: Mesh,
   """A NamedSharding per leaf of `tree` (arrays or ShapeDtypeStructs) on the
   2-D `mesh`: `fsdp_spec` of each leaf."""
   fsdp = mesh.shape[FSDP_AXIS]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)),
-      tree)
+
+  def sharding(x):
+    spec = fsdp_spec(np.shape(x), fsdp, min_size)
+    if is_key(x) and padded_shape(np.shape(x), NamedSharding(mesh, spec)
+                                  ) != tuple(np.shape(x)):
+      spec = P()  # typed keys have no zeros to pad with
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(sharding, tree)
 
 
 def state_shardings(state: PyTree, fsdp: int = 1,
@@ -473,25 +563,41 @@ class FsdpBody:
     params: a PartitionSpec per parameter (`fsdp_spec`).
     state: a PartitionSpec per leaf of the other sharded state (the method
       state: teachers, banks, queues, centres).
+    param_shapes, state_shapes: the logical shapes of the same leaves (trees
+      of arrays or ShapeDtypeStructs), where a leaf may be stored padded
+      (`padded_shape`); the gathered leaves are cut to them. None: nothing
+      is padded.
   """
   params: PyTree
   state: PyTree
+  param_shapes: Optional[PyTree] = None
+  state_shapes: Optional[PyTree] = None
 
   @staticmethod
-  def _gather(tree: PyTree, specs: PyTree) -> PyTree:
-    def gather(x, spec):
+  def _gather(tree: PyTree, specs: PyTree, shapes: Optional[PyTree]
+              ) -> PyTree:
+    def gather(x, spec, like=None):
       d = _fsdp_dim(spec)
       if d is None:
         return x
-      return checkpoint_name(lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
-                             GATHERED)
-    return jax.tree.map(gather, tree, specs)
+      whole = checkpoint_name(lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
+                              GATHERED)
+      # The slice's transpose pads the cotangent with zeros: the padding's
+      # gradient is exactly zero, and the loss never sees the padding.
+      return whole if like is None else _slice_leaf(whole, np.shape(like))
+    if shapes is None:
+      return jax.tree.map(gather, tree, specs)
+    return jax.tree.map(gather, tree, specs, shapes)
 
   def _keep(self, new: PyTree, whole: PyTree, shards: PyTree) -> Kept:
     def split(old, shard, spec, new):
       if new is old:  # unchanged: the shard this device already holds
         return shard, None
       if isinstance(new, jax.Array) and new.shape == old.shape:
+        d = _fsdp_dim(spec)
+        if d is not None:  # back to the stored (padded) shape
+          n = shard.shape[d] * lax.axis_size(FSDP_AXIS)
+          new = _pad_leaf(new, new.shape[:d] + (n,) + new.shape[d + 1:])
         return _own_shard(new, spec), None
       return shard, new
     pairs = jax.tree.map(lambda *a: _Pair(*split(*a)), whole, shards,
@@ -512,8 +618,9 @@ class FsdpBody:
     all-gather's transpose sums each shard's cotangent over FSDP_AXIS.
     """
     def sharded_loss(params, state):
-      whole = self._gather(state, self.state)
-      loss, (aux, new) = loss_fn(self._gather(params, self.params), whole)
+      whole = self._gather(state, self.state, self.state_shapes)
+      loss, (aux, new) = loss_fn(
+          self._gather(params, self.params, self.param_shapes), whole)
       return loss, (aux, self._keep(new, whole, state))
 
     return jax.checkpoint(
@@ -535,9 +642,11 @@ class FsdpBody:
 
 
 def bytes_per_device(tree: PyTree, shardings: PyTree) -> int:
-  """Bytes one device holds of `tree` laid out as `shardings`."""
+  """Bytes one device holds of `tree` (logical or stored shapes) laid out as
+  `shardings`, FSDP's padding included."""
   # dtype.itemsize: typed PRNG keys have one (8 bytes) but no NumPy dtype.
-  return sum(int(np.prod(s.shard_shape(np.shape(x)), dtype=np.int64)) *
+  return sum(int(np.prod(s.shard_shape(padded_shape(np.shape(x), s)),
+                         dtype=np.int64)) *
              x.dtype.itemsize
              for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
@@ -580,7 +689,18 @@ def _resharder(sharding: jax.sharding.Sharding) -> Callable:
   return jax.jit(lambda a: a, out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=None)
+def _padder(sharding: jax.sharding.Sharding, shape: Tuple[int, ...]
+            ) -> Callable:
+  return jax.jit(lambda a: _pad_leaf(a, shape), out_shardings=sharding)
+
+
 def _put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  shape = padded_shape(np.shape(x), sharding)
+  if shape != tuple(np.shape(x)):  # a logical leaf into an FSDP padded layout
+    if isinstance(x, jax.Array) and not is_key(x):
+      return _padder(sharding, shape)(x)
+    x = _pad_leaf(np.asarray(x), shape)
   if isinstance(x, jax.Array):
     if x.sharding == sharding or (
         x.sharding.device_set == sharding.device_set and
@@ -601,7 +721,8 @@ def put_sharded(tree: PyTree, shardings: PyTree) -> PyTree:
 
   Host leaves must hold the whole value on every process; global arrays in
   another layout are resharded on the devices; leaves already in their layout
-  are returned as they are.
+  are returned as they are. Logical leaves that an FSDP layout stores padded
+  are padded (`padded_shape`); `logical` undoes it.
   """
   return jax.tree.map(_put, tree, shardings)
 
@@ -832,8 +953,9 @@ def data_parallel(fn: Callable, mesh: Optional[Mesh] = None, *,
 
 def fsdp_parallel(device_fn: Callable, update_fn: Callable,
                   layout: PyTree, *, in_specs: Tuple[Any, ...],
-                  out_specs: Any, donate_on_cpu: bool = False
-                  ) -> MeshFunction:
+                  out_specs: Any, like: Optional[PyTree] = None,
+                  logical_out: Optional[Callable] = None,
+                  donate_on_cpu: bool = False) -> MeshFunction:
   """An FSDP step, `update_fn(state, device_fn(state, ...))`, in one jit.
 
   Args:
@@ -846,6 +968,11 @@ def fsdp_parallel(device_fn: Callable, update_fn: Callable,
       (`state_shardings`), between steps and in `device_fn`.
     in_specs: PartitionSpecs (prefixes) of `rest`, on that mesh.
     out_specs: PartitionSpecs (prefix) of `device_fn`'s output.
+    like: the state's logical shapes (arrays or ShapeDtypeStructs), where
+      `layout` stores leaves padded (`padded_shape`): `update_fn` gets the
+      state cut to them (`logical`), and its new state is padded back.
+    logical_out: with `like`, cuts `device_fn`'s global output (before
+      `merge_kept`) to logical shapes, e.g. the gradients and `Kept.stored`.
     donate_on_cpu: see `data_parallel`; the state is donated.
 
   Returns:
@@ -859,7 +986,14 @@ def fsdp_parallel(device_fn: Callable, update_fn: Callable,
                          out_specs=out_specs, check_vma=False)
 
   def step(state, *rest):
-    return update_fn(state, merge_kept(mapped(state, *rest)))
+    out = mapped(state, *rest)
+    if like is None:
+      return update_fn(state, merge_kept(out))
+    # The update (optimizer norms, weight decay, the guard, EMA) on logical
+    # shapes: GSPMD shards the unevenly sized intermediates internally.
+    new, metrics = update_fn(logical(state, like),
+                             merge_kept(logical_out(out)))
+    return pad_to_layout(new, layout), metrics
 
   is_spec = lambda x: isinstance(x, PartitionSpec)
   in_shardings = (layout,) + tuple(jax.tree.map(

@@ -85,7 +85,14 @@ def _make_fsdp_step(s: Setup, layout, donate_on_cpu: bool):
   per-device half on the shards, gathering them where used, and the update
   on the sharded global arrays (`parallel.fsdp_parallel`)."""
   specs = jax.tree.map(lambda sharding: sharding.spec, layout)
-  body = parallel.FsdpBody(params=specs.params, state=specs.method_state)
+  # Leaves no fsdp size divides are stored padded; everything in the step
+  # but the stored shards sees them cut to their logical shapes (s.state's).
+  padded = parallel.has_padding(s.state, layout)
+  like = s.state if padded else None
+  body = parallel.FsdpBody(
+      params=specs.params, state=specs.method_state,
+      param_shapes=like.params if padded else None,
+      state_shapes=like.method_state if padded else None)
 
   def per_device(state, batch, monitor):
     return device_step(state, batch, method=s.method,
@@ -100,10 +107,27 @@ def _make_fsdp_step(s: Setup, layout, donate_on_cpu: bool):
   out_specs = DeviceStep(loss=P(), grads=specs.params, batch_stats=P(),
                          method_state=parallel.Kept(specs.method_state, P()),
                          probe=P(), metrics=P())
+  def logical_out(d):
+    kept = d.method_state
+    return d.replace(
+        grads=parallel.logical(d.grads, like.params),
+        method_state=parallel.Kept(
+            parallel.logical(kept.stored, like.method_state), kept.whole))
+
   return parallel.fsdp_parallel(
       per_device, update, layout,
       in_specs=(P(parallel.BATCH_AXES), P()), out_specs=out_specs,
+      like=like, logical_out=logical_out if padded else None,
       donate_on_cpu=donate_on_cpu)
+
+
+def logical_state(s: Setup, state, layout):
+  """`state` (stored as `layout`) with its FSDP padding cut off, as readers
+  outside the step (evaluation, epoch hooks, callers) must see it; itself
+  when nothing is padded."""
+  if not parallel.has_padding(s.state, layout):
+    return state
+  return parallel.logical(state, s.state)
 
 
 class _StopSignal:
@@ -143,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     allow_config_change: fields a resume may change (`--allow_config_change`).
 
   Returns:
-    The final state (global arrays, replicated on the mesh's devices).
+    The final state (global arrays on the mesh's devices, in logical
+    shapes: FSDP's padding cut off).
 
   Raises:
     Preempted: after SIGTERM/SIGINT, once the checkpoint is written.
@@ -220,6 +245,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   # The state lives on the devices from here on: global arrays, replicated
   # or FSDP-sharded (config.mesh).
   rstate = parallel.put_sharded(state, layout)
+  padded = parallel.has_padding(s.state, layout)
+  logical = functools.partial(logical_state, s, layout=layout)
   # Collapse monitors run on the steps whose metrics are read (a traced flag,
   # so both kinds of step share one compilation).
   monitor_flags = {f: parallel.put_replicated(np.bool_(f), mesh)
@@ -293,7 +320,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           'when healthy, 0 when every embedding is the same).', step,
           host['embedding_std'], collapse_threshold)
     if evaluating:
-      host.update(evaluator(rstate, step, last=step == s.total_steps))
+      host.update(evaluator(logical(rstate), step, last=step == s.total_steps))
     if write:
       host['images_per_sec'] = progress.images_per_second(step)
       writer.write(step, host)
@@ -308,9 +335,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     for step in range(start_step + 1, s.total_steps + 1):
       if (step - 1) % s.steps_per_epoch == 0:
-        rstate = s.method.on_epoch_start(rstate, EpochContext(
+        rstate = s.method.on_epoch_start(logical(rstate), EpochContext(
             epoch=(step - 1) // s.steps_per_epoch, durations=s.durations,
             num_examples=len(s.source), embed_dataset=embed_dataset))
+        if padded:
+          rstate = parallel.put_sharded(rstate, layout)
       last = step == s.total_steps
       evaluating = evaluator is not None and (evaluator.due(step) or last)
       monitored = (step % log_every == 0 or last or evaluating or
@@ -343,4 +372,4 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   if s.source.bad_files:
     logging.warning('%d unreadable image file(s) were skipped (replaced by '
                     'black images).', s.source.bad_files)
-  return rstate
+  return logical(rstate)

@@ -2,6 +2,7 @@
 with parameters, optimizer state and EMA teachers stored sharded."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,19 +11,23 @@ from configs import simclr as simclr_config
 from ssl_jax import checkpointing, parallel, train
 
 
-def _run(config, steps=3):
-  s = train.setup(config)
-  step = train.make_train_step(s)
-  layout = train.state_layout(s)
-  state = parallel.put_sharded(s.state, layout)
+def _steps(s, step, state, first, steps):
   monitor = parallel.put_replicated(np.bool_(True))
+  n = s.config.batch_size
   losses = []
-  for i in range(steps):
-    batch = s.source.get(np.arange(i * config.batch_size,
-                                   (i + 1) * config.batch_size) % len(s.source))
+  for i in range(first, first + steps):
+    batch = s.source.get(np.arange(i * n, (i + 1) * n) % len(s.source))
     state, metrics = step(state, parallel.put_batch(batch), monitor)
     losses.append(float(parallel.to_numpy(metrics['loss'])))
-  return s, state, losses
+  return state, losses
+
+
+def _run(config, steps=3, with_step=False):
+  s = train.setup(config)
+  step = train.make_train_step(s)
+  state = parallel.put_sharded(s.state, train.state_layout(s))
+  state, losses = _steps(s, step, state, 0, steps)
+  return (s, state, losses) + ((step,) if with_step else ())
 
 
 def _fsdp(config):
@@ -68,6 +73,100 @@ def test_fsdp_equals_data_parallel(config_module, tmp_path):
   for x, y in zip(jax.tree.leaves(parallel.to_numpy(sharded)),
                   jax.tree.leaves(parallel.to_numpy(restored))):
     np.testing.assert_array_equal(y, x)
+
+
+def _save_and_restore(workdir, state, template, **kwargs):
+  """Saves `state`, then restores it as a resumed run does: by a new
+  Checkpointer (whose orbax manager has not saved anything)."""
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    ckpt.save(state, {})
+  finally:
+    ckpt.close()
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    return ckpt.restore(template, **kwargs)[0]
+  finally:
+    ckpt.close()
+
+
+def test_fsdp_pads_leaves_no_fsdp_size_divides(tmp_path):
+  """Widths 8 does not divide (12, 20, 36) are stored padded with zeros and
+  sharded: the same 3 steps as data parallelism (LARS's trust ratios and
+  weight decay on the logical leaves), the padding stays zero, and a
+  checkpoint of the padded state resumes replicated (logical shapes) with
+  the same next step."""
+  config = simclr_config.get_config('smoke')
+  config.model.widths = (12, 20)
+  config.model.projector.hidden_dims = (36,)
+  config.model.projector.output_dim = 20
+  _, replicated, losses, replicated_step = _run(config, with_step=True)
+  fsdp = config.copy_and_resolve_references()
+  fsdp.mesh.update(data=1, fsdp=8, fsdp_min_size=1)
+  s, sharded, fsdp_losses, fsdp_step = _run(fsdp, with_step=True)
+  np.testing.assert_allclose(fsdp_losses, losses, rtol=1e-5)
+  layout = train.state_layout(s)
+  assert parallel.has_padding(s.state.params, layout.params)
+  padded = 0
+  for x, stored, sharding in zip(jax.tree.leaves(s.state),
+                                 jax.tree.leaves(parallel.to_numpy(sharded)),
+                                 jax.tree.leaves(layout)):
+    if parallel.is_key(x):
+      continue
+    assert stored.shape == parallel.padded_shape(np.shape(x), sharding)
+    inside = np.zeros(stored.shape, bool)
+    inside[tuple(slice(0, n) for n in np.shape(x))] = True
+    assert not stored[~inside].any()  # the padding is exactly zero
+    padded += stored.shape != np.shape(x)
+  assert padded > 0
+  logical = train.logical_state(s, sharded, layout)
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(replicated)),
+                  jax.tree.leaves(parallel.to_numpy(logical))):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+  restored = _save_and_restore(str(tmp_path / 'fsdp'), sharded,
+                               s.state)  # replicated: FSDP's padding cut
+  _, want = _steps(s, fsdp_step, sharded, 3, 1)
+  _, got = _steps(s, replicated_step, restored, 3, 1)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  # A replicated run's checkpoint resumes under FSDP: padded with zeros.
+  resumed = _save_and_restore(str(tmp_path / 'replicated'), replicated,
+                              s.state, sharding=layout)
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(sharded)),
+                  jax.tree.leaves(parallel.to_numpy(resumed))):
+    assert y.shape == x.shape
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_gets_no_gradient():
+  """The gathered leaf is cut to its logical shape inside the loss: the
+  padding's gradient (the slice's transpose, then the reduce-scatter) is
+  exactly zero."""
+  w = np.arange(1., 13., dtype=np.float32)
+  mesh = parallel.make_fsdp_mesh(8)
+  spec = parallel.fsdp_spec(w.shape, 8, min_size=1)
+  stored = parallel.put_sharded(w, parallel.NamedSharding(mesh, spec))
+  assert stored.shape == (16,)
+  body = parallel.FsdpBody(params=spec, state=(), param_shapes=w,
+                           state_shapes=())
+  loss = body.gathered_loss(lambda p, s: (jnp.sum(p**2), (None, s)))
+
+  def per_device(params):
+    return jax.grad(lambda p: loss(p, ())[0])(params)
+
+  grads = np.asarray(jax.jit(jax.shard_map(
+      per_device, mesh=mesh, in_specs=spec, out_specs=spec,
+      check_vma=False))(stored))
+  np.testing.assert_array_equal(grads[12:], 0)
+  np.testing.assert_allclose(grads[:12], 8 * 2 * w)  # summed over 'fsdp'
+
+
+def test_restore_refuses_a_shape_that_is_not_fsdp_padding():
+  assert checkpointing._fsdp_padding((3, 3, 20, 373), (3, 3, 20, 376))
+  assert checkpointing._fsdp_padding((3, 3, 20, 373), (3, 3, 20, 374))
+  assert not checkpointing._fsdp_padding((3, 3, 20, 373), (3, 3, 24, 373))
+  assert not checkpointing._fsdp_padding((3, 3, 20, 373), (3, 3, 20, 372))
 
 
 def test_mesh_that_does_not_fit_the_devices_says_what_to_do():
