@@ -461,9 +461,9 @@ class Checkpointer:
           workdir_lib.path(path).rename(target)
           logging.warning('Moved the unreadable checkpoint %s to %s.', path,
                           target)
-    if parallel.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices('ssl_jax_checkpoint_set_aside')
+    # The others must not reload before the main process has moved them.
+    parallel.wait_for_all_processes(
+        'ssl_jax_checkpoint_set_aside_' + '_'.join(map(str, steps)))
     self._manager.reload()
 
   def close(self) -> None:

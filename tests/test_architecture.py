@@ -218,6 +218,20 @@ def test_only_parallel_talks_to_devices_and_processes():
   assert not found, f'use ssl_jax.parallel instead: {found}'
 
 
+def test_only_parallel_imports_multihost_utils():
+  found = []
+  for name, path in _modules().items():
+    if name == 'ssl_jax.parallel':
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = [getattr(node, 'module', None) or ''] + [
+            a.name for a in node.names]
+        if any('multihost' in n for n in names):
+          found.append(f'{name}:{node.lineno}')
+  assert not found, f'use ssl_jax.parallel instead: {found}'
+
+
 def test_no_private_jax_imports():
   found = [f'{name}:{line} {target}' for name, path in _modules().items()
            for line, target in _absolute_imports(path)
