@@ -117,12 +117,12 @@ def test_collapsed_encoder_is_detected_and_knn_is_at_chance():
   assert acc['top1'] <= majority + 1e-6
 
 
-def _train(workdir, cache_dir):
+def _train(workdir):
   """A 6-step smoke SimCLR run (evaluated every 3 steps) in a subprocess.
 
-  Subprocesses share a persistent compilation cache, so resuming a run does
-  not compile its train step again (measured: 23 s of CPU saved); within one
-  test process that cache cannot be turned on once JAX has compiled anything.
+  The subprocess inherits the test session's persistent compilation cache
+  (tests/conftest.py): resuming a run does not compile its train step again,
+  nor the first run the default smoke SimCLR step other tests compiled.
   """
   subprocess.run(
       [sys.executable, '-m', 'ssl_jax.main', '--config=configs/simclr.py:smoke',
@@ -131,9 +131,7 @@ def _train(workdir, cache_dir):
        '--config.training.log_every=1', '--config.eval.baselines=False',
        '--config.eval.periodic_train_examples=128',
        '--config.eval.periodic_test_examples=64', '--config.eval.linear_epochs=10'],
-      cwd=ROOT, check=True,
-      env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5'))
+      cwd=ROOT, check=True)
 
 
 @pytest.fixture(scope='module')
@@ -142,11 +140,11 @@ def runs(tmp_path_factory):
   checkpoint (step 6 removed), evaluated, then resumed to step 6."""
   base = tmp_path_factory.mktemp('runs')
   full, resumed = str(base / 'full'), str(base / 'resumed')
-  _train(full, base / 'compilation_cache')
+  _train(full)
   shutil.copytree(full, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
   before = {p: evaluate.evaluate(resumed, p) for p in ('knn', 'linear')}
-  _train(resumed, base / 'compilation_cache')
+  _train(resumed)
   return {'full': full, 'resumed': resumed, 'before': before}
 
 
