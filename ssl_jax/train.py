@@ -93,7 +93,9 @@ def _make_fsdp_step(s: Setup, layout, donate_on_cpu: bool):
       params=specs.params, state=specs.method_state,
       param_shapes=like.params if padded else None,
       state_shapes=like.method_state if padded else None,
-      blocks=models.FSDP_BLOCKS)
+      blocks=(models.FSDP_BLOCKS
+              if (s.config.get('mesh') or {}).get('fsdp_per_block', True)
+              else ()))
 
   def per_device(state, batch, monitor):
     return device_step(state, batch, method=s.method,
