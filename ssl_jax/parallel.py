@@ -597,6 +597,34 @@ def _block_call(module: Any, mutable: Sequence[str], static: Any,
   return out
 
 
+def _gathering_block(call: Callable, where: Sequence[Tuple[PartitionSpec, Any]]
+                     ) -> Callable:
+  """`call(whole, others, consts, dynamic)` made a function of the shards of
+  `whole` (`where`: their specs and logical shapes) that gathers them after
+  `dynamic` (the block's inputs) exists, and again in the backward pass after
+  the output's cotangent exists; there the input's cotangent waits for the
+  weights' reduce-scattered gradient."""
+  def run(shards, others, consts, dynamic):
+    whole = [FsdpBody._gather_leaf(x, *w) for x, w in zip(shards, where)]
+    return call(whole, others, consts, dynamic)
+
+  def fwd(shards, others, consts, dynamic):
+    out = run(_after(shards, dynamic), others, consts, dynamic)
+    return out, (shards, others, consts, dynamic)
+
+  def bwd(res, ct):
+    shards, others, consts, dynamic = res
+    _, vjp = jax.vjp(lambda s, o, d: run(s, o, consts, d)[0],
+                     _after(shards, ct[0]), others, dynamic)
+    c_shards, c_others, c_dynamic = vjp(ct[0])
+    return (c_shards, c_others, jax.tree.map(jnp.zeros_like, consts),
+            _after(c_dynamic, c_shards))
+
+  block = jax.custom_vjp(run)
+  block.defvjp(fwd, bwd)
+  return block
+
+
 class _BlockGathers:
   """A flax method interceptor that runs the `__call__` of `blocks` modules,
   whose parameters are FSDP shards (`shards`: id -> (spec, logical shape)),
@@ -655,28 +683,13 @@ class _BlockGathers:
       y, new = _block_call(unbound, mutable, static, merge(whole, others),
                            consts, dynamic)
     else:
-      where = [self.shards[id(leaves[i])] for i in own]
-
-      def run(shards, others, dynamic, consts):
-        whole = [FsdpBody._gather_leaf(x, *w) for x, w in zip(shards, where)]
+      def call(whole, others, consts, dynamic):
         return _block_call(unbound, mutable, static, merge(whole, others),
                            consts, dynamic)
 
-      def fwd(shards, others, dynamic, consts):
-        out = run(_after(shards, dynamic), others, dynamic, consts)
-        return out, (shards, others, dynamic, consts)
-
-      def bwd(res, ct):
-        shards, others, dynamic, consts = res
-        _, vjp = jax.vjp(lambda *a: run(*a, consts)[0],
-                         _after(shards, ct[0]), others, dynamic)
-        c_shards, c_others, c_dynamic = vjp(ct[0])
-        return (c_shards, c_others, _after(c_dynamic, c_shards),
-                jax.tree.map(jnp.zeros_like, consts))
-
-      block = jax.custom_vjp(run)
-      block.defvjp(fwd, bwd)
-      y, new = block([leaves[i] for i in own], others, dynamic, consts)
+      where = [self.shards[id(leaves[i])] for i in own]
+      y, new = _gathering_block(call, where)([leaves[i] for i in own], others,
+                                             consts, dynamic)
     for c, tree in new.items():
       for name, value in tree.items():
         module.put_variable(c, name, value)
