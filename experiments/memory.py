@@ -29,7 +29,9 @@ output's cotangent exists, reduce-scattering their gradient before the
 backward pass moves on (`config.mesh.fsdp_per_block`); the row `fsdp_whole`
 is the baseline that gathers every weight at the loss's start, where XLA's
 CPU schedule issues all the gathers early, so a whole model's gathered
-weights are live at the peak. `--check` fails unless the per-block step
+weights are live at the peak. The block-wise backward pass also recomputes
+each block's forward, so the blocks' inner activations are not kept either:
+part of the saving below is theirs. `--check` fails unless the per-block step
 saves at least half the parameters' bytes of temporaries against it.
 Measured on 8 devices (`--vit_only`, the three rows alone, 8 CPU-minutes):
 
