@@ -155,9 +155,15 @@ def base_config(method: str) -> ml_collections.ConfigDict:
   # leaf of at least `fsdp_min_size` elements on its largest dimension that
   # fsdp divides, and gathered inside the step: memory per device for them
   # drops by ~fsdp, the losses and the math of the step are unchanged (see
-  # ssl_jax/parallel.py). fsdp must divide the number of devices.
+  # ssl_jax/parallel.py). fsdp must divide the number of devices. With
+  # `fsdp_per_block`, each call of a backbone block (ViT, ResNet, RegNet)
+  # gathers its own weights, in the forward and again in the backward pass,
+  # so that about one block's gathered weights are live at a time (its
+  # forward is computed twice); without, every weight is gathered at the
+  # loss's start and XLA decides when (on CPU: all at once).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1,
-                                          fsdp_min_size=2**14))
+                                          fsdp_min_size=2**14,
+                                          fsdp_per_block=True))
 
   c.distributed = ml_collections.ConfigDict(dict(
       enabled=False, coordinator_address='', num_processes=0, process_id=-1,

@@ -22,13 +22,24 @@ step, a queue-sized temporary of its own, so it is not checked.
 ViT-L/16 at 224 (MoCo v3's recipe: AdamW, momentum encoder) is compiled with
 the state replicated and with FSDP over all devices (`config.mesh.fsdp`):
 `--check` fails unless FSDP holds at most 1/6 of the replicated state per
-device. FSDP's step gathers each sharded leaf where the loss uses it (again
-in the backward pass) and updates the shards (see ssl_jax/parallel.py), so
-its temporaries hold activations and gathered weights, not a whole gathered
-state and its update: 3.9 GB per device against 4.2 GB replicated (XLA's
-default CPU schedule issues a pass's all-gathers early rather than at each
-layer, so about one model's worth of gathered weights is live at the peak;
-before, the whole state was gathered and the FSDP step needed 11.0 GB).
+device. FSDP's step gathers the weights inside the step and updates the
+shards (see ssl_jax/parallel.py). Each transformer block gathers its own
+weights when its input exists, and again in the backward pass when its
+output's cotangent exists, reduce-scattering their gradient before the
+backward pass moves on (`config.mesh.fsdp_per_block`); the row `fsdp_whole`
+is the baseline that gathers every weight at the loss's start, where XLA's
+CPU schedule issues all the gathers early, so a whole model's gathered
+weights are live at the peak. The block-wise backward pass also recomputes
+each block's forward, so the blocks' inner activations are not kept either:
+part of the saving below is theirs. `--check` fails unless the per-block step
+saves at least half the parameters' bytes of temporaries against it.
+Measured on 8 devices (`--vit_only`, the three rows alone, 8 CPU-minutes):
+
+  mode        param+opt MB  temp MB
+  replicated         5,000    4,162
+  fsdp=8               640    1,705   (per block)
+  fsdp_whole=8         640    3,876   (11.0 GB when the whole state was
+                                       gathered before the step)
 
 `--seer` adds SEER's RegNetY-256GF (configs/seer.py: 1.43B parameters with its
 head and prototypes, LARS) at one image per device in 2 crops of 160 and
@@ -40,7 +51,8 @@ replicated row holds). RegNetY-256GF's widths are 373 x (2, 4, 11, 28) =
 746, 1492, 4103, 10444, none of which an even fsdp size divides: such leaves
 are stored padded with zeros to a multiple of fsdp on their largest
 dimension and sharded there (ssl_jax/parallel.py), which `--check` requires
-(at most 1/6 of the replicated state). Measured on 8 devices:
+(at most 1/6 of the replicated state). Measured on 8 devices, before the
+RegNet blocks gathered their own weights (not measured since):
 
   mode        param+opt MB  temp MB
   replicated        11,040   15,767   (the step of the time)
@@ -78,6 +90,9 @@ def _parse():
   parser.add_argument('--check', action='store_true',
                       help='exit 1 if a bank or teacher is copied, or FSDP '
                       'holds more than 1/6 of the replicated state')
+  parser.add_argument('--vit_only', action='store_true',
+                      help='only the ViT-L/16 rows (replicated, FSDP per '
+                      'block, FSDP gathering everything up front)')
   parser.add_argument('--seer', action='store_true',
                       help="also SEER's RegNet, replicated and FSDP (slow: "
                       'see the docstring)')
@@ -145,7 +160,8 @@ def instdisc_config(bank_dim: int = 128):
 
 
 def measure(config, source: data.Source, model: str, devices: int,
-            fsdp: int = 1, fixed_method_state: bool = False) -> Dict[str, Any]:
+            fsdp: int = 1, fixed_method_state: bool = False,
+            per_block: bool = True) -> Dict[str, Any]:
   """Compiles one train step abstractly and reads its memory.
 
   Args:
@@ -156,14 +172,15 @@ def measure(config, source: data.Source, model: str, devices: int,
     fsdp: config.mesh.fsdp (1: replicated state).
     fixed_method_state: replace the method's `after_update` by the identity
       (no teacher update), to measure what the teacher update costs.
+    per_block: config.mesh.fsdp_per_block (False: row mode 'fsdp_whole').
 
   Returns:
-    {'model', 'mode': 'replicated'|'fsdp', 'devices',
+    {'model', 'mode': 'replicated'|'fsdp'|'fsdp_whole', 'devices',
     'param_opt_bytes_per_device', 'temp_bytes_per_device',
     'output_bytes_per_device', 'alias_bytes'}.
   """
   config = config.copy_and_resolve_references()
-  config.mesh.update(data=-1, fsdp=fsdp)
+  config.mesh.update(data=-1, fsdp=fsdp, fsdp_per_block=per_block)
   s = train.setup(config, source=source, abstract=True)
   if fixed_method_state:
     s.method.after_update = lambda params, method_state, step: method_state
@@ -187,12 +204,15 @@ def measure(config, source: data.Source, model: str, devices: int,
   monitor = jax.ShapeDtypeStruct((), np.bool_,
                                  sharding=parallel.replicated(mesh))
   analysis = step.lower(state, batch, monitor).compile().memory_analysis()
-  return {'model': model, 'mode': 'fsdp' if fsdp > 1 else 'replicated',
+  mode = ('replicated' if fsdp == 1 else 'fsdp' if per_block else
+          'fsdp_whole')
+  return {'model': model, 'mode': mode,
           'devices': devices,
           'param_opt_bytes_per_device': parallel.bytes_per_device(s.state,
                                                                   layout),
           # What the replicated state holds per device (no compile needed).
           'state_bytes': tree_bytes(s.state),
+          'param_bytes': tree_bytes(s.state.params),
           'temp_bytes_per_device': int(analysis.temp_size_in_bytes),
           'output_bytes_per_device': int(analysis.output_size_in_bytes),
           'alias_bytes': int(analysis.alias_size_in_bytes)}
@@ -248,7 +268,8 @@ def bank_bytes(config, n: int) -> int:
 
 def main() -> int:
   args = _ARGS
-  rows = [] if args.seer_only else _rows(args)
+  rows = ([] if args.seer_only else _vit_large_rows(args) if args.vit_only
+          else _rows(args))
   if args.seer or args.seer_only:
     name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
     image = DescribedSource(1281167, (224, 224, 3), 1000)
@@ -263,6 +284,17 @@ def main() -> int:
       print(f'{name} {rows[-1]["mode"]}: compiled in '
             f'{rows[-1]["compile_seconds"]} s', flush=True)
   return _report(args, rows)
+
+
+def _vit_large_rows(args) -> List[Dict[str, Any]]:
+  """ViT-L/16 at 224: the state replicated, then sharded over all devices,
+  gathered block by block and (the baseline) all at the loss's start."""
+  image = DescribedSource(1281167, (224, 224, 3), 1000)
+  return [measure(vit_large_config(args.devices), image,
+                  'mocov3_vit_large16_224', args.devices, fsdp=fsdp,
+                  per_block=per_block)
+          for fsdp, per_block in ((1, True), (args.devices, True),
+                                  (args.devices, False))]
 
 
 def _rows(args) -> List[Dict[str, Any]]:
@@ -284,11 +316,7 @@ def _rows(args) -> List[Dict[str, Any]]:
   # is in place: see the HLO's conditional).
   row['queue_bytes'] = 65536 * config.model.projector.output_dim * 4
   rows.append(row)
-  # ViT-L/16 at 224: the state replicated, then sharded over all devices.
-  image = DescribedSource(1281167, (224, 224, 3), 1000)
-  for fsdp in (1, args.devices):
-    rows.append(measure(vit_large_config(args.devices), image,
-                        'mocov3_vit_large16_224', args.devices, fsdp=fsdp))
+  rows += _vit_large_rows(args)
   # DINO's EMA teacher (ViT-B): the step's temporaries with the teacher
   # update (in the guard's check and its accepted branch) and without it.
   config = dino_vit_base_config(args.devices)
@@ -336,6 +364,12 @@ def _report(args, rows) -> int:
     if modes['fsdp']['param_opt_bytes_per_device'] * 6 > whole:
       problems.append(f'{name}: FSDP holds more than 1/6 of the replicated '
                       f'parameters and optimizer state per device.')
+    if ('fsdp_whole' in modes and modes['fsdp']['temp_bytes_per_device'] >
+        modes['fsdp_whole']['temp_bytes_per_device'] -
+        modes['fsdp']['param_bytes'] / 2):
+      problems.append(f'{name}: gathering block by block saves less than '
+                      f'half the parameters of temporaries against gathering '
+                      f'them all at once: the gathers are not per block.')
   for p in problems:
     print(p, file=sys.stderr)
   return 0 if not problems or not args.check else 1

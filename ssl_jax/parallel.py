@@ -32,10 +32,12 @@ import itertools
 import os
 import socket
 import sys
+import threading
 import time
 from typing import (Any, Callable, Dict, Iterable, Iterator, NamedTuple,
                     Optional, Sequence, Tuple)
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -555,6 +557,174 @@ def merge_kept(tree: PyTree) -> PyTree:
                       is_leaf=_is_kept)
 
 
+def _is_float(x: Any) -> bool:
+  return hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _after(tree: PyTree, anchor: PyTree) -> PyTree:
+  """`tree`, unchanged in value, made to depend on every float leaf of
+  `anchor`: XLA may not compute what reads it (a gather) before `anchor`.
+
+  A zero times one element of each anchor leaf, not an optimization barrier:
+  XLA:CPU still hoisted the gathers across barriers. (A non-finite anchor
+  makes the tree non-finite; the step is rejected then anyway.)
+  """
+  zeros = [0 * jnp.ravel(a)[0] for a in jax.tree.leaves(anchor) if _is_float(a)]
+  if not zeros:
+    return tree
+  zero = functools.reduce(lambda a, b: a + b.astype(a.dtype), zeros)
+  return jax.tree.map(lambda x: x + zero.astype(x.dtype) if _is_float(x) else x,
+                      tree)
+
+
+_in_block = threading.local()
+
+
+def _block_call(module: Any, mutable: Sequence[str], static: Any,
+                params: PyTree, consts: Dict[str, PyTree], dynamic: Sequence[Any]
+                ) -> Tuple[Any, Dict[str, PyTree]]:
+  """`module.__call__` (an unbound copy) on these variables: (output, updated
+  `mutable` collections)."""
+  args, kwargs = jax.tree.unflatten(static[0], [
+      dynamic[i] if i in static[2] else x for i, x in enumerate(static[1])])
+  depth = getattr(_in_block, 'depth', 0)
+  _in_block.depth = depth + 1  # its own __call__ is not intercepted again
+  try:
+    out = module.apply({'params': params, **consts}, *args,
+                       mutable=list(mutable), **kwargs)
+  finally:
+    _in_block.depth = depth
+  return out
+
+
+def _gathering_block(call: Callable, where: Sequence[Tuple[PartitionSpec, Any]]
+                     ) -> Callable:
+  """`call(whole, others, consts, dynamic)` made a function of the shards of
+  `whole` (`where`: their specs and logical shapes) that gathers them after
+  `dynamic` (the block's inputs) exists, and again in the backward pass after
+  the output's cotangent exists; there the input's cotangent waits for the
+  weights' reduce-scattered gradient."""
+  def run(shards, others, consts, dynamic):
+    whole = [FsdpBody._gather_leaf(x, *w) for x, w in zip(shards, where)]
+    return call(whole, others, consts, dynamic)
+
+  def fwd(shards, others, consts, dynamic):
+    out = run(_after(shards, dynamic), others, consts, dynamic)
+    return out, (shards, others, consts, dynamic)
+
+  def bwd(res, ct):
+    shards, others, consts, dynamic = res
+    _, vjp = jax.vjp(lambda s, o, d: run(s, o, consts, d)[0],
+                     _after(shards, ct[0]), others, dynamic)
+    c_shards, c_others, c_dynamic = vjp(ct[0])
+    return (c_shards, c_others, jax.tree.map(jnp.zeros_like, consts),
+            _after(c_dynamic, c_shards))
+
+  block = jax.custom_vjp(run)
+  block.defvjp(fwd, bwd)
+  return block
+
+
+class _BlockGathers:
+  """A flax method interceptor that runs the `__call__` of `blocks` modules,
+  whose parameters are FSDP shards (`shards`: id -> (spec, logical shape)),
+  as a `jax.custom_vjp`: the forward pass gathers the weights once the
+  block's input exists, the backward pass gathers them again once the
+  output's cotangent exists, differentiates the block on them and
+  reduce-scatters the weights' gradient before passing the input's
+  cotangent on. Hence one block's gathered weights live at a time; the price
+  is the block's forward computed again in the backward pass.
+
+  With `shards` None it probes instead: blocks run on zeros in place of the
+  leaves it finds, and `found` collects their ids (`_block_only_leaves`).
+  """
+
+  def __init__(self, blocks: Tuple[type, ...],
+               shards: Optional[Dict[int, Tuple[PartitionSpec, Any]]]):
+    self.blocks = blocks
+    self.shards = shards
+    self.found = set()
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if (getattr(_in_block, 'depth', 0) or context.method_name != '__call__'
+        or not isinstance(module, self.blocks) or module.scope is None
+        # Blocks drawing random numbers would draw others in a copy.
+        or module.scope.rngs
+        or module.scope.is_mutable_collection('params')):
+      return next_fun(*args, **kwargs)
+    variables = dict(module.variables)
+    leaves, treedef = jax.tree.flatten(variables.pop('params', {}))
+    if self.shards is None:
+      own = [i for i, x in enumerate(leaves) if _is_float(x)]
+    else:
+      own = [i for i, x in enumerate(leaves) if id(x) in self.shards]
+    if not own:
+      return next_fun(*args, **kwargs)
+    mutable = [c for c in variables if module.scope.is_mutable_collection(c)]
+    consts = {c: v for c, v in variables.items() if c not in mutable}
+    flat, args_def = jax.tree.flatten((args, kwargs))
+    at = tuple(i for i, x in enumerate(flat) if isinstance(x, (jax.Array,
+                                                               np.ndarray)))
+    static = (args_def, [None if i in at else x for i, x in enumerate(flat)],
+              at)
+    dynamic = [flat[i] for i in at]
+    unbound = module.clone(parent=None)
+    others = [None if i in own else x for i, x in enumerate(leaves)]
+
+    def merge(whole, others):
+      it = iter(whole)
+      return treedef.unflatten([next(it) if i in own else x
+                                for i, x in enumerate(others)])
+
+    if self.shards is None:
+      self.found.update(id(leaves[i]) for i in own)
+      whole = [jnp.zeros(leaves[i].shape, leaves[i].dtype) for i in own]
+      y, new = _block_call(unbound, mutable, static, merge(whole, others),
+                           consts, dynamic)
+    else:
+      def call(whole, others, consts, dynamic):
+        return _block_call(unbound, mutable, static, merge(whole, others),
+                           consts, dynamic)
+
+      where = [self.shards[id(leaves[i])] for i in own]
+      y, new = _gathering_block(call, where)([leaves[i] for i in own], others,
+                                             consts, dynamic)
+    for c, tree in new.items():
+      for name, value in tree.items():
+        module.put_variable(c, name, value)
+    return y
+
+
+def _block_only_leaves(loss_fn: Callable, blocks: Tuple[type, ...],
+                       treedef: Any, gathered: Sequence[Any],
+                       specs: Sequence[PartitionSpec], state: PyTree
+                       ) -> Tuple[int, ...]:
+  """The positions of the sharded parameter leaves (of `gathered`, whole)
+  that `loss_fn` reads only inside calls of `blocks` modules it can run on
+  shards (`_BlockGathers`).
+
+  Traces the loss once more, the blocks fed zeros in place of the leaves
+  they read: a leaf its jaxpr still reads is used elsewhere too (a shared
+  weight, a norm of the parameters) and must be gathered whole.
+  """
+  probe = _BlockGathers(blocks, None)
+  found = {}
+
+  def traced(*leaves):
+    found.update((id(x), i) for i, x in enumerate(leaves))
+    with nn.intercept_methods(probe):
+      return loss_fn(treedef.unflatten(list(leaves)), state)
+
+  jaxpr = jax.make_jaxpr(traced)(*gathered).jaxpr
+  read = {id(v) for e in jaxpr.eqns for v in e.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  in_blocks = {found[k] for k in probe.found if k in found}
+  return tuple(i for i, v in enumerate(jaxpr.invars)
+               if i in in_blocks and id(v) not in read and
+               _fsdp_dim(specs[i]) is not None)
+
+
 @dataclasses.dataclass(frozen=True)
 class FsdpBody:
   """What FSDP's per-device half needs to compute on state shards.
@@ -567,27 +737,33 @@ class FsdpBody:
       of arrays or ShapeDtypeStructs), where a leaf may be stored padded
       (`padded_shape`); the gathered leaves are cut to them. None: nothing
       is padded.
+    blocks: module classes (the backbones' repeated blocks) whose calls
+      gather their own parameters, one block at a time (`gathered_loss`).
   """
   params: PyTree
   state: PyTree
   param_shapes: Optional[PyTree] = None
   state_shapes: Optional[PyTree] = None
 
+  blocks: Tuple[type, ...] = ()
+
   @staticmethod
-  def _gather(tree: PyTree, specs: PyTree, shapes: Optional[PyTree]
+  def _gather_leaf(x: Any, spec: PartitionSpec, like: Any = None) -> Any:
+    d = _fsdp_dim(spec)
+    if d is None:
+      return x
+    whole = checkpoint_name(lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
+                            GATHERED)
+    # The slice's transpose pads the cotangent with zeros: the padding's
+    # gradient is exactly zero, and the loss never sees the padding.
+    return whole if like is None else _slice_leaf(whole, np.shape(like))
+
+  @classmethod
+  def _gather(cls, tree: PyTree, specs: PyTree, shapes: Optional[PyTree]
               ) -> PyTree:
-    def gather(x, spec, like=None):
-      d = _fsdp_dim(spec)
-      if d is None:
-        return x
-      whole = checkpoint_name(lax.all_gather(x, FSDP_AXIS, axis=d, tiled=True),
-                              GATHERED)
-      # The slice's transpose pads the cotangent with zeros: the padding's
-      # gradient is exactly zero, and the loss never sees the padding.
-      return whole if like is None else _slice_leaf(whole, np.shape(like))
     if shapes is None:
-      return jax.tree.map(gather, tree, specs)
-    return jax.tree.map(gather, tree, specs, shapes)
+      return jax.tree.map(cls._gather_leaf, tree, specs)
+    return jax.tree.map(cls._gather_leaf, tree, specs, shapes)
 
   def _keep(self, new: PyTree, whole: PyTree, shards: PyTree) -> Kept:
     def split(old, shard, spec, new):
@@ -612,15 +788,35 @@ class FsdpBody:
 
     Each sharded leaf is all-gathered (over FSDP_AXIS) where it is used,
     and gathered again for the backward pass instead of being saved
-    (`jax.checkpoint` saving everything but GATHERED), so that XLA's
-    memory-minimising schedule holds a few whole layers at a time, not the
-    whole model. Differentiate with respect to the parameter shards: the
-    all-gather's transpose sums each shard's cotangent over FSDP_AXIS.
+    (`jax.checkpoint` saving everything but GATHERED). Differentiate with
+    respect to the parameter shards: the all-gather's transpose sums each
+    shard's cotangent over FSDP_AXIS (a reduce-scatter).
+
+    XLA hoists those gathers, though (on CPU all of them: one model's worth
+    of gathered weights live at once), so the parameters that only `blocks`
+    modules use are not gathered here: each call of such a block gathers its
+    own weights, in the forward and again in the backward pass, and
+    reduce-scatters their gradient before the backward pass moves on
+    (`_BlockGathers`), which holds about one block's weights at a time.
     """
     def sharded_loss(params, state):
       whole = self._gather(state, self.state, self.state_shapes)
-      loss, (aux, new) = loss_fn(
-          self._gather(params, self.params, self.param_shapes), whole)
+      leaves, treedef = jax.tree.flatten(params)
+      specs = treedef.flatten_up_to(self.params)
+      shapes = (treedef.flatten_up_to(self.param_shapes)
+                if self.param_shapes is not None else [None] * len(leaves))
+      gathered = [self._gather_leaf(*a) for a in zip(leaves, specs, shapes)]
+      own = (_block_only_leaves(loss_fn, self.blocks, treedef, gathered,
+                                specs, whole) if self.blocks else ())
+      if not own:
+        loss, (aux, new) = loss_fn(treedef.unflatten(gathered), whole)
+      else:
+        # The blocks' leaves stay shards here; `_BlockGathers` knows them
+        # by identity (flax hands a module the very arrays passed in).
+        mixed = [leaves[i] if i in own else g for i, g in enumerate(gathered)]
+        shards = {id(leaves[i]): (specs[i], shapes[i]) for i in own}
+        with nn.intercept_methods(_BlockGathers(self.blocks, shards)):
+          loss, (aux, new) = loss_fn(treedef.unflatten(mixed), whole)
       return loss, (aux, self._keep(new, whole, state))
 
     return jax.checkpoint(

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from ssl_jax import (checkpointing, data, divergence, features, methods,
-                     metric_writers, monitors, parallel)
+                     metric_writers, models, monitors, parallel)
 from ssl_jax import validation
 from ssl_jax import workdir as workdir_lib
 from ssl_jax.evaluation import registry as evaluators
@@ -92,7 +92,10 @@ def _make_fsdp_step(s: Setup, layout, donate_on_cpu: bool):
   body = parallel.FsdpBody(
       params=specs.params, state=specs.method_state,
       param_shapes=like.params if padded else None,
-      state_shapes=like.method_state if padded else None)
+      state_shapes=like.method_state if padded else None,
+      blocks=(models.FSDP_BLOCKS
+              if (s.config.get('mesh') or {}).get('fsdp_per_block', True)
+              else ()))
 
   def per_device(state, batch, monitor):
     return device_step(state, batch, method=s.method,

@@ -198,3 +198,92 @@ def test_fsdp_step_gathers_inside_and_guards_the_update():
   for x, y in zip(jax.tree.leaves(parallel.to_numpy(first.params)),
                   jax.tree.leaves(parallel.to_numpy(second.params))):
     np.testing.assert_array_equal(y, x)
+
+
+
+def _block_grads(model, blocks, x, fsdp=8):
+  """(loss, gradient shards, BatchNorm statistics) of a step on `model`'s
+  FSDP shards, its `blocks` gathering their own weights."""
+  variables = model.init(jax.random.key(0), x[:2])
+  params = variables['params']
+  mesh = parallel.make_fsdp_mesh(fsdp)
+  specs = jax.tree.map(lambda w: parallel.fsdp_spec(w.shape, fsdp, min_size=1),
+                       params)
+  stored = parallel.put_sharded(params, jax.tree.map(
+      lambda spec: parallel.NamedSharding(mesh, spec), specs))
+  body = parallel.FsdpBody(params=specs, state=(), blocks=blocks,
+                           param_shapes=params, state_shapes=())
+  stats = variables.get('batch_stats', {})
+
+  def loss_fn(p, state):
+    (features, _), new = model.apply({'params': p, 'batch_stats': stats}, x,
+                                     mutable=['batch_stats'])
+    return jnp.mean(features**2), (new, state)
+
+  def per_device(p):
+    (loss, (new, _)), grads = jax.value_and_grad(
+        body.gathered_loss(loss_fn), has_aux=True)(p, ())
+    return loss, grads, new
+
+  step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(specs,),
+                               out_specs=(parallel.P(), specs, parallel.P()),
+                               check_vma=False))
+  return step.lower(stored).as_text(), parallel.to_numpy(step(stored))
+
+
+@pytest.mark.parametrize('backbone', ['vit', 'resnet'])
+def test_blocks_gather_their_own_weights(backbone):
+  """A ViT's and a ResNet's blocks (BatchNorm statistics updated inside)
+  gather their own weights per call, again in the backward pass, and give
+  the loss, gradients and statistics of gathering every weight up front
+  (padded leaves included: 8 divides no width here)."""
+  from ssl_jax import models  # pylint: disable=g-import-not-at-top
+  if backbone == 'vit':
+    model = models.ViT(width=12, depth=2, num_heads=2, patch_size=4,
+                       pos_embed_size=8)
+  else:
+    model = models.ResNet(stage_sizes=(1, 1), width=6, stem='cifar')
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  text, got = _block_grads(model, models.FSDP_BLOCKS, x)
+  whole_text, want = _block_grads(model, (), x)
+  assert text.count('custom_vjp') or (
+      text.count('all_gather') > whole_text.count('all_gather'))
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_blocks_gather_one_at_a_time():
+  """Compiled for 8 devices, a 6-block ViT's gradient step gathering block by
+  block needs at least half its parameters' bytes fewer temporaries than
+  gathering every weight at the loss's start (XLA:CPU then hoists all the
+  gathers: a whole model's gathered weights live at once). Measured: 4.5
+  against 17.1 MB, with 4.8 MB of parameters."""
+  from ssl_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.ViT(width=128, depth=6, num_heads=2, patch_size=4,
+                     pos_embed_size=16)
+  x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
+  params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+  mesh = parallel.make_fsdp_mesh(8)
+  specs = jax.tree.map(lambda w: parallel.fsdp_spec(w.shape, 8, min_size=1),
+                       params)
+  stored = jax.tree.map(
+      lambda w, spec: jax.ShapeDtypeStruct(
+          w.shape, w.dtype, sharding=parallel.NamedSharding(mesh, spec)),
+      params, specs)
+
+  def temp_bytes(blocks):
+    body = parallel.FsdpBody(params=specs, state=(), blocks=blocks)
+
+    def loss_fn(p, state):
+      features, _ = model.apply({'params': p}, jnp.ones(x.shape))
+      return jnp.mean(features**2), (None, state)
+
+    def per_device(p):
+      return jax.grad(lambda p: body.gathered_loss(loss_fn)(p, ())[0])(p)
+
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(specs,),
+                                 out_specs=specs, check_vma=False))
+    return step.lower(stored).compile().memory_analysis().temp_size_in_bytes
+
+  param_bytes = sum(np.prod(w.shape) * 4 for w in jax.tree.leaves(params))
+  assert temp_bytes(models.FSDP_BLOCKS) < temp_bytes(()) - param_bytes / 2

@@ -12,12 +12,17 @@ import ml_collections
 from ssl_jax.models.heads import MLP
 from ssl_jax.models.layers import Conv, im2col_conv
 from ssl_jax.models.network import SSLNetwork
-from ssl_jax.models.regnet import REGNETY_DESIGNS, RegNetY, regnet_stages
-from ssl_jax.models.resnet import ConvNet, ResNet
-from ssl_jax.models.vit import ViT, VIT_SIZES, build_vit
+from ssl_jax.models.regnet import (REGNETY_DESIGNS, RegNetY, RegNetYBlock,
+                                   regnet_stages)
+from ssl_jax.models.resnet import BasicBlock, Bottleneck, ConvNet, ResNet
+from ssl_jax.models.vit import EncoderBlock, ViT, VIT_SIZES, build_vit
 from ssl_jax.registry import Registry
 
 BACKBONES = Registry('backbone')
+
+# The backbones' repeated blocks: FSDP gathers their weights one block call
+# at a time (`parallel.FsdpBody.blocks`) rather than all at the loss's start.
+FSDP_BLOCKS = (EncoderBlock, BasicBlock, Bottleneck, RegNetYBlock)
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -108,5 +113,5 @@ def get_network(model_config: ml_collections.ConfigDict,
                  if with_predictor else None))
 
 
-__all__ = ['BACKBONES', 'Conv', 'ConvNet', 'MLP', 'RegNetY', 'ResNet', 'SSLNetwork', 'ViT',
+__all__ = ['BACKBONES', 'FSDP_BLOCKS', 'Conv', 'ConvNet', 'MLP', 'RegNetY', 'ResNet', 'SSLNetwork', 'ViT',
            'get_backbone', 'get_mlp', 'get_network', 'im2col_conv']
