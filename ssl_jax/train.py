@@ -250,6 +250,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   rstate = parallel.put_sharded(state, layout)
   padded = parallel.has_padding(s.state, layout)
   logical = functools.partial(logical_state, s, layout=layout)
+  # Only methods that override the epoch hook get it: its view of a padded
+  # FSDP leaf is the whole (replicated) leaf, which the others never need.
+  has_epoch_hook = (type(s.method).on_epoch_start
+                    is not methods.Method.on_epoch_start)
   # Collapse monitors run on the steps whose metrics are read (a traced flag,
   # so both kinds of step share one compilation).
   monitor_flags = {f: parallel.put_replicated(np.bool_(f), mesh)
@@ -337,7 +341,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   pending = None  # (step, metrics) of a logging step not yet recorded
   try:
     for step in range(start_step + 1, s.total_steps + 1):
-      if (step - 1) % s.steps_per_epoch == 0:
+      if (step - 1) % s.steps_per_epoch == 0 and has_epoch_hook:
         rstate = s.method.on_epoch_start(logical(rstate), EpochContext(
             epoch=(step - 1) // s.steps_per_epoch, durations=s.durations,
             num_examples=len(s.source), embed_dataset=embed_dataset))
