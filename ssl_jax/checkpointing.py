@@ -237,9 +237,11 @@ class Checkpointer:
   Args:
     workdir: run directory; checkpoints go to `workdir/checkpoints`.
     keep: number of most recent checkpoints to keep.
+    writer: False for a reader (evaluation, export) of a run that may still
+      be training: it leaves the run's in-flight saves alone.
   """
 
-  def __init__(self, workdir: str, keep: int = 3):
+  def __init__(self, workdir: str, keep: int = 3, writer: bool = True):
     # epath keeps gs://bucket/run intact (os.path.abspath would not).
     self.directory = workdir_lib.join(
         workdir if workdir_lib.is_remote(workdir) else os.path.abspath(workdir),
@@ -251,9 +253,11 @@ class Checkpointer:
         # A save killed half-way leaves a `<step>.orbax-checkpoint-tmp-*`
         # folder, never a `<step>` one (the rename is the commit); remove such
         # leftovers at start. Old steps are deleted only after the new one is
-        # committed, so a good checkpoint always exists.
+        # committed, so a good checkpoint always exists. Only the writer:
+        # a reader's clean-up would delete a live run's save in progress
+        # (and runs in a thread orbax's close does not wait for).
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, cleanup_tmp_directories=True),
+            max_to_keep=keep, create=True, cleanup_tmp_directories=writer),
         item_names=('state', 'meta'))
 
   def all_steps(self):

@@ -136,7 +136,7 @@ def load_run(workdir: str, step: Optional[int] = None, *,
     ValueError: `step` is not one of its checkpoints.
   """
   config = load_config(workdir)
-  checkpointer = checkpointing.Checkpointer(workdir)
+  checkpointer = checkpointing.Checkpointer(workdir, writer=False)
   try:
     return _load_run(config, checkpointer, workdir, step, with_init)
   finally:

@@ -224,6 +224,20 @@ def test_leftover_tmp_checkpoint_is_removed_not_restored(tmp_path):
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['0']
 
 
+def test_a_reader_leaves_a_live_runs_save_in_progress_alone(tmp_path):
+  # Evaluation or export of a run that is still training: the folder of the
+  # run's save in progress must survive the reader.
+  tmp = tmp_path / 'checkpoints' / '7.orbax-checkpoint-tmp-1700000000000000'
+  (tmp / 'state').mkdir(parents=True)
+  reader = checkpointing.Checkpointer(str(tmp_path), writer=False)
+  assert reader.all_steps() == []
+  reader.close()
+  # Orbax cleans up in a thread its close does not wait for: watch a while.
+  for _ in range(20):
+    assert tmp.is_dir()
+    time.sleep(0.05)
+
+
 def test_same_seed_same_devices_gives_bit_identical_params(tmp_path, reference):
   # In this process (8 simulated devices) vs. the reference subprocess run.
   config = _smoke(STEPS, checkpoint_every=2)
