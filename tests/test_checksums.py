@@ -166,15 +166,20 @@ def test_a_changed_data_file_falls_back_to_the_previous_step(tmp_path,
   raw = bytearray(data.read_bytes())
   raw[len(raw) // 2] ^= 0xff
   data.write_bytes(bytes(raw))
-  ckpt = checkpointing.Checkpointer(str(tmp_path))
-  with caplog.at_level(logging.WARNING):
-    try:
-      state, _ = ckpt.restore(_state(0))
-    finally:
-      ckpt.close()
+  state = _restore_logging_warnings(tmp_path, caplog)
   assert int(state.step) == 1
   np.testing.assert_array_equal(np.asarray(state.params['w']), 1.0)
   assert 'changed since it was written' in caplog.text
+
+
+def _restore_logging_warnings(tmp_path, caplog):
+  """The newest good state of the run in `tmp_path`, warnings in `caplog`."""
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    try:
+      return ckpt.restore(_state(0))[0]
+    finally:
+      ckpt.close()
 
 
 def test_every_process_falls_back_when_another_one_found_a_bad_file(
@@ -187,12 +192,7 @@ def test_every_process_falls_back_when_another_one_found_a_bad_file(
   monkeypatch.setattr(parallel, 'process_index', lambda: 1)
   monkeypatch.setattr(parallel, 'all_processes_agree',
                       lambda ok: votes.append(ok) or len(votes) > 1)
-  ckpt = checkpointing.Checkpointer(str(tmp_path))
-  with caplog.at_level(logging.WARNING):
-    try:
-      state, _ = ckpt.restore(_state(0))
-    finally:
-      ckpt.close()
+  state = _restore_logging_warnings(tmp_path, caplog)
   assert votes == [True, True]
   assert int(state.step) == 1
   assert 'another process found files' in caplog.text
