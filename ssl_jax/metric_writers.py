@@ -7,6 +7,9 @@ its metrics and TensorBoard events in the bucket, not in a local `gs:` folder.
 import json
 import logging
 import os
+import socket
+import itertools
+import struct
 import sys
 import time
 from typing import Dict, List, Optional
@@ -50,12 +53,7 @@ class MetricWriter:
     if not self._remote:
       self._file = open(self.path, 'a')
       self._rows = []  # appended from here on; no copy kept in memory
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      _register_epath_event_writer()
-      self._tb = SummaryWriter(workdir_lib.join(workdir, 'tensorboard'))
-    except ImportError:  # TensorBoard output is optional.
-      self._tb = None
+    self._tb = EventFileWriter(workdir_lib.join(workdir, 'tensorboard'))
 
   def _repair(self, text: str, resume_step: int) -> List[str]:
     """The lines to keep at a resume at `resume_step`, warning about bad ones."""
@@ -102,8 +100,7 @@ class MetricWriter:
       self._file.write(line)
       self._file.flush()
     if self._tb is not None:
-      for k, v in metrics.items():
-        self._tb.add_scalar(k, float(v), step)
+      self._tb.write_scalars(step, {k: float(v) for k, v in metrics.items()})
 
   def close(self) -> None:
     if self.enabled:
@@ -113,40 +110,135 @@ class MetricWriter:
         self._tb.close()
 
 
-class _EpathEventFile:
-  """A TensorBoard event file on an object store, uploaded whole at flush.
+# TensorBoard event files, written here rather than through tensorboardX,
+# whose import pulls in PyTorch when it is installed (3-4 s of CPU at the start
+# of every run) for the few scalars we log. The format is TensorFlow's
+# TFRecord framing of `Event` protocol buffers
+# (tensorboard/compat/proto/event.proto, summary.proto), encoded by hand:
+# we only need four fields.
 
-  tensorboardX's own gs:// writer needs google-cloud-storage credentials of
-  its own; this one goes through epath like every other file of the run.
+
+def _crc32c_table() -> List[int]:
+  table = []
+  for i in range(256):
+    crc = i
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+    table.append(crc)
+  return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+  # TFRecord stores a rotated and offset CRC, so that a CRC of data that
+  # itself holds CRCs does not degenerate.
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+  """One TFRecord: length, masked CRC of the length, data, masked CRC of it."""
+  length = struct.pack('<Q', len(data))
+  return (length + struct.pack('<I', _masked_crc(length)) + data +
+          struct.pack('<I', _masked_crc(data)))
+
+
+def _varint(value: int) -> bytes:
+  value &= (1 << 64) - 1  # int64 fields: two's complement, 10 bytes if < 0
+  out = bytearray()
+  while True:
+    byte = value & 0x7F
+    value >>= 7
+    if value:
+      out.append(byte | 0x80)
+    else:
+      out.append(byte)
+      return bytes(out)
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+
+def scalars_event(wall_time: float, step: int,
+                  scalars: Dict[str, float]) -> bytes:
+  """A serialized `Event` whose `Summary` holds one `simple_value` per tag."""
+  # Summary.Value: tag = 1 (string), simple_value = 2 (float32).
+  values = b''.join(
+      _length_delimited(1, _length_delimited(1, tag.encode()) +
+                        b'\x15' + struct.pack('<f', value))
+      for tag, value in scalars.items())
+  # Event: wall_time = 1 (double), step = 2 (int64), summary = 5.
+  return (b'\x09' + struct.pack('<d', wall_time) + b'\x10' + _varint(step) +
+          _length_delimited(5, values))
+
+
+def file_version_event(wall_time: float) -> bytes:
+  """The `Event` that opens every event file (file_version = 3)."""
+  return b'\x09' + struct.pack('<d', wall_time) + _length_delimited(
+      3, b'brain.Event:2')
+
+
+_event_files = itertools.count()
+
+
+class EventFileWriter:
+  """Scalars to a new TensorBoard event file in `logdir` (local or gs://).
+
+  Locally records are appended and flushed at each write. Object stores
+  cannot append: the file is uploaded whole, at most every `upload_secs`
+  and at close, so a long run does not rewrite it at every logged step.
   """
 
-  def __init__(self, path: str):
-    self._path = workdir_lib.path(path)
-    self._data = bytearray()
+  def __init__(self, logdir: str, upload_secs: float = 120.0):
+    now = time.time()
+    # TensorBoard reads every file with 'tfevents' in its name; the pid and
+    # the count keep apart runs started in the same second (one process may
+    # train several runs).
+    self.path = workdir_lib.join(
+        logdir, f'events.out.tfevents.{int(now):010d}.{socket.gethostname()}'
+        f'.{os.getpid()}.{next(_event_files)}')
+    self._remote = workdir_lib.is_remote(self.path)
+    self._upload_secs = upload_secs
+    first = tfrecord(file_version_event(now))
+    if self._remote:
+      self._data = bytearray(first)
+      self._upload()
+    else:
+      workdir_lib.makedirs(logdir)
+      self._file = open(self.path, 'wb')
+      self._file.write(first)
+      self._file.flush()
 
-  def write(self, data: bytes) -> None:
-    self._data.extend(data)
+  def _upload(self) -> None:
+    workdir_lib.path(self.path).write_bytes(bytes(self._data))
+    self._uploaded = time.monotonic()
 
-  def flush(self) -> None:
-    self._path.write_bytes(bytes(self._data))
+  def write_scalars(self, step: int, scalars: Dict[str, float]) -> None:
+    record = tfrecord(scalars_event(time.time(), step, scalars))
+    if self._remote:
+      self._data.extend(record)
+      if time.monotonic() - self._uploaded >= self._upload_secs:
+        self._upload()
+    else:
+      self._file.write(record)
+      self._file.flush()
 
   def close(self) -> None:
-    self.flush()
-
-
-class _EpathEventFileFactory:
-
-  def open(self, path: str) -> _EpathEventFile:
-    return _EpathEventFile(path)
-
-  def directory_check(self, path: str) -> None:
-    del path  # object stores have no folders to create
-
-
-def _register_epath_event_writer() -> None:
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
-  for scheme in ('gs', 's3'):
-    record_writer.register_writer_factory(scheme, _EpathEventFileFactory())
+    if self._remote:
+      self._upload()
+    else:
+      self._file.close()
 
 
 def _duration(seconds: float) -> str:

@@ -242,6 +242,16 @@ def test_config_check_atomic_writes_and_metrics_repair_on_gcs(emulator):
   writer.close()
   rows = [json.loads(l) for l in _read(f'{workdir}/metrics.jsonl').splitlines()]
   assert [(r['step'], r['loss']) for r in rows] == [(2, 1.0), (4, 1.0), (6, 0.5)]
+  # TensorBoard: one event file per writer, uploaded whole at close.
+  from tensorboard_events import read_tensorboard_events
+  logged = []
+  for f in _bucket_files('checks/tensorboard'):
+    events, bad = read_tensorboard_events(
+        epath.Path(f'{workdir}/tensorboard/{f}').read_bytes())
+    assert bad == 0 and events[0].file_version == 'brain.Event:2'
+    logged.append([(e.step, [v.simple_value for v in e.summary.value])
+                   for e in events[1:]])
+  assert sorted(logged) == [[(2, [1.0]), (4, [1.0]), (6, [1.0])], [(6, [0.5])]]
   assert not [f for f in _bucket_files('checks') if 'tmp' in f]
 
 

@@ -15,6 +15,7 @@ from configs import simclr as simclr_config
 from ssl_jax import metric_writers, parallel, train, validation
 from ssl_jax import workdir as workdir_lib
 from ssl_jax.data import sources
+from tensorboard_events import read_tensorboard_events
 
 
 def _smoke():
@@ -200,6 +201,32 @@ def test_deleted_metrics_file_is_recreated(tmp_path, caplog):
   w.write(6, {'loss': 1.0})
   w.close()
   assert [r['step'] for r in _rows(tmp_path / 'metrics.jsonl')] == [6]
+
+
+def test_tensorboard_events_read_back_with_an_independent_reader(tmp_path):
+  assert metric_writers.crc32c(b'123456789') == 0xE3069283  # RFC 3720's check value
+  before = time.time()
+  w = metric_writers.MetricWriter(str(tmp_path))
+  w.write(2, {'loss': 1.5, 'learning_rate': 0.1})
+  w.write(2**40, {'loss': -3.25, 'online_probe_acc': 1e-30})
+  w.close()
+  files = os.listdir(tmp_path / 'tensorboard')
+  assert len(files) == 1 and files[0].startswith('events.out.tfevents.'), files
+  events, bad = read_tensorboard_events(
+      (tmp_path / 'tensorboard' / files[0]).read_bytes())
+  assert bad == 0
+  assert events[0].file_version == 'brain.Event:2'
+  assert all(before <= e.wall_time <= time.time() for e in events)
+  scalars = [(e.step, v.tag, v.simple_value)
+             for e in events[1:] for v in e.summary.value]
+  assert scalars == [(2, 'loss', 1.5), (2, 'learning_rate', pytest.approx(0.1)),
+                     (2**40, 'loss', -3.25),
+                     (2**40, 'online_probe_acc', pytest.approx(1e-30))]
+  # A resumed run starts a second file; TensorBoard reads both.
+  w = metric_writers.MetricWriter(str(tmp_path), resume_step=2)
+  w.write(4, {'loss': 1.0})
+  w.close()
+  assert len(os.listdir(tmp_path / 'tensorboard')) == 2
 
 
 # ---------------------------------------------------------------------------
