@@ -29,6 +29,10 @@ PREEMPTED_EXIT_CODE = divergence.PREEMPTED_EXIT_CODE
 Preempted = divergence.Preempted
 
 _runs = itertools.count()
+# One program: run eagerly, the norm of the initial (host) or restored (global)
+# parameters compiles a tiny program per leaf and operation, ~40 for a smoke
+# model (about 1 s of CPU at the start of every run).
+_param_norm = jax.jit(global_norm)
 NonFiniteError = divergence.NonFiniteError
 DivergenceError = divergence.DivergenceError
 
@@ -277,7 +281,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
   seen_nonfinite = int(state.nonfinite_steps)
   norm_watch = divergence.ParamNormWatch(
       config.training.get('param_norm_growth_limit', 0.0),
-      float(global_norm(state.params)))
+      float(_param_norm(state.params)))
   last_checked_step = start_step
   progress.start(start_step)
 
