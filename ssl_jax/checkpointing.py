@@ -37,6 +37,8 @@ import flax.serialization
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+# Public in orbax's newer API; here only under _src (orbax is pinned).
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 # Each process lists its own files in `<step>/ssl_jax_checksums/process_<i>.json`.
 CHECKSUM_DIR = 'ssl_jax_checksums'
@@ -231,6 +233,32 @@ def verify_checksums(step_dir: Any, process_index: int = 0,
   return missing
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's handler of the train state (StandardCheckpointHandler's, whose
+  format it writes), saving a replicated array from one device per process.
+
+  Orbax's default on CPU and TPU is replica-parallel saving: each of the R
+  devices holding a copy writes 1/R of it, sliced on the device. That spreads
+  the writes over processes; within one process it only adds work: one
+  sliced copy per device and leaf (a smoke run's saves: ~800 slices, ~80 tiny
+  programs to compile, ~5 s of CPU per run). The arrays saved are the same,
+  in fewer storage chunks; checkpoints of either kind restore with either.
+  """
+  handlers = ocp.type_handlers
+  scalar = handlers.ScalarHandler()
+  registry = handlers.create_type_handler_registry(
+      (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+      (np.ndarray, handlers.NumpyHandler()),
+      (jax.Array, handlers.ArrayHandler(
+          use_replica_parallel=parallel.process_count() > 1,
+          array_metadata_store=array_metadata_store.Store())),
+      (str, handlers.StringHandler()))
+  # The sizes StandardCheckpointHandler gives its own PyTreeCheckpointHandler.
+  return ocp.PyTreeCheckpointHandler(
+      save_concurrent_gb=96, restore_concurrent_gb=96,
+      type_handler_registry=registry)
+
+
 class Checkpointer:
   """Saves and restores (TrainState, metadata) pairs by step.
 
@@ -258,7 +286,8 @@ class Checkpointer:
         # (and runs in a thread orbax's close does not wait for).
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, cleanup_tmp_directories=writer),
-        item_names=('state', 'meta'))
+        item_handlers={'state': _state_handler(),
+                       'meta': ocp.JsonCheckpointHandler()})
 
   def all_steps(self):
     return sorted(self._manager.all_steps())
@@ -284,7 +313,7 @@ class Checkpointer:
         flax.serialization.to_state_dict(state))
     self._join_checksummer()
     saved = self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree),
+        state=ocp.args.PyTreeSave(tree),
         meta=ocp.args.JsonSave(dict(meta, step=step))))
     if saved:
       # Every process hashes the files it wrote, once orbax has committed the
@@ -392,7 +421,9 @@ class Checkpointer:
                      for path, x in
                      jax.tree_util.tree_flatten_with_path(abstract)[0])
         restored = self._manager.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract, strict=strict),
+            state=ocp.args.PyTreeRestore(
+                abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                    abstract, strict=strict)),
             meta=ocp.args.JsonRestore()))
         state = flax.serialization.from_state_dict(
             target, jax.tree.map(as_target, target_dict, restored['state']))
