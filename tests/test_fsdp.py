@@ -36,43 +36,14 @@ def _fsdp(config):
   return config
 
 
-@pytest.mark.parametrize('config_module', [simclr_config, dino_config])
-def test_fsdp_equals_data_parallel(config_module, tmp_path):
-  """data=2 x fsdp=4 takes the same 3 steps as data=8 (SimCLR-ResNet with
-  LARS and global BN; DINO-ViT with its EMA teacher and center), keeps the
-  state sharded between steps, and a checkpoint of it restores onto its
-  layout."""
-  config = config_module.get_config('smoke')
-  _, replicated, losses = _run(config)
-  s, sharded, fsdp_losses = _run(_fsdp(config))
-  np.testing.assert_allclose(fsdp_losses, losses, rtol=1e-5)
-  layout = train.state_layout(s)
-  sharded_leaves = 0
-  for name in ('params', 'opt_state', 'method_state'):
-    for x, want in zip(jax.tree.leaves(getattr(sharded, name)),
-                       jax.tree.leaves(getattr(layout, name))):
-      assert x.sharding.is_equivalent_to(want, x.ndim)
-      sharded_leaves += parallel.FSDP_AXIS in want.spec
-  assert sharded_leaves > 0
-  if config_module is dino_config:  # the EMA teacher is sharded too
-    assert any(parallel.FSDP_AXIS in x.sharding.spec
-               for x in jax.tree.leaves(sharded.method_state))
-  for x, y in zip(jax.tree.leaves(parallel.to_numpy(replicated)),
-                  jax.tree.leaves(parallel.to_numpy(sharded))):
-    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
-
-  ckpt = checkpointing.Checkpointer(str(tmp_path))
-  try:
-    ckpt.save(sharded, {})
-    ckpt.wait()
-    restored, _ = ckpt.restore(s.state, sharding=layout)
-  finally:
-    ckpt.close()
-  for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(restored)):
-    assert y.sharding == x.sharding and y.dtype == x.dtype  # typed key too
-  for x, y in zip(jax.tree.leaves(parallel.to_numpy(sharded)),
-                  jax.tree.leaves(parallel.to_numpy(restored))):
-    np.testing.assert_array_equal(y, x)
+def _narrow_simclr():
+  """SimCLR's smoke config with widths (6, 10, 18, 10) that 4 does not
+  divide: under `_fsdp` most leaves are stored padded."""
+  config = simclr_config.get_config('smoke')
+  config.model.widths = (6, 10)
+  config.model.projector.hidden_dims = (18,)
+  config.model.projector.output_dim = 10
+  return config
 
 
 def _save_and_restore(workdir, state, template, **kwargs):
@@ -90,22 +61,9 @@ def _save_and_restore(workdir, state, template, **kwargs):
     ckpt.close()
 
 
-def test_fsdp_pads_leaves_no_fsdp_size_divides(tmp_path):
-  """Widths 8 does not divide (12, 20, 36) are stored padded with zeros and
-  sharded: the same 3 steps as data parallelism (LARS's trust ratios and
-  weight decay on the logical leaves), the padding stays zero, and a
-  checkpoint of the padded state resumes replicated (logical shapes) with
-  the same next step."""
-  config = simclr_config.get_config('smoke')
-  config.model.widths = (12, 20)
-  config.model.projector.hidden_dims = (36,)
-  config.model.projector.output_dim = 20
-  _, replicated, losses, replicated_step = _run(config, with_step=True)
-  fsdp = config.copy_and_resolve_references()
-  fsdp.mesh.update(data=1, fsdp=8, fsdp_min_size=1)
-  s, sharded, fsdp_losses, fsdp_step = _run(fsdp, with_step=True)
-  np.testing.assert_allclose(fsdp_losses, losses, rtol=1e-5)
-  layout = train.state_layout(s)
+def _assert_padding_is_zero(s, sharded, layout):
+  """Leaves whose widths the FSDP size does not divide are stored padded
+  (some are), and the padding is exactly zero."""
   assert parallel.has_padding(s.state.params, layout.params)
   padded = 0
   for x, stored, sharding in zip(jax.tree.leaves(s.state),
@@ -116,16 +74,84 @@ def test_fsdp_pads_leaves_no_fsdp_size_divides(tmp_path):
     assert stored.shape == parallel.padded_shape(np.shape(x), sharding)
     inside = np.zeros(stored.shape, bool)
     inside[tuple(slice(0, n) for n in np.shape(x))] = True
-    assert not stored[~inside].any()  # the padding is exactly zero
+    assert not stored[~inside].any()
     padded += stored.shape != np.shape(x)
   assert padded > 0
+
+
+def _dino():
+  """DINO's smoke config scheduled for the 3 steps taken: the replicated
+  step is then the one tests/test_distill.py and tests/test_multihost.py
+  train (the step count is part of the compiled step), compiled once in a
+  suite."""
+  config = dino_config.get_config('smoke')
+  config.num_steps = 3
+  return config
+
+
+# One SimCLR config serves both FSDP properties (the 2-D mesh and padded
+# leaves), and test_fsdp_step_gathers_inside_and_guards_the_update compiles
+# the same step: each distinct smoke step costs 10-30 s of compilation.
+CONFIGS = {'simclr': _narrow_simclr, 'dino': _dino}
+
+
+@pytest.mark.parametrize('name', ['simclr', 'dino'])
+def test_fsdp_equals_data_parallel(name, tmp_path):
+  """data=2 x fsdp=4 takes the same 3 steps as data=8 (SimCLR-ResNet with
+  LARS and global BN, its leaves padded; DINO-ViT with its EMA teacher and
+  center), keeps the state sharded between steps, and a checkpoint of it
+  restores onto its layout.
+
+  SimCLR's widths (6, 10, 18) are padded to what 4 divides: LARS's trust
+  ratios and weight decay see the logical leaves, the padding stays zero,
+  a checkpoint of the padded state resumes replicated (logical shapes) with
+  the same next step, and a replicated run's checkpoint resumes under FSDP,
+  padded with zeros.
+  """
+  config = CONFIGS[name]()
+  _, replicated, losses, replicated_step = _run(config, with_step=True)
+  s, sharded, fsdp_losses, fsdp_step = _run(_fsdp(config), with_step=True)
+  np.testing.assert_allclose(fsdp_losses, losses, rtol=1e-5)
+  layout = train.state_layout(s)
+  sharded_leaves = 0
+  for field in ('params', 'opt_state', 'method_state'):
+    for x, want in zip(jax.tree.leaves(getattr(sharded, field)),
+                       jax.tree.leaves(getattr(layout, field))):
+      assert x.sharding.is_equivalent_to(want, x.ndim)
+      sharded_leaves += parallel.FSDP_AXIS in want.spec
+  assert sharded_leaves > 0
+  if name == 'dino':  # the EMA teacher is sharded too
+    assert any(parallel.FSDP_AXIS in x.sharding.spec
+               for x in jax.tree.leaves(sharded.method_state))
+  else:
+    _assert_padding_is_zero(s, sharded, layout)
   logical = train.logical_state(s, sharded, layout)
   for x, y in zip(jax.tree.leaves(parallel.to_numpy(replicated)),
                   jax.tree.leaves(parallel.to_numpy(logical))):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
-  restored = _save_and_restore(str(tmp_path / 'fsdp'), sharded,
-                               s.state)  # replicated: FSDP's padding cut
+  workdir = str(tmp_path / 'fsdp')
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    ckpt.save(sharded, {})
+    ckpt.wait()
+    restored, _ = ckpt.restore(s.state, sharding=layout)
+  finally:
+    ckpt.close()
+  for x, y in zip(jax.tree.leaves(sharded), jax.tree.leaves(restored)):
+    assert y.sharding == x.sharding and y.dtype == x.dtype  # typed key too
+  for x, y in zip(jax.tree.leaves(parallel.to_numpy(sharded)),
+                  jax.tree.leaves(parallel.to_numpy(restored))):
+    np.testing.assert_array_equal(y, x)
+  if name == 'dino':
+    return
+
+  # The padded checkpoint resumes replicated: FSDP's padding cut.
+  ckpt = checkpointing.Checkpointer(workdir)
+  try:
+    restored, _ = ckpt.restore(s.state)
+  finally:
+    ckpt.close()
   _, want = _steps(s, fsdp_step, sharded, 3, 1)
   _, got = _steps(s, replicated_step, restored, 3, 1)
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -180,25 +206,35 @@ def test_mesh_that_does_not_fit_the_devices_says_what_to_do():
 def test_fsdp_step_gathers_inside_and_guards_the_update():
   """The FSDP step reduce-scatters the gradients (the parameters are
   gathered inside the per-device half, not before it), and its non-finite
-  guard, outside `shard_map`, still leaves the sharded state unchanged."""
-  config = _fsdp(simclr_config.get_config('smoke'))
-  config.training.inject_nonfinite_at_step = 2
+  guard, outside `shard_map`, still leaves the sharded state unchanged.
+
+  The step is test_fsdp_equals_data_parallel[simclr]'s (compiled once in a
+  suite); a NaN in a stored parameter, not config.training.
+  inject_nonfinite_at_step (another compiled step), makes the loss and
+  every gradient NaN. Accepted, the update would spread the NaN through
+  the parameters; rejected, they keep their one NaN.
+  """
+  config = _fsdp(_narrow_simclr())
   s = train.setup(config)
   step = train.make_train_step(s)
-  state = parallel.put_sharded(s.state, train.state_layout(s))
+  layout = train.state_layout(s)
+  state = parallel.put_sharded(s.state, layout)
   monitor = parallel.put_replicated(np.bool_(True))
   batches = [parallel.put_batch(s.source.get(np.arange(
       i * config.batch_size, (i + 1) * config.batch_size))) for i in range(2)]
   assert 'reduce_scatter' in step.lower(state, batches[0], monitor).as_text()
   first, metrics = step(state, batches[0], monitor)
   assert float(parallel.to_numpy(metrics['finite'])) == 1.0
-  second, metrics = step(first, batches[1], monitor)
+  assert int(parallel.to_numpy(first.nonfinite_steps)) == 0
+  params = jax.tree.map(np.array, parallel.to_numpy(first.params))
+  jax.tree.leaves(params)[0].flat[0] = np.nan
+  poisoned = first.replace(params=parallel.put_sharded(params, layout.params))
+  second, metrics = step(poisoned, batches[1], monitor)
   assert float(parallel.to_numpy(metrics['finite'])) == 0.0
   assert int(parallel.to_numpy(second.nonfinite_steps)) == 1
-  for x, y in zip(jax.tree.leaves(parallel.to_numpy(first.params)),
+  for x, y in zip(jax.tree.leaves(params),
                   jax.tree.leaves(parallel.to_numpy(second.params))):
-    np.testing.assert_array_equal(y, x)
-
+    np.testing.assert_array_equal(y, x)  # NaN where it was, nowhere else
 
 
 def _block_grads(model, blocks, x, fsdp=8):

@@ -1,6 +1,7 @@
 """Backbones: our convolutions and ReLU equal lax's and flax's, CPU backward
 passes stay free of recomputation, every backbone builds."""
 
+import functools
 import importlib
 import os
 import subprocess
@@ -15,6 +16,13 @@ import pytest
 
 from ssl_jax import cpu, models
 from ssl_jax.models import layers, regnet
+
+
+def _value_and_grads(f, x, k):
+  """f(x, k) and the gradients of sum(sin(f)), as one compiled program (op
+  by op, im2col's k*k slices and their transposes compile one by one)."""
+  loss = lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  return jax.jit(lambda x, k: (f(x, k), jax.grad(loss, (0, 1))(x, k)))(x, k)
 
 
 @pytest.mark.parametrize('impl', sorted(layers.CONV_FNS))
@@ -34,10 +42,10 @@ def test_conv_impls_match_lax_value_and_gradients(impl, kernel, stride, size,
   lax_conv = lambda x, k: jax.lax.conv_general_dilated(
       x, k, (stride, stride), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   ours = lambda x, k: layers.CONV_FNS[impl](x, k, stride)
-  np.testing.assert_allclose(ours(x, k), lax_conv(x, k), rtol=1e-5, atol=1e-5)
-  loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
-  for g_ours, g_lax in zip(jax.grad(loss(ours), (0, 1))(x, k),
-                           jax.grad(loss(lax_conv), (0, 1))(x, k)):
+  y_ours, grads_ours = _value_and_grads(ours, x, k)
+  y_lax, grads_lax = _value_and_grads(lax_conv, x, k)
+  np.testing.assert_allclose(y_ours, y_lax, rtol=1e-5, atol=1e-5)
+  for g_ours, g_lax in zip(grads_ours, grads_lax):
     np.testing.assert_allclose(g_ours, g_lax, rtol=1e-4, atol=1e-4)
 
 
@@ -57,14 +65,15 @@ def test_symmetric_padding_is_pytorchs(impl, kernel, stride, size, monkeypatch):
       x, k, (stride, stride), [(p, p), (p, p)],
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   ours = lambda x, k: layers.CONV_FNS[impl](x, k, stride, 'symmetric')
-  np.testing.assert_allclose(ours(x, k), torch_conv(x, k), rtol=1e-5, atol=1e-5)
-  loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
-  for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, k),
-                           jax.grad(loss(torch_conv), (0, 1))(x, k)):
+  y_ours, grads_ours = _value_and_grads(ours, x, k)
+  y_ref, grads_ref = _value_and_grads(torch_conv, x, k)
+  np.testing.assert_allclose(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+  for g_ours, g_ref in zip(grads_ours, grads_ref):
     np.testing.assert_allclose(g_ours, g_ref, rtol=1e-4, atol=1e-4)
-  same = layers.CONV_FNS[impl](x, k, stride, 'same')
+  same = jax.jit(lambda x, k: layers.CONV_FNS[impl](x, k, stride, 'same'))(
+      x, k)
   assert (stride > 1 and kernel > 1 and size % 2 == 0) == (
-      not np.allclose(same, torch_conv(x, k), atol=1e-4))
+      not np.allclose(same, y_ref, atol=1e-4))
 
 
 def test_only_large_strided_convs_take_the_subpixel_input_gradient():
@@ -175,9 +184,13 @@ def test_regnety_designs(name, widths, depths):
 def test_backbone_builds_and_reports_stages(name):
   cfg = ml_collections.ConfigDict(dict(backbone=name, **BACKBONE_CASES[name]))
   net = models.get_backbone(cfg)
-  x = jnp.ones((2, 32, 32, 3))
-  variables = net.init(jax.random.PRNGKey(0), x, train=False)
-  (features, aux) = net.apply(variables, x, train=False)
+  # Shapes are all it asserts: traced, not run (op by op, ResNet-50's init
+  # and forward pass compiled hundreds of small programs).
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  variables = jax.eval_shape(functools.partial(net.init, train=False),
+                             jax.random.PRNGKey(0), x)
+  features, aux = jax.eval_shape(functools.partial(net.apply, train=False),
+                                 variables, x)
   assert features.shape[0] == 2 and features.ndim == 2
   assert aux
   assert features.shape[1] == EXPECTED_DIM[name]

@@ -44,12 +44,13 @@ def _slices(x, replicas):
 
 def _check(ours, port, args, *, sharded=None, grad_argnums=None, kwargs=None,
            port_kwargs=None, rtol=1e-5, grad_rtol=1e-4, atol=1e-6,
-           value_of=None):
+           value_of=None, jit_port=True):
   """Our loss on 1 and N_DEV devices against `port(*args, replicas=R)`.
 
   `port` returns the scalar whose gradient the official code applies (the
   replicas' mean, DDP's gradient average); `value_of` (default: the same)
-  the value our loss should report on every device.
+  the value our loss should report on every device. `jit_port=False` runs
+  a port that reads its arguments' values (NumPy indexing) op by op.
   """
   sharded = tuple(range(len(args))) if sharded is None else tuple(sharded)
   grad_argnums = sharded if grad_argnums is None else tuple(grad_argnums)
@@ -58,7 +59,11 @@ def _check(ours, port, args, *, sharded=None, grad_argnums=None, kwargs=None,
       kwargs=kwargs)
   for replicas, value, grads in ((1, v1, g1), (N_DEV, vn, gn)):
     fn = lambda *a: port(*a, replicas=replicas, **(port_kwargs or {}))
-    want, want_grads = jax.value_and_grad(fn, argnums=grad_argnums)(*args)
+    # One compiled program: op by op, the port's per-replica loops and their
+    # transposes compile hundreds of small programs.
+    value_and_grad = jax.value_and_grad(fn, argnums=grad_argnums)
+    want, want_grads = (jax.jit(value_and_grad) if jit_port
+                        else value_and_grad)(*args)
     if value_of is not None:
       want = value_of(*args, replicas=replicas, **(port_kwargs or {}))
     np.testing.assert_allclose(
@@ -615,7 +620,7 @@ def test_data2vec_targets_loss_and_gradient_match_official_code():
                                        axis_name=axis_name)
 
   _check(ours, data2vec_official_loss, (pred, targets, mask),
-         grad_argnums=(0,))
+         grad_argnums=(0,), jit_port=False)
 
   # The teacher: after the optimizer step, e <- d e + (1 - d) m with
   # d = --ema_decay 0.9998 from the first step (ema_start_at 0; lines 42,
@@ -818,7 +823,8 @@ def test_pirl_loss_normalizer_gradient_and_bank_match_vissl():
   def port(p, im, yy, nz, replicas=1):
     return vissl_pirl_loss(p, im, bank, yy, nz, replicas)[0]
 
-  _check(ours, port, (patches, images, y, noise), grad_argnums=(0, 1))
+  _check(ours, port, (patches, images, y, noise), grad_argnums=(0, 1),
+         jit_port=False)
   _, z_one, _ = method.contrast(patches, images, jnp.asarray(bank), y, noise,
                                 jnp.zeros(()), None)
   np.testing.assert_allclose(z_one, vissl_pirl_loss(patches, images, bank, y,

@@ -9,6 +9,7 @@ trains through `train_and_evaluate`, and the layer-wise probe script runs on
 a smoke checkpoint.
 """
 
+import functools
 import importlib
 import itertools
 import json
@@ -269,15 +270,26 @@ def test_deep_infomax_matches_numpy_and_eight_devices(estimator):
                         kwargs={'estimator': estimator})
 
 
-def _dim_loss(cross_view, views):
+@functools.lru_cache(maxsize=None)
+def _dim_loss_fn(cross_view, num_views):
+  """Deep InfoMax's smoke loss at initialisation, as a function of the views:
+  one setup and one compiled program per view count (op by op, each call ran
+  the network one small program at a time)."""
   config = importlib.import_module('configs.deep_infomax').get_config('smoke')
   config.method.cross_view = cross_view
-  config.augment.views.image.count = len(views)
+  config.augment.views.image.count = num_views
   setup = train.setup(config)
-  batch = {'label': jnp.zeros((views[0].shape[0],), jnp.int32)}
-  loss, _ = setup.method.loss(setup.state.params, setup.state, views, batch,
-                              jax.random.PRNGKey(0), None)
-  return float(loss)
+
+  def loss(state, views):
+    batch = {'label': jnp.zeros((views[0].shape[0],), jnp.int32)}
+    return setup.method.loss(state.params, state, views, batch,
+                             jax.random.PRNGKey(0), None)[0]
+
+  return functools.partial(jax.jit(loss), setup.state)
+
+
+def _dim_loss(cross_view, views):
+  return float(_dim_loss_fn(cross_view, len(views))(views))
 
 
 def test_deep_infomax_cross_view_scores_each_global_against_the_other_view():
