@@ -4,11 +4,11 @@ Paths go through `etils.epath` (ssl_jax/workdir.py), so a gs:// workdir gets
 its metrics and TensorBoard events in the bucket, not in a local `gs:` folder.
 """
 
+import itertools
 import json
 import logging
 import os
 import socket
-import itertools
 import struct
 import sys
 import time

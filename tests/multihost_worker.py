@@ -15,6 +15,7 @@ and exits 1 (the peer then stops at its heartbeat timeout): the test names
 the config, and the runs before it still count.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -32,15 +33,9 @@ from ssl_jax import cpu, train  # noqa: E402
 def _config(name, overrides):
   """`--config=configs/<name>.py:smoke --config.<field>=<value> ...` as
   `ssl_jax.main` reads it: a locked config, so a misspelled field raises."""
-  module = __import__(f'configs.{name}', fromlist=['get_config'])
-  config = module.get_config('smoke')
+  config = importlib.import_module(f'configs.{name}').get_config('smoke')
   config.lock()
-  for path, value in overrides.items():
-    *parents, key = path.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[key] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 

@@ -95,7 +95,7 @@ def _dino():
 CONFIGS = {'simclr': _narrow_simclr, 'dino': _dino}
 
 
-@pytest.mark.parametrize('name', ['simclr', 'dino'])
+@pytest.mark.parametrize('name', list(CONFIGS))
 def test_fsdp_equals_data_parallel(name, tmp_path):
   """data=2 x fsdp=4 takes the same 3 steps as data=8 (SimCLR-ResNet with
   LARS and global BN, its leaves padded; DINO-ViT with its EMA teacher and
