@@ -136,7 +136,8 @@ def prepare_jax(args) -> Tuple[dict, Callable[[], float], Callable[[], int]]:
     return (stats or {}).get('peak_bytes_in_use') or _peak_rss()
 
   facts = {'compile_s': compile_s, 'views': views,
-           'flops_per_step': _step_flops(step),
+           # XLA counts the FLOPs of one device's program of the SPMD step.
+           'flops_per_step': _step_flops(compiled) * jax.device_count(),
            'device_kind': device.device_kind, 'num_devices': jax.device_count(),
            'jax': jax.__version__,
            'projector': dict(config.model.projector),
@@ -502,7 +503,7 @@ def _table(rows, pipelines) -> str:
         f"| {r.get('torch_images_per_s', float('nan')):.1f} "
         f"| {r.get('ratio_vs_torch', float('nan')):.2f}x "
         f"| {r['compile_s']:.1f} | {r['peak_memory_gb']:.2f} "
-        f"| {r['achieved_tflops']:.3f} "
+        f"| {'%.3f' % r['achieved_tflops'] if r['flops_per_step'] else 'n/a'} "
         f"| {'%.1f%%' % (100 * r['mfu']) if 'mfu' in r else 'n/a'} |")
   if pipelines:
     lines += ['', '| input pipeline | batch | examples/s | x fastest train step '

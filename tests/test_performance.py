@@ -111,6 +111,7 @@ def test_benchmark_row_times_steps_in_a_live_worker():
   assert row['views'] == 2 and row['images_per_step'] == 32
   assert len(row['jax_step_times_s']) == 2 and row['jax_images_per_s'] > 0
   assert row['compile_s'] > 0 and row['peak_memory_gb'] > 0
+  assert row['flops_per_step'] > 0  # XLA's count of the compiled step
   assert 'ratio_vs_torch' not in row
 
 
