@@ -9,6 +9,7 @@ import pytest
 from configs import dino as dino_config
 from configs import simclr as simclr_config
 from ssl_jax import checkpointing, parallel, train
+from ssl_jax.evaluation import periodic
 
 
 def _steps(s, step, state, first, steps):
@@ -129,6 +130,18 @@ def test_fsdp_equals_data_parallel(name, tmp_path):
   for x, y in zip(jax.tree.leaves(parallel.to_numpy(replicated)),
                   jax.tree.leaves(parallel.to_numpy(logical))):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+  # Evaluators see the model in logical shapes and nothing they do not read.
+  view = train.evaluation_view(s, sharded, layout)
+  assert view.opt_state is None and view.method_state is None
+  for field in ('params', 'batch_stats', 'probe'):
+    for x, y in zip(jax.tree.leaves(parallel.to_numpy(getattr(replicated, field))),
+                    jax.tree.leaves(parallel.to_numpy(getattr(view, field)))):
+      np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+  if name == 'simclr':  # and score it as the whole logical state would
+    config = s.config.copy_and_resolve_references()
+    config.eval.update(periodic_train_examples=64, periodic_test_examples=32)
+    evaluate = periodic.PeriodicEvaluator(config)
+    assert evaluate(view) == evaluate(logical)
 
   workdir = str(tmp_path / 'fsdp')
   ckpt = checkpointing.Checkpointer(workdir)

@@ -54,8 +54,9 @@ class PeriodicEvaluator:
     """Evaluates a train state (every process must call this).
 
     Args:
-      state: TrainState of host arrays or of global arrays replicated on the
-        mesh (the training loop's, used where it is: no host copy).
+      state: TrainState of host arrays or of global arrays on the mesh
+        (the training loop's, used where it is: no host copy); only its
+        `params`, `batch_stats` and `probe` are read.
 
     Returns:
       {'eval_knn_acc', and 'eval_online_probe_acc' when the run has a probe},

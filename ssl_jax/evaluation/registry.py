@@ -2,8 +2,10 @@
 
 Every protocol (`linear`, `knn`, `finetune`, `periodic`) is a class registered
 here: `cls(config)` builds it (data, compiled functions) once, and
-`evaluator(state) -> {metric: value}` scores a train state. They are
-configured as big_vision's `config.evals`:
+`evaluator(state) -> {metric: value}` scores a train state's model: its
+`params`, `batch_stats` and `probe` (during training it gets
+`train.evaluation_view`, whose `opt_state` and `method_state` are None). They
+are configured as big_vision's `config.evals`:
 
   config.evals.probe = ml_collections.ConfigDict(dict(
       type='periodic', every_steps=200))     # or every_epochs, _examples, _fraction
