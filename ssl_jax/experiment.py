@@ -103,8 +103,9 @@ def setup(config: ml_collections.ConfigDict,
   if abstract:
     state = jax.eval_shape(create, params, batch_stats, method_state, probe)
   else:
-    state = jax.device_get(create(params, batch_stats, method_state,
-                                  probe))
+    # One program for the optimizer's zeros instead of one eager op per leaf.
+    state = jax.device_get(jax.jit(create)(params, batch_stats, method_state,
+                                           probe))
   return Setup(config, source, method, tx, lr_schedule, run, state)
 
 
