@@ -317,6 +317,7 @@ def _rows(args) -> List[Dict[str, Any]]:
   row['queue_bytes'] = 65536 * config.model.projector.output_dim * 4
   rows.append(row)
   rows += _vit_large_rows(args)
+  image = DescribedSource(1281167, (224, 224, 3), 1000)
   # DINO's EMA teacher (ViT-B): the step's temporaries with the teacher
   # update (in the guard's check and its accepted branch) and without it.
   config = dino_vit_base_config(args.devices)

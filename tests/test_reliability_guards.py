@@ -161,6 +161,28 @@ def test_memory_analysis_keeps_no_second_copy_of_the_bank():
   assert row['temp_bytes_per_device'] < bank / 2, row
 
 
+def test_memory_experiment_builds_every_default_row(monkeypatch):
+  """`python experiments/memory.py` without flags: every row's config and
+  source reach `measure` (faked here: the real rows compile for minutes)."""
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import memory as memory_experiment  # pylint: disable=g-import-not-at-top
+  measured = []
+
+  def fake_measure(config, source, model, devices, fsdp=1, **kwargs):
+    assert config.batch_size % devices == 0 and len(source) > 0
+    measured.append((model, fsdp, kwargs))
+    return {'model': model, 'temp_bytes_per_device': 0}
+
+  monkeypatch.setattr(memory_experiment, 'measure', fake_measure)
+  args = type('Args', (), dict(devices=DEVICES, bank_size=1000))()
+  rows = memory_experiment._rows(args)  # pylint: disable=protected-access
+  assert [r['model'] for r in rows] == [
+      'instdisc_convnet_bank1000x128', 'mocov2_convnet_queue65536x128'] + [
+          'mocov3_vit_large16_224'] * 3 + ['dino_vit_base16_224']
+  assert [m[1] for m in measured[2:5]] == [1, DEVICES, DEVICES]
+  assert rows[-1]['teacher_bytes'] > 0
+
+
 # ---------------------------------------------------------------------------
 # The loop: stop messages and the divergence policy.
 
