@@ -73,7 +73,6 @@ Writes `{"rows": [{"model", "mode", "devices", "param_opt_bytes_per_device",
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -126,7 +125,7 @@ from typing import Any, Dict, List
 import jax
 import numpy as np
 
-from ssl_jax import data, methods, parallel, train
+from ssl_jax import data, parallel, train
 from ssl_jax.data import sources
 
 

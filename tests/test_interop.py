@@ -3,7 +3,6 @@ random weights (no downloads) give our features, both ways, and files that do
 not fit fail with one line naming the tensor."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

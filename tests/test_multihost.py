@@ -37,7 +37,6 @@ import traceback
 
 import jax
 import numpy as np
-import pytest
 
 from ssl_jax import checkpointing, parallel, train
 from ssl_jax.experiment import load_config

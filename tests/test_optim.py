@@ -8,7 +8,6 @@ Ports cite the official repositories at the commits read:
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

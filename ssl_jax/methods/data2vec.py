@@ -13,7 +13,7 @@ target_norm, post_target_norm, loss_type, loss_beta, ema_momentum_base,
 ema_momentum_final}.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Dict, Tuple
 
 import flax.linen as nn
 import jax

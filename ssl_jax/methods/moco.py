@@ -36,7 +36,6 @@ num_mix_queries / max_query_weight.
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from ssl_jax import losses, models, optim

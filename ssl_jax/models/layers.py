@@ -3,7 +3,6 @@
 XLA:CPU's faster paths (same values) live in `ssl_jax/cpu.py`.
 """
 
-import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
