@@ -260,6 +260,12 @@ def seer_config(devices: int, backbone: str = 'regnety_256gf',
   return config
 
 
+def imagenet_described() -> DescribedSource:
+  """ImageNet's training split (1,281,167 images of 224 x 224, 1,000
+  classes), described."""
+  return DescribedSource(1281167, (224, 224, 3), 1000)
+
+
 def bank_bytes(config, n: int) -> int:
   """Bytes of an InstDisc bank of `n` rows (float32)."""
   return n * config.model.projector.output_dim * 4
@@ -271,7 +277,7 @@ def main() -> int:
           else _rows(args))
   if args.seer or args.seer_only:
     name = f'seer_{args.seer_backbone}_2x160+{args.seer_local_crops}x96'
-    image = DescribedSource(1281167, (224, 224, 3), 1000)
+    image = imagenet_described()
     modes = args.seer_modes.split(',')
     for fsdp in [f for m, f in (('replicated', 1), ('fsdp', args.devices))
                  if m in modes]:
@@ -288,8 +294,7 @@ def main() -> int:
 def _vit_large_rows(args) -> List[Dict[str, Any]]:
   """ViT-L/16 at 224: the state replicated, then sharded over all devices,
   gathered block by block and (the baseline) all at the loss's start."""
-  image = DescribedSource(1281167, (224, 224, 3), 1000)
-  return [measure(vit_large_config(args.devices), image,
+  return [measure(vit_large_config(args.devices), imagenet_described(),
                   'mocov3_vit_large16_224', args.devices, fsdp=fsdp,
                   per_block=per_block)
           for fsdp, per_block in ((1, True), (args.devices, True),
@@ -316,7 +321,7 @@ def _rows(args) -> List[Dict[str, Any]]:
   row['queue_bytes'] = 65536 * config.model.projector.output_dim * 4
   rows.append(row)
   rows += _vit_large_rows(args)
-  image = DescribedSource(1281167, (224, 224, 3), 1000)
+  image = imagenet_described()
   # DINO's EMA teacher (ViT-B): the step's temporaries with the teacher
   # update (in the guard's check and its accepted branch) and without it.
   config = dino_vit_base_config(args.devices)

@@ -137,17 +137,14 @@ def logical_state(s: Setup, state, layout):
   return parallel.logical(state, s.state)
 
 
-def evaluation_view(s: Setup, state, layout):
-  """What evaluators read of `state` (stored as `layout`): the model (params,
+def evaluation_view(s: Setup, state):
+  """What evaluators read of `state` (as stored): the model (params,
   batch_stats, the online probe) in logical shapes, with `opt_state` and
   `method_state` set to None. Cutting a padded FSDP leaf gathers it whole
   onto every device, so an evaluation during training must not cut the
   optimizer's moments, memory banks, queues or teachers it never reads."""
-  model = state.replace(opt_state=None, method_state=None)
-  if not parallel.has_padding(s.state, layout):
-    return model
-  like = s.state.replace(opt_state=None, method_state=None)
-  return parallel.logical(model, like)
+  unread = dict(opt_state=None, method_state=None)
+  return parallel.logical(state.replace(**unread), s.state.replace(**unread))
 
 
 class _StopSignal:
@@ -344,8 +341,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict,
           'when healthy, 0 when every embedding is the same).', step,
           host['embedding_std'], collapse_threshold)
     if evaluating:
-      host.update(evaluator(evaluation_view(s, rstate, layout), step,
-                              last=step == s.total_steps))
+      host.update(evaluator(evaluation_view(s, rstate), step,
+                            last=step == s.total_steps))
     if write:
       host['images_per_sec'] = progress.images_per_second(step)
       writer.write(step, host)

@@ -131,7 +131,7 @@ def test_fsdp_equals_data_parallel(name, tmp_path):
                   jax.tree.leaves(parallel.to_numpy(logical))):
     np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
   # Evaluators see the model in logical shapes and nothing they do not read.
-  view = train.evaluation_view(s, sharded, layout)
+  view = train.evaluation_view(s, sharded)
   assert view.opt_state is None and view.method_state is None
   for field in ('params', 'batch_stats', 'probe'):
     for x, y in zip(jax.tree.leaves(parallel.to_numpy(getattr(replicated, field))),
